@@ -1,0 +1,173 @@
+"""The ``lightning-distill`` command: compose -> instantiate -> fit -> report -> export.
+
+``lightning-distill`` with no arguments runs the demo on its embedded defaults. Everything in
+``conf/`` can be overridden on the command line, Hydra style::
+
+    lightning-distill loss.kd.temperature=4 trainer.max_steps=200
+    lightning-distill loss=gkd student.hidden_size=64
+    lightning-distill -m loss.kd.temperature=1,2,4     # one output dir per job
+    lightning-distill --cfg job                        # print the composed config
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["CONFIG_DIR", "main", "run"]
+
+log = logging.getLogger("lightning_distill")
+
+
+def _config_dir() -> Path:
+    """``conf/`` inside the installed package (wheel), else at the repository's top level."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    if (packaged / "distill.yaml").is_file():
+        return packaged
+    source = Path(__file__).resolve().parent.parent / "conf"
+    if (source / "distill.yaml").is_file():
+        return source
+    raise FileNotFoundError(
+        f"lightning-distill's configs are missing (looked in {packaged} and {source}); reinstall the package."
+    )
+
+
+CONFIG_DIR = _config_dir()
+
+
+def _accepts(target: str, name: str) -> bool:
+    try:
+        fn = hydra.utils.get_object(target)
+        return name in inspect.signature(fn).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
+
+
+def _instantiate(node: Any, **context: Any) -> Any:
+    """``hydra.utils.instantiate``, passing ``context`` values only to targets that take them."""
+    if node is None or (isinstance(node, Mapping | DictConfig) and not node):
+        return None  # an empty group file (teacher=none) means "no object"
+    target = node.get("_target_") if isinstance(node, Mapping | DictConfig) else None
+    extra = {k: v for k, v in context.items() if target and _accepts(target, k)}
+    return hydra.utils.instantiate(node, **extra)
+
+
+def _build_losses(cfg: DictConfig) -> dict[str, Any]:
+    if not cfg:
+        raise ValueError("the loss config is empty; pick one with loss=kd_task (or another file in conf/loss/).")
+    return {name: hydra.utils.instantiate(term) for name, term in cfg.items() if term is not None}
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.output_dir)
+
+
+def _make_trainer(cfg: DictConfig, out_dir: Path, *, with_logger: bool = True):
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    logger = hydra.utils.instantiate(cfg.logger) if with_logger and cfg.get("logger") else False
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
+                                   default_root_dir=str(out_dir))
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one distillation job described by ``cfg``; returns the report as plain values."""
+    import lightning as L
+
+    from lightning_distill.evaluation import evaluate_slices, format_slice_table
+    from lightning_distill.export import export_student
+    from lightning_distill.module import DistillationModule
+
+    started = time.perf_counter()
+    out_dir = _output_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = _instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    teacher = _instantiate(cfg.get("teacher"), datamodule=datamodule)
+    student_cfg = cfg.student
+    student = _instantiate(student_cfg)
+    losses = _build_losses(cfg.loss)
+    if teacher is None:
+        dropped = [n for n, t in losses.items() if t.requires_teacher]
+        if dropped:
+            raise ValueError(f"teacher=none but the loss terms {dropped} need a teacher; use loss=task_only.")
+    module_kwargs = OmegaConf.to_container(cfg.get("module") or {}, resolve=True)
+    module = DistillationModule(
+        student, teacher, losses,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        lr_scheduler=hydra.utils.instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+        **module_kwargs,
+    )
+    trainer = _make_trainer(cfg, out_dir)
+    trainer.fit(module, datamodule=datamodule)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+
+    report: dict[str, Any] = {"output_dir": str(out_dir)}
+    datamodule.setup("test")
+    stats = evaluate_slices(module, datamodule.test_dataloader())
+    baseline_stats = None
+    if cfg.get("baseline") and teacher is not None:
+        log.info("Training the same student without the teacher (baseline) for comparison")
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        base_module = DistillationModule(
+            _instantiate(student_cfg), None, {"task": hydra.utils.instantiate(cfg.baseline_loss)},
+            optimizer=hydra.utils.instantiate(cfg.optimizer),
+            lr_scheduler=hydra.utils.instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+            **module_kwargs,
+        )
+        base_trainer = _make_trainer(cfg, out_dir / "baseline", with_logger=False)
+        base_trainer.fit(base_module, datamodule=datamodule)
+        baseline_stats = evaluate_slices(base_module, datamodule.test_dataloader())
+        report["baseline"] = {k: v.to_dict() for k, v in baseline_stats.items()}
+
+    table = format_slice_table(stats, baseline_stats)
+    report["slices"] = {k: v.to_dict() for k, v in stats.items()}
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "report.md").write_text(table + "\n")
+    if cfg.get("export", True):
+        record = {
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "teacher": module.teacher_identity,
+            "losses": {n: t.config() for n, t in module.losses.items()},
+            "data": {"fingerprint": getattr(datamodule, "fingerprint", None)},
+            "slices": report["slices"],
+        }
+        report["student_dir"] = str(export_student(module.student, out_dir / "student",
+                                                   tokenizer=getattr(datamodule, "tokenizer", None),
+                                                   record=record))
+    print(f"\nTest set, per slice (student vs teacher{', and vs no-teacher baseline' if baseline_stats else ''}):")
+    print(table)
+    if "student_dir" in report:
+        print(f"\nStudent saved to {report['student_dir']}")
+    print(f"Finished in {report['seconds']} s; report in {out_dir / 'report.md'}")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="distill")
+def _hydra_main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    """Console entry point (``lightning-distill``); Hydra parses ``sys.argv``."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _hydra_main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

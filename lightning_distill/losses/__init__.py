@@ -1,0 +1,6 @@
+"""Loss terms and the pure divergence functions they wrap."""
+
+from lightning_distill.losses import functional
+from lightning_distill.losses.terms import LogitKD, LossTerm, TaskLoss
+
+__all__ = ["LogitKD", "LossTerm", "TaskLoss", "functional"]

@@ -1,0 +1,178 @@
+"""Loss terms: thin ``nn.Module`` wrappers over :mod:`lightning_distill.losses.functional`.
+
+A term carries its weight (and temperature, for soft-target terms) and returns the *sum* of
+its per-position values over the valid positions of a micro-batch. The module divides by the
+number of valid positions in the whole optimizer step and multiplies by the weight, so every
+term is normalised the same way under gradient accumulation and across ranks.
+
+Schedules change ``weight`` and ``temperature`` between steps; terms read them at call time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_distill.losses import functional as LF
+from lightning_distill.types import LossInputs
+
+__all__ = ["LogitKD", "LossTerm", "TaskLoss"]
+
+
+def _check_number(name: str, value: Any, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}.")
+    return value
+
+
+class LossTerm(nn.Module):
+    """Base class of a named, weighted loss term.
+
+    Subclasses implement :meth:`forward` returning a float32 scalar: the term summed over the
+    valid positions of the micro-batch (not averaged). Set ``requires_teacher = True`` when the
+    term reads teacher targets.
+
+    Args:
+        weight: multiplier of this term in the total loss, ``>= 0``.
+    """
+
+    requires_teacher: bool = False
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        self.weight = weight
+
+    @property
+    def weight(self) -> float:
+        return self._weight
+
+    @weight.setter
+    def weight(self, value: float) -> None:
+        self._weight = _check_number("weight", value, positive=False)
+
+    def forward(self, inputs: LossInputs) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(inputs).")
+
+    def config(self) -> dict[str, Any]:
+        """Plain values that describe this term, for checkpoints and distillation records."""
+        return {"type": type(self).__name__, "weight": self.weight}
+
+
+class TaskLoss(LossTerm):
+    """Hard-label cross-entropy of the student against the dataset's labels.
+
+    Args:
+        weight: multiplier in the total loss.
+
+    Example:
+        >>> TaskLoss(weight=0.5)
+        TaskLoss(weight=0.5)
+    """
+
+    def forward(self, inputs: LossInputs) -> Tensor:
+        total, _ = LF.cross_entropy(
+            inputs.student_logits, inputs.labels, ignore_index=inputs.ignore_index,
+            reduction="sum_and_count",
+        )
+        return total
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}"
+
+
+class LogitKD(LossTerm):
+    """Response-based distillation: a divergence between teacher and student logits.
+
+    Args:
+        divergence: one of ``forward_kl``, ``reverse_kl``, ``generalized_jsd``,
+            ``skew_forward_kl``, ``skew_reverse_kl``, ``tvd``, ``logit_mse``.
+        temperature: both distributions are computed from ``logits / temperature``.
+        weight: multiplier in the total loss.
+        scale_by_t2: multiply by ``temperature**2`` (Hinton et al. 2015) so the gradient's
+            size does not shrink as the temperature grows.
+        beta: mixture weight of ``generalized_jsd``, strictly inside (0, 1).
+        alpha: skew of ``skew_forward_kl`` / ``skew_reverse_kl``, in [0, 1).
+        chunk_size: positions per chunk of the memory-saving computation (default: auto).
+
+    Raises:
+        ValueError: an unknown divergence, a temperature <= 0, a negative weight, or a
+            ``beta``/``alpha`` outside its range or given to a divergence that has none.
+
+    Example:
+        >>> LogitKD("generalized_jsd", temperature=2.0, beta=0.5)
+        LogitKD(divergence='generalized_jsd', temperature=2.0, weight=1.0, scale_by_t2=True, beta=0.5)
+    """
+
+    requires_teacher = True
+    _PARAMS = {"generalized_jsd": ("beta", 0.5), "skew_forward_kl": ("alpha", 0.1),
+               "skew_reverse_kl": ("alpha", 0.1)}
+
+    def __init__(
+        self,
+        divergence: str = "forward_kl",
+        temperature: float = 1.0,
+        weight: float = 1.0,
+        scale_by_t2: bool = True,
+        beta: float | None = None,
+        alpha: float | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(weight)
+        self._fn = LF.divergence(divergence)
+        self.divergence = divergence
+        self.temperature = temperature
+        self.scale_by_t2 = bool(scale_by_t2)
+        self.chunk_size = chunk_size
+        given = {k: v for k, v in (("beta", beta), ("alpha", alpha)) if v is not None}
+        wanted = self._PARAMS.get(divergence)
+        for key in given:
+            if wanted is None or wanted[0] != key:
+                takes = f"takes {wanted[0]}" if wanted else "takes neither beta nor alpha"
+                raise ValueError(f"{key}={given[key]} was given, but divergence={divergence!r} {takes}.")
+        self.params: dict[str, float] = {}
+        if wanted is not None:
+            key, default = wanted
+            value = given.get(key, default)
+            # Validate now (not at the first step) by reusing the functional's own check.
+            zero = torch.zeros(1, 2)
+            self._fn(zero, zero, **{key: value})
+            self.params[key] = float(value)
+
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = _check_number("temperature", value, positive=True)
+
+    def forward(self, inputs: LossInputs) -> Tensor:
+        if inputs.teacher is None or inputs.teacher.logits is None:
+            raise RuntimeError(
+                "LogitKD needs teacher logits, but this batch has none: pass teacher=... to "
+                "DistillationModule (or attach a teacher cache), or drop the LogitKD term."
+            )
+        total, _ = self._fn(
+            inputs.student_logits, inputs.teacher.logits, temperature=self.temperature,
+            labels=inputs.labels, ignore_index=inputs.ignore_index, reduction="sum_and_count",
+            chunk_size=self.chunk_size, **self.params,
+        )
+        if self.scale_by_t2:
+            total = total * (self.temperature**2)
+        return total
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "divergence": self.divergence, "temperature": self.temperature,
+                "scale_by_t2": self.scale_by_t2, **self.params}
+
+    def extra_repr(self) -> str:
+        extra = "".join(f", {k}={v}" for k, v in self.params.items())
+        return (f"divergence={self.divergence!r}, temperature={self.temperature}, weight={self.weight}, "
+                f"scale_by_t2={self.scale_by_t2}{extra}")

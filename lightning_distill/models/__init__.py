@@ -1,0 +1,24 @@
+"""Models: output adapters, Hugging Face builders, identity."""
+
+from lightning_distill.models.adapters import (
+    call_model,
+    is_causal_lm,
+    is_hf_model,
+    logits_from_output,
+    output_vocab_size,
+)
+from lightning_distill.models.hf import causal_lm_from_config, freeze, load_pretrained
+from lightning_distill.models.identity import describe_model, weights_fingerprint
+
+__all__ = [
+    "call_model",
+    "causal_lm_from_config",
+    "describe_model",
+    "freeze",
+    "is_causal_lm",
+    "is_hf_model",
+    "load_pretrained",
+    "logits_from_output",
+    "output_vocab_size",
+    "weights_fingerprint",
+]

@@ -1,0 +1,508 @@
+"""``DistillationModule``: a LightningModule that trains a student to imitate a frozen teacher.
+
+The one path a batch takes::
+
+    batch -> teacher targets -> student forward -> loss terms -> total loss -> logs
+             (live frozen teacher, or targets already in the batch, e.g. from a cache)
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from lightning_distill import __version__
+from lightning_distill.losses import functional as LF
+from lightning_distill.losses.terms import LogitKD, LossTerm, TaskLoss
+from lightning_distill.models.adapters import (
+    call_model,
+    is_causal_lm,
+    logits_from_output,
+    output_vocab_size,
+)
+from lightning_distill.models.hf import freeze
+from lightning_distill.models.identity import describe_model
+from lightning_distill.types import LossInputs, TeacherTargets
+
+__all__ = ["DistillationModule"]
+
+Stage = Literal["train", "val", "test"]
+_TERM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_RESERVED_TERM_NAMES = frozenset({"loss", "agreement", "kl"})
+_VOCAB_POLICIES = ("error", "slice")
+
+
+def _default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=3e-4)
+
+
+class DistillationModule(L.LightningModule):
+    """Distil a frozen ``teacher`` into a ``student`` with named, weighted loss terms.
+
+    Batches are either mappings (Hugging Face style: ``input_ids``, ``attention_mask``,
+    ``labels``; extra keys such as ``slice`` stay in the batch and are not passed to the
+    models) or ``(inputs, target)`` tuples for plain modules.
+
+    The teacher is frozen: ``requires_grad`` off, eval mode for the whole fit (``.train()``
+    on this module leaves it in eval), forward under ``no_grad``, never in the optimizer,
+    moved with the module, and left out of checkpoints (its identity is written instead).
+
+    For Hugging Face causal LMs the labels are shifted once, the way transformers does it
+    (logits at ``t`` score token ``t + 1``), and the same alignment feeds every term.
+    Positions whose label is ``ignore_index`` count nowhere.
+
+    Every term returns a sum over valid positions; the total is divided by the number of valid
+    positions in the *whole optimizer step* (all accumulated micro-batches, all ranks), so
+    gradient accumulation and DDP give the same gradients as one big batch.
+
+    Args:
+        student: the model being trained (any ``nn.Module`` or Hugging Face model).
+        teacher: the model to imitate, or ``None`` when targets come with the batch
+            (``batch["teacher_targets"]``) or no term needs them.
+        losses: ``{name: LossTerm}``. Default: ``{"kd": LogitKD(weight=0.5), "task":
+            TaskLoss(weight=0.5)}`` with a teacher, ``{"task": TaskLoss()}`` without.
+        optimizer: ``params -> Optimizer``, e.g. ``functools.partial(torch.optim.AdamW, lr=3e-4)``
+            (that is the default).
+        lr_scheduler: ``optimizer -> LRScheduler`` or ``None``. A ``num_training_steps``
+            argument left unset is filled with the trainer's estimated stepping batches.
+        lr_scheduler_interval: ``"step"`` or ``"epoch"``.
+        student_logits_fn: ``student_output -> logits`` for outputs the adapters can't read.
+        teacher_logits_fn: the same for the teacher.
+        shift_labels: shift labels for next-token prediction; default: on for Hugging Face
+            causal LMs, off otherwise.
+        ignore_index: label value that masks a position.
+        vocab_mismatch: ``"error"`` (default) or ``"slice"``: compare over the shared first
+            ``min(V_student, V_teacher)`` entries when one vocabulary extends the other.
+        metrics_every_n_steps: how often training computes student-vs-teacher agreement and
+            KL (one extra pass over the logits); default: the trainer's ``log_every_n_steps``.
+        save_teacher_weights: also write the teacher's weights into checkpoints.
+
+    Raises:
+        TypeError: a student/teacher that is not an ``nn.Module``, or a term that is not a
+            ``LossTerm``.
+        ValueError: bad term names, all weights zero, a teacher-needing term without a
+            teacher source, an unknown ``vocab_mismatch``; and, before the first optimizer
+            step, vocabularies that differ.
+
+    Example:
+        >>> module = DistillationModule(student, teacher,  # doctest: +SKIP
+        ...     losses={"kd": LogitKD("forward_kl", temperature=2.0, weight=0.5),
+        ...             "task": TaskLoss(weight=0.5)},
+        ...     optimizer=functools.partial(torch.optim.AdamW, lr=3e-4))
+        >>> lightning.Trainer(max_steps=100).fit(module, datamodule)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        losses: Mapping[str, LossTerm] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[..., Any] | None = None,
+        *,
+        lr_scheduler_interval: Literal["step", "epoch"] = "step",
+        student_logits_fn: Callable[[Any], Tensor] | None = None,
+        teacher_logits_fn: Callable[[Any], Tensor] | None = None,
+        shift_labels: bool | None = None,
+        ignore_index: int = -100,
+        vocab_mismatch: Literal["error", "slice"] = "error",
+        metrics_every_n_steps: int | None = None,
+        save_teacher_weights: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}.")
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}.")
+        if teacher is student:
+            raise ValueError("teacher and student are the same object; pass a separate (copied) teacher.")
+        if vocab_mismatch not in _VOCAB_POLICIES:
+            raise ValueError(f"vocab_mismatch must be one of {_VOCAB_POLICIES}, got {vocab_mismatch!r}.")
+        if lr_scheduler_interval not in ("step", "epoch"):
+            raise ValueError(f"lr_scheduler_interval must be 'step' or 'epoch', got {lr_scheduler_interval!r}.")
+        if metrics_every_n_steps is not None and metrics_every_n_steps < 1:
+            raise ValueError(f"metrics_every_n_steps must be >= 1 or None, got {metrics_every_n_steps}.")
+
+        self.save_hyperparameters(
+            "lr_scheduler_interval", "shift_labels", "ignore_index", "vocab_mismatch",
+            "metrics_every_n_steps", "save_teacher_weights",
+        )
+        self.student = student
+        self.teacher = freeze(teacher) if teacher is not None else None
+        if losses is None:
+            losses = ({"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)} if teacher is not None
+                      else {"task": TaskLoss()})
+        self.losses = nn.ModuleDict(self._check_losses(losses))
+        self.optimizer_factory = optimizer or _default_optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.student_logits_fn = student_logits_fn
+        self.teacher_logits_fn = teacher_logits_fn
+        self.shift_labels = is_causal_lm(student) if shift_labels is None else bool(shift_labels)
+        self.ignore_index = int(ignore_index)
+        self.vocab_mismatch = vocab_mismatch
+        self.metrics_every_n_steps = metrics_every_n_steps
+        self.save_teacher_weights = bool(save_teacher_weights)
+
+        self.metrics = nn.ModuleDict({
+            stage: nn.ModuleDict({name: MeanMetric() for name in [*self.losses, "loss", "agreement", "kl"]})
+            for stage in ("val", "test")
+        })
+        # Step-wide normalisation state (see on_before_optimizer_step).
+        self._step_count: Tensor | None = None
+        self._loss_scale: float | None = None
+        self._checked_batch = False
+        self._teacher_identity: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ construction checks
+    def _check_losses(self, losses: Mapping[str, LossTerm]) -> dict[str, LossTerm]:
+        if not isinstance(losses, Mapping) or not losses:
+            raise TypeError("losses must be a non-empty mapping {name: LossTerm}, e.g. {'kd': LogitKD()}.")
+        for name, term in losses.items():
+            if not isinstance(name, str) or not _TERM_NAME.match(name) or name in _RESERVED_TERM_NAMES:
+                raise ValueError(
+                    f"loss term name {name!r} is not allowed; use a Python identifier other than "
+                    f"{sorted(_RESERVED_TERM_NAMES)} (it becomes the log key train/<name>)."
+                )
+            if not isinstance(term, LossTerm):
+                raise TypeError(
+                    f"loss term {name!r} is a {type(term).__name__}, not a LossTerm; wrap it in a "
+                    "LossTerm subclass (see lightning_distill.losses)."
+                )
+        if all(term.weight == 0 for term in losses.values()):
+            raise ValueError(f"every loss term has weight 0 ({', '.join(losses)}); give at least one a weight > 0.")
+        return dict(losses)
+
+    @property
+    def teacher_identity(self) -> dict[str, Any] | None:
+        """Plain values that identify the teacher (class, name/revision, weight fingerprint)."""
+        if self._teacher_identity is None and self.teacher is not None:
+            self._teacher_identity = describe_model(self.teacher)
+        return self._teacher_identity
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        """Switch the student (and terms) to ``mode``; the teacher always stays in eval mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The student's forward."""
+        return self.student(*args, **kwargs)
+
+    # ------------------------------------------------------------------ the data path
+    def _split_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
+        if isinstance(batch, Mapping):
+            return batch, batch.get("labels")
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            return batch[0], batch[1]
+        raise TypeError(
+            f"a batch must be a mapping (input_ids, attention_mask, labels, ...) or an (inputs, target) "
+            f"pair, got {type(batch).__name__}"
+            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "") + "."
+        )
+
+    def _aligned_labels(self, labels: Tensor | None, inputs: Any, logits: Tensor) -> Tensor | None:
+        if labels is None and self.shift_labels and isinstance(inputs, Mapping) and "input_ids" in inputs:
+            labels = inputs["input_ids"]
+            mask = inputs.get("attention_mask")
+            if mask is not None:
+                labels = labels.masked_fill(mask == 0, self.ignore_index)
+        if labels is None:
+            return None
+        if self.shift_labels:
+            # Shift the labels, not the logits: logits stay contiguous (no copy of (B, T, V)).
+            labels = F.pad(labels[..., 1:], (0, 1), value=self.ignore_index)
+        if labels.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"labels of shape {tuple(labels.shape)} do not match the student's logits "
+                f"{tuple(logits.shape)} (one label per position expected); check the batch's "
+                "'labels' or pass student_logits_fn to reshape the output."
+            )
+        return labels
+
+    def _teacher_needed(self, stage: Stage, active: Mapping[str, LossTerm]) -> bool:
+        return stage != "train" or self._metrics_step() or any(t.requires_teacher for t in active.values())
+
+    def teacher_targets(self, batch: Any, inputs: Any) -> TeacherTargets | None:
+        """The teacher's targets for ``batch``: from the batch itself, else the live teacher."""
+        if isinstance(batch, Mapping) and batch.get("teacher_targets") is not None:
+            targets = batch["teacher_targets"]
+            return targets if isinstance(targets, TeacherTargets) else TeacherTargets(logits=targets)
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            output = call_model(self.teacher, inputs)
+        return TeacherTargets(logits=logits_from_output(output, self.teacher_logits_fn, who="teacher"))
+
+    def _match_vocab(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+        vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
+        if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+            raise ValueError(
+                f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+                f"{tuple(student_logits.shape)} cover different positions; both models must see the "
+                "same batch (same tokenizer and sequence length)."
+            )
+        if vs == vt:
+            return student_logits, teacher_logits
+        if self.vocab_mismatch == "slice":
+            shared = min(vs, vt)
+            return student_logits[..., :shared], teacher_logits[..., :shared]
+        raise ValueError(self._vocab_message(vs, vt))
+
+    @staticmethod
+    def _vocab_message(vs: int, vt: int) -> str:
+        return (
+            f"student vocabulary ({vs}) and teacher vocabulary ({vt}) differ. If one tokenizer extends "
+            f"the other (padded embedding rows, as Qwen2.5's 151936 vs 152064), pass "
+            f"vocab_mismatch='slice' to compare over the first {min(vs, vt)} entries; if the tokenizers "
+            "differ, the logit losses cannot compare them (a cross-tokenizer loss is needed)."
+        )
+
+    def _check_first_batch(self, inputs: LossInputs) -> None:
+        """One-off checks on the first batch, before any optimizer step (one host sync)."""
+        if self._checked_batch:
+            return
+        self._checked_batch = True
+        vocab = inputs.student_logits.shape[-1]
+        if inputs.labels is not None and any(isinstance(t, TaskLoss) for t in self.losses.values()):
+            valid = inputs.labels[inputs.labels != self.ignore_index]
+            if valid.numel():
+                low, high = int(valid.min()), int(valid.max())
+                if low < 0 or high >= vocab:
+                    raise ValueError(
+                        f"label id {high if high >= vocab else low} is outside the student's {vocab} "
+                        "output classes; the tokenizer and the student's vocab_size must match (or mark "
+                        f"the position with {self.ignore_index})."
+                    )
+        if not torch.isfinite(inputs.student_logits.detach()).all():
+            raise ValueError("the student's logits contain NaN or inf on the first batch; check the "
+                             "model's initialisation and inputs.")
+
+    def _metrics_step(self) -> bool:
+        if self._trainer is None:
+            return False
+        every = self.metrics_every_n_steps or max(1, self.trainer.log_every_n_steps)
+        return self.trainer.global_step % every == 0
+
+    def _shared_step(self, batch: Any, stage: Stage) -> dict[str, Any]:
+        inputs, labels = self._split_batch(batch)
+        student_output = call_model(self.student, inputs)
+        student_logits = logits_from_output(student_output, self.student_logits_fn, who="student")
+        labels = self._aligned_labels(labels, inputs, student_logits)
+
+        active = {n: t for n, t in self.losses.items() if t.weight > 0}
+        teacher = self.teacher_targets(batch, inputs) if self._teacher_needed(stage, active) else None
+        kd_logits = student_logits
+        if teacher is not None and teacher.logits is not None:
+            kd_logits, teacher_logits = self._match_vocab(student_logits, teacher.logits)
+            teacher = TeacherTargets(logits=teacher_logits, hidden_states=teacher.hidden_states,
+                                     extras=teacher.extras)
+        loss_inputs = LossInputs(student_logits=kd_logits, labels=labels, teacher=teacher,
+                                 ignore_index=self.ignore_index, student_output=student_output, batch=batch)
+        if stage == "train":
+            self._check_first_batch(loss_inputs)
+
+        sums: dict[str, Tensor] = {}
+        for name, term in active.items():
+            if term.requires_teacher and teacher is None:
+                raise ValueError(
+                    f"loss term {name!r} ({type(term).__name__}) needs teacher targets but there is no "
+                    "teacher; pass teacher=... or put 'teacher_targets' in the batch (teacher cache)."
+                )
+            term_inputs = loss_inputs
+            if isinstance(term, TaskLoss) and kd_logits is not student_logits:
+                term_inputs = LossInputs(student_logits=student_logits, labels=labels, teacher=teacher,
+                                         ignore_index=self.ignore_index, student_output=student_output,
+                                         batch=batch)
+            sums[name] = term(term_inputs)
+        if labels is None:
+            count = torch.tensor(student_logits[..., 0].numel(), device=student_logits.device)
+        else:
+            count = (labels != self.ignore_index).sum()
+        weighted = sum(self.losses[n].weight * s for n, s in sums.items())
+        return {"sums": sums, "weighted": weighted, "count": count, "loss_inputs": loss_inputs,
+                "batch_size": _batch_size(labels, student_logits)}
+
+    def _agreement_and_kl(self, loss_inputs: LossInputs) -> tuple[Tensor, Tensor] | None:
+        teacher = loss_inputs.teacher
+        if teacher is None or teacher.logits is None:
+            return None
+        with torch.no_grad():
+            s, t = loss_inputs.student_logits.detach(), teacher.logits
+            agree = LF.top1_agreement(s, t, labels=loss_inputs.labels, ignore_index=self.ignore_index,
+                                      reduction="sum_and_count")[0]
+            kl = LF.forward_kl(s, t, labels=loss_inputs.labels, ignore_index=self.ignore_index,
+                               reduction="sum_and_count")[0]
+        return agree, kl
+
+    @torch.no_grad()
+    def evaluate_batch(self, batch: Any) -> dict[str, Tensor]:
+        """Per-sample evaluation numbers for one batch, with the same alignment as training.
+
+        Returns a dict of 1-D tensors over the batch's samples: ``tokens`` (valid positions),
+        ``student_nll`` and ``teacher_nll`` (summed cross-entropy against the labels, in nats),
+        ``agreement`` (positions whose top-1 tokens match) and ``kl`` (summed forward KL at
+        temperature 1). Teacher entries are absent when there is no teacher. Slice-wise
+        reports (perplexity = exp(nll / tokens)) are sums of these.
+        """
+        inputs, labels = self._split_batch(batch)
+        student_logits = logits_from_output(call_model(self.student, inputs), self.student_logits_fn,
+                                            who="student")
+        labels = self._aligned_labels(labels, inputs, student_logits)
+        if labels is None:
+            raise ValueError("evaluate_batch needs labels (or input_ids for a causal LM) to score the student.")
+        per_sample = (labels.shape[0], -1)
+        mask = labels != self.ignore_index
+        out = {
+            "tokens": mask.reshape(per_sample).sum(-1),
+            "student_nll": LF.cross_entropy(student_logits, labels, ignore_index=self.ignore_index,
+                                            reduction="none").reshape(per_sample).sum(-1),
+        }
+        teacher = self.teacher_targets(batch, inputs)
+        if teacher is not None and teacher.logits is not None:
+            s, t = self._match_vocab(student_logits, teacher.logits)
+            out["teacher_nll"] = LF.cross_entropy(teacher.logits, labels, ignore_index=self.ignore_index,
+                                                  reduction="none").reshape(per_sample).sum(-1)
+            out["agreement"] = LF.top1_agreement(s, t, labels=labels, ignore_index=self.ignore_index,
+                                                 reduction="none").reshape(per_sample).sum(-1)
+            out["kl"] = LF.forward_kl(s, t, labels=labels, ignore_index=self.ignore_index,
+                                      reduction="none").reshape(per_sample).sum(-1)
+        return out
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        out = self._shared_step(batch, "train")
+        count, weighted, bs = out["count"], out["weighted"], out["batch_size"]
+        denom = count.clamp_min(1)
+        for name, value in out["sums"].items():
+            self.log(f"train/{name}", value.detach() / denom, on_step=True, on_epoch=False, batch_size=bs)
+        self.log("train/loss", weighted.detach() / denom, on_step=True, on_epoch=False, prog_bar=True,
+                 batch_size=bs)
+        if self._metrics_step():
+            extra = self._agreement_and_kl(out["loss_inputs"])
+            if extra is not None:
+                self.log("train/agreement", extra[0] / denom, on_step=True, on_epoch=False, batch_size=bs)
+                self.log("train/kl", extra[1] / denom, on_step=True, on_epoch=False, batch_size=bs)
+        if self._trainer is None or self.automatic_optimization is False:
+            return weighted / denom
+        # Sum-normalised backward; on_before_optimizer_step divides by the step's token count.
+        self._step_count = count.detach() if self._step_count is None else self._step_count + count.detach()
+        if self._loss_scale is None:
+            first = self.trainer.strategy.reduce(count.detach().float(), reduce_op="max")
+            self._loss_scale = max(float(first), 1.0)
+        return weighted / self._loss_scale
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Turn the accumulated gradient of sums into the gradient of the step-wide mean.
+
+        Each micro-batch backpropagated ``sum / C`` (``C`` a constant fixed at the first step)
+        and Lightning divided it by ``accumulate_grad_batches``; DDP averaged over ranks. Here
+        the gradients are multiplied by ``accumulate * world_size * C / valid_positions``,
+        where ``valid_positions`` is summed over all micro-batches and ranks of this step.
+        """
+        if self._step_count is None or self._loss_scale is None:
+            return
+        total = self.trainer.strategy.reduce(self._step_count.float(), reduce_op="sum")
+        self._step_count = None
+        scale = (self.trainer.accumulate_grad_batches * self.trainer.world_size * self._loss_scale
+                 / total.clamp_min(1.0))
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale.to(grads[0].device))
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: Any, stage: Stage) -> None:
+        out = self._shared_step(batch, stage)
+        metrics = self.metrics[stage]
+        count = out["count"]
+        weight = count.float().clamp_min(1e-12)
+        for name, value in out["sums"].items():
+            metrics[name].update(value / weight, weight)
+            self.log(f"{stage}/{name}", metrics[name], on_step=False, on_epoch=True)
+        metrics["loss"].update(out["weighted"] / weight, weight)
+        self.log(f"{stage}/loss", metrics["loss"], on_step=False, on_epoch=True, prog_bar=stage == "val")
+        extra = self._agreement_and_kl(out["loss_inputs"])
+        if extra is not None:
+            metrics["agreement"].update(extra[0] / weight, weight)
+            metrics["kl"].update(extra[1] / weight, weight)
+            self.log(f"{stage}/agreement", metrics["agreement"], on_step=False, on_epoch=True)
+            self.log(f"{stage}/kl", metrics["kl"], on_step=False, on_epoch=True)
+
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        params += [p for p in self.losses.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the student has no trainable parameters (all requires_grad=False).")
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        factory = self.lr_scheduler_factory
+        if _needs_training_steps(factory):
+            factory = functools.partial(factory, num_training_steps=int(self.trainer.estimated_stepping_batches))
+        scheduler = factory(optimizer)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.lr_scheduler_interval}}
+
+    def on_fit_start(self) -> None:
+        """Check, before any step, what can be checked without a batch."""
+        if self.teacher is not None:
+            self.teacher.eval()
+            vs, vt = output_vocab_size(self.student), output_vocab_size(self.teacher)
+            if vs is not None and vt is not None and vs != vt and self.vocab_mismatch == "error":
+                raise ValueError(self._vocab_message(vs, vt))
+        if self._uses_deepspeed():
+            warnings.warn("DeepSpeed manages gradients itself; the loss is normalised per micro-batch "
+                          "instead of per optimizer step.", stacklevel=2)
+        self._step_count = None
+
+    def _uses_deepspeed(self) -> bool:
+        return self._trainer is not None and "DeepSpeed" in type(self.trainer.strategy).__name__
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.save_teacher_weights:
+            state = checkpoint.get("state_dict", {})
+            for key in [k for k in state if k.startswith("teacher.")]:
+                del state[key]
+        checkpoint["lightning_distill"] = {
+            "version": __version__,
+            "teacher": self.teacher_identity,
+            "losses": {name: term.config() for name, term in self.losses.items()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if self.teacher is not None and state is not None and not any(k.startswith("teacher.") for k in state):
+            # The checkpoint left the teacher out on purpose; keep the live one.
+            state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+
+def _batch_size(labels: Tensor | None, logits: Tensor) -> int:
+    return int(labels.shape[0]) if labels is not None and labels.dim() else int(logits.shape[0])
+
+
+def _needs_training_steps(factory: Callable[..., Any]) -> bool:
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return False
+    param = signature.parameters.get("num_training_steps")
+    return param is not None and param.default is inspect.Parameter.empty
+
