@@ -72,9 +72,13 @@ def _output_dir(cfg: DictConfig) -> Path:
     return Path(cfg.output_dir)
 
 
-def _make_trainer(cfg: DictConfig, out_dir: Path, *, with_logger: bool = True):
+def _make_trainer(cfg: DictConfig, out_dir: Path, *, comparison_only: bool = False):
+    """The configured Trainer; ``comparison_only`` drops logger, callbacks and checkpoints."""
+    if comparison_only:
+        return hydra.utils.instantiate(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False,
+                                       default_root_dir=str(out_dir))
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    logger = hydra.utils.instantiate(cfg.logger) if with_logger and cfg.get("logger") else False
+    logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
                                    default_root_dir=str(out_dir))
 
@@ -128,7 +132,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             lr_scheduler=hydra.utils.instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
             **module_kwargs,
         )
-        base_trainer = _make_trainer(cfg, out_dir / "baseline", with_logger=False)
+        base_trainer = _make_trainer(cfg, out_dir / "baseline", comparison_only=True)
         base_trainer.fit(base_module, datamodule=datamodule)
         baseline_stats = evaluate_slices(base_module, datamodule.test_dataloader())
         report["baseline"] = {k: v.to_dict() for k, v in baseline_stats.items()}

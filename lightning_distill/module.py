@@ -64,7 +64,11 @@ class DistillationModule(L.LightningModule):
 
     Every term returns a sum over valid positions; the total is divided by the number of valid
     positions in the *whole optimizer step* (all accumulated micro-batches, all ranks), so
-    gradient accumulation and DDP give the same gradients as one big batch.
+    gradient accumulation and DDP give the same gradients as one big batch. The gradients take
+    that final scale in this module's ``on_before_optimizer_step`` (before clipping); Lightning
+    calls callbacks' ``on_after_backward``/``on_before_optimizer_step`` first, so a callback that
+    reads gradient norms sees them before the rescale. A subclass that logs gradient norms in
+    ``on_before_optimizer_step`` should call ``super().on_before_optimizer_step(optimizer)`` first.
 
     Args:
         student: the model being trained (any ``nn.Module`` or Hugging Face model).
@@ -311,8 +315,7 @@ class DistillationModule(L.LightningModule):
                                      extras=teacher.extras)
         loss_inputs = LossInputs(student_logits=kd_logits, labels=labels, teacher=teacher,
                                  ignore_index=self.ignore_index, student_output=student_output, batch=batch)
-        if stage == "train":
-            self._check_first_batch(loss_inputs)
+        self._check_first_batch(loss_inputs)  # the first batch of any stage (sanity checks run val first)
 
         sums: dict[str, Tensor] = {}
         for name, term in active.items():

@@ -18,9 +18,9 @@ flows into ``teacher_logits``.
 Memory. When the student's logits need a gradient, the functions never hold the whole
 ``(N, V)`` graph of intermediate tensors: they walk the positions in chunks, compute each
 chunk's gradient right away, and keep only that gradient (the size of the student's logits,
-which backward needs anyway). Peak working memory is about 1.2x the student-logits gradient,
-where a plain ``F.kl_div(log_softmax(s), log_softmax(t))`` takes about 4.8x (see
-``benchmarks/kd_loss_memory.py``).
+which backward needs anyway). Peak working memory for forward + backward is about 1.1x the
+student-logits gradient, where a plain ``F.kl_div(log_softmax(s), log_softmax(t))`` takes about
+5x (V=32000, 8192 positions; see ``benchmarks/kd_loss_memory.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -56,6 +55,7 @@ RowFn = Callable[[Tensor, "Tensor | None", "Tensor | None"], Tensor]
 
 # Elements (rows x vocabulary) handled per chunk: 4M float32 values is 16 MiB per temporary.
 _DEFAULT_CHUNK_ELEMENTS = 4 * 2**20
+_MIN_CHUNK_ELEMENTS = 2**18
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,7 +131,14 @@ def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}.")
         return chunk_size
-    return max(1, min(n_rows, _DEFAULT_CHUNK_ELEMENTS // max(vocab, 1)))
+    vocab = max(vocab, 1)
+    if n_rows * vocab <= _DEFAULT_CHUNK_ELEMENTS:
+        return max(1, n_rows)  # small enough that one chunk costs less than the loop would
+    # At most 1/32 of the rows (so the per-chunk temporaries stay small next to the N x V
+    # gradient buffer at any N), at least 1 MiB and at most 16 MiB of float32 per temporary.
+    rows = -(-n_rows // 32)
+    rows = max(_MIN_CHUNK_ELEMENTS // vocab, min(rows, _DEFAULT_CHUNK_ELEMENTS // vocab))
+    return max(1, min(n_rows, rows))
 
 
 def _rows_for_chunk(
@@ -144,6 +151,12 @@ def _rows_for_chunk(
 ) -> Tensor:
     zs = student.float() / temperature
     zt = None if teacher is None else teacher.detach().float() / temperature
+    if mask is not None:
+        # Neutral finite logits at masked rows, so that a non-finite row there (a cache's -inf
+        # padding, a NaN from a fully masked attention row) cannot back-propagate 0 * inf = NaN.
+        masked = ~mask.unsqueeze(-1)
+        zs = zs.masked_fill(masked, 0.0)
+        zt = None if zt is None else zt.masked_fill(masked, 0.0)
     rows = row_fn(zs, zt, labels)
     if mask is not None:
         rows = torch.where(mask, rows, torch.zeros_like(rows))
@@ -190,7 +203,7 @@ class _ChunkedSum(torch.autograd.Function):
                 "first backward. Recompute the loss instead of using retain_graph=True."
             )
         ctx.grad = None  # let autograd own (and accumulate into) the buffer
-        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None, None
+        return grad.mul_(grad_output), None, None, None, None, None, None
 
 
 def _check_inputs(

@@ -1,0 +1,113 @@
+"""The `lightning-distill` command, end to end: console script, Hydra flags, and a built wheel."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TINY = ["experiment=tiny", "baseline=false"]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "LIGHTNING_DISTILL_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false",
+            "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _run(cmd: list[str], tmp_path: Path, cwd: Path | None = None, timeout: int = 300):
+    result = subprocess.run(cmd, cwd=cwd or tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def test_help_lists_config_groups(tmp_path):
+    out = _run([str(BIN / "lightning-distill"), "--help"], tmp_path).stdout
+    for group in ("teacher", "student", "loss", "data", "trainer", "callbacks", "logger", "experiment"):
+        assert f"{group}:" in out
+
+
+def test_cfg_job_prints_composed_config_with_overrides(tmp_path):
+    out = _run([sys.executable, "-m", "lightning_distill", "--cfg", "job", "loss.kd.temperature=4"], tmp_path).stdout
+    assert "temperature: 4" in out and "_target_: lightning_distill.losses.LogitKD" in out
+
+
+@pytest.mark.slow
+def test_console_script_runs_tiny_job(tmp_path):
+    out_dir = tmp_path / "run"
+    result = _run([str(BIN / "lightning-distill"), *TINY, "baseline=true", f"output_dir={out_dir}"], tmp_path)
+    assert "student ppl" in result.stdout and "no-teacher ppl" in result.stdout
+    report = json.loads((out_dir / "report.json").read_text())
+    assert set(report["slices"]) == {"prose", "code"}
+    for stats in report["slices"].values():
+        assert stats["tokens"] > 0 and stats["teacher_perplexity"] > 1 and stats["student_perplexity"] > 1
+    assert set(report["baseline"]) == {"prose", "code"}
+    student = out_dir / "student"
+    assert (student / "model.safetensors").is_file() and (student / "tokenizer.json").is_file()
+    record = json.loads((student / "distillation.json").read_text())
+    assert record["teacher"]["weights_sha256"] and record["losses"]["kd"]["divergence"] == "forward_kl"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(student)
+    tok = AutoTokenizer.from_pretrained(student)
+    assert model.config.vocab_size == len(tok) == 320
+    metrics = (out_dir / "csv").rglob("metrics.csv")
+    header = next(metrics).read_text().splitlines()[0]
+    for key in ("train/loss", "train/kd", "train/task", "val/loss", "val/agreement", "val/kl"):
+        assert key in header
+
+
+@pytest.mark.slow
+def test_multirun_makes_one_dir_per_job(tmp_path):
+    _run([str(BIN / "lightning-distill"), "-m", *TINY, "export=false", "loss.kd.temperature=1,2",
+          "hydra.sweep.dir=" + str(tmp_path / "sweep"), "output_dir=${hydra:runtime.output_dir}"], tmp_path)
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit())
+    assert jobs == ["0", "1"]
+    for job in jobs:
+        assert (tmp_path / "sweep" / job / "report.json").is_file()
+
+
+@pytest.mark.slow
+def test_bad_override_fails_before_training(tmp_path):
+    result = subprocess.run([str(BIN / "lightning-distill"), *TINY, "loss.kd.divergence=kl_forward",
+                             f"output_dir={tmp_path / 'run'}"], cwd=tmp_path, env=_env(tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "unknown divergence 'kl_forward'" in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+def test_wheel_in_fresh_venv_has_configs_and_command(tmp_path):
+    """Build a wheel (not editable), install it into a new virtual environment, run the command.
+
+    The new environment gets the dependencies by pointing a .pth file at this environment's
+    site-packages (no network in tests); lightning_distill itself and its configs come only from
+    the wheel, and the command runs from a directory outside the repository.
+    """
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(dist), str(REPO)], check=True, capture_output=True, timeout=300)
+    wheel = next(dist.glob("lightning_distill-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    deps = Path(sysconfig.get_paths()["purelib"])
+    (site / "_deps.pth").write_text(str(deps) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                    "--no-deps", "-q", str(wheel)], check=True, capture_output=True, timeout=300)
+    py = venv / "bin" / "python"
+    where = _run([str(py), "-c", "import lightning_distill, lightning_distill.cli as c; "
+                  "print(lightning_distill.__file__); print(c.CONFIG_DIR)"], tmp_path).stdout.split()
+    assert str(site) in where[0] and str(REPO) not in where[0]
+    assert where[1].startswith(str(site)) and (Path(where[1]) / "loss" / "kd_task.yaml").is_file()
+    out_dir = tmp_path / "wheel-run"
+    result = _run([str(venv / "bin" / "lightning-distill"), *TINY, f"output_dir={out_dir}"], tmp_path)
+    assert "student ppl" in result.stdout
+    assert (out_dir / "student" / "distillation.json").is_file()
