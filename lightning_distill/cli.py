@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -166,9 +167,30 @@ def _hydra_main(cfg: DictConfig) -> None:
     run(cfg)
 
 
+# Messages from the libraries that say nothing to a user of this command.
+_NOISE = (
+    r".*isinstance\(treespec, LeafSpec\).*",                     # torch/Lightning internals
+    r".*Found \d+ module\(s\) in eval mode.*",                   # the frozen teacher, on purpose
+    r".*defined a `validation_step` but have no `val_dataloader`.*",  # the demo teacher's own fit
+    r".*does not have many workers.*",                             # in-memory token blocks
+)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip")
+
+
+def _quiet() -> None:
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
+
+
 def main() -> None:
     """Console entry point (``lightning-distill``); Hydra parses ``sys.argv``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet()
     _hydra_main()
 
 
