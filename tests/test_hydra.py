@@ -141,3 +141,15 @@ def test_bad_loss_value_fails_with_clear_error():
     cfg = _compose("loss.kd.temperature=0")
     with pytest.raises(Exception, match="temperature must be a finite number > 0"):
         _build_losses(cfg.loss)
+
+
+def test_hf_pretrained_loads_a_local_model(tmp_path):
+    """teacher=hf_pretrained with a local directory: from_pretrained, safetensors, no remote code."""
+    source = _instantiate(_compose("teacher=hf_config", "data.vocab_size=96").teacher)
+    source.save_pretrained(tmp_path / "teacher")
+    assert (tmp_path / "teacher" / "model.safetensors").is_file()
+    cfg = _compose("teacher=hf_pretrained", f"teacher.path={tmp_path / 'teacher'}", "teacher.local_files_only=true")
+    assert cfg.teacher.trust_remote_code is False
+    loaded = _instantiate(cfg.teacher)
+    for (name, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
