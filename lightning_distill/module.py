@@ -88,8 +88,9 @@ class DistillationModule(L.LightningModule):
         ignore_index: label value that masks a position.
         vocab_mismatch: ``"error"`` (default) or ``"slice"``: compare over the shared first
             ``min(V_student, V_teacher)`` entries when one vocabulary extends the other.
-        metrics_every_n_steps: how often training computes student-vs-teacher agreement and
-            KL (one extra pass over the logits); default: the trainer's ``log_every_n_steps``.
+        metrics_every_n_steps: how often training logs each term and computes student-vs-teacher
+            agreement and KL (one extra pass over the logits); default: on the batches where the
+            trainer writes logs (``log_every_n_steps``). ``train/loss`` is logged every step.
         save_teacher_weights: also write the teacher's weights into checkpoints.
 
     Raises:
@@ -295,10 +296,17 @@ class DistillationModule(L.LightningModule):
                              "model's initialisation and inputs.")
 
     def _metrics_step(self) -> bool:
+        """Whether this training batch logs per-term values and computes agreement and KL.
+
+        By default: exactly the batches on which the trainer writes logs (``log_every_n_steps``),
+        so the extra pass and the logging calls cost nothing on the other steps.
+        """
         if self._trainer is None:
             return False
-        every = self.metrics_every_n_steps or max(1, self.trainer.log_every_n_steps)
-        return self.trainer.global_step % every == 0
+        if self.metrics_every_n_steps is not None:
+            return self.trainer.global_step % self.metrics_every_n_steps == 0
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
 
     def _shared_step(self, batch: Any, stage: Stage) -> dict[str, Any]:
         inputs, labels = self._split_batch(batch)
@@ -357,8 +365,9 @@ class DistillationModule(L.LightningModule):
         Returns a dict of 1-D tensors over the batch's samples: ``tokens`` (valid positions),
         ``student_nll`` and ``teacher_nll`` (summed cross-entropy against the labels, in nats),
         ``agreement`` (positions whose top-1 tokens match) and ``kl`` (summed forward KL at
-        temperature 1). Teacher entries are absent when there is no teacher. Slice-wise
-        reports (perplexity = exp(nll / tokens)) are sums of these.
+        temperature 1), ``correct`` and ``teacher_correct`` (valid positions whose argmax is the
+        label: accuracy = correct / tokens). Teacher entries are absent when there is no teacher.
+        Slice-wise reports (perplexity = exp(nll / tokens)) are sums of these.
         """
         inputs, labels = self._split_batch(batch)
         student_logits = logits_from_output(call_model(self.student, inputs), self.student_logits_fn,
@@ -372,6 +381,7 @@ class DistillationModule(L.LightningModule):
             "tokens": mask.reshape(per_sample).sum(-1),
             "student_nll": LF.cross_entropy(student_logits, labels, ignore_index=self.ignore_index,
                                             reduction="none").reshape(per_sample).sum(-1),
+            "correct": ((student_logits.argmax(-1) == labels) & mask).reshape(per_sample).sum(-1),
         }
         teacher = self.teacher_targets(batch, inputs)
         if teacher is not None and teacher.logits is not None:
@@ -382,6 +392,7 @@ class DistillationModule(L.LightningModule):
                                                  reduction="none").reshape(per_sample).sum(-1)
             out["kl"] = LF.forward_kl(s, t, labels=labels, ignore_index=self.ignore_index,
                                       reduction="none").reshape(per_sample).sum(-1)
+            out["teacher_correct"] = ((teacher.logits.argmax(-1) == labels) & mask).reshape(per_sample).sum(-1)
         return out
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -389,11 +400,11 @@ class DistillationModule(L.LightningModule):
         out = self._shared_step(batch, "train")
         count, weighted, bs = out["count"], out["weighted"], out["batch_size"]
         denom = count.clamp_min(1)
-        for name, value in out["sums"].items():
-            self.log(f"train/{name}", value.detach() / denom, on_step=True, on_epoch=False, batch_size=bs)
         self.log("train/loss", weighted.detach() / denom, on_step=True, on_epoch=False, prog_bar=True,
                  batch_size=bs)
         if self._metrics_step():
+            for name, value in out["sums"].items():
+                self.log(f"train/{name}", value.detach() / denom, on_step=True, on_epoch=False, batch_size=bs)
             extra = self._agreement_and_kl(out["loss_inputs"])
             if extra is not None:
                 self.log("train/agreement", extra[0] / denom, on_step=True, on_epoch=False, batch_size=bs)

@@ -459,7 +459,7 @@ def test_checkpoint_save_load_and_resume(tmp_path):
     resumed = DistillationModule(tiny_llama(seed=99), tiny_teacher(seed=1), losses=kd_losses(),
                                  optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
     first = FirstStepWeights()
-    trainer2 = make_trainer(max_steps=4, callbacks=[first])
+    trainer2 = make_trainer(max_steps=4, callbacks=[first], log_every_n_steps=1)
     trainer2.fit(resumed, loader(items, batch_size=2), ckpt_path=path)
     assert first.global_step == 2 and trainer2.global_step == 4
     assert all(torch.equal(first.state[k], v) for k, v in module.student.state_dict().items())
@@ -649,7 +649,7 @@ def test_vocab_slice_compares_the_shared_entries(vs, vt):
     assert metrics["val/kd"] == pytest.approx(float(expected_kd), rel=1e-5)
     assert metrics["val/task"] == pytest.approx(float(hf_loss), rel=1e-5)  # full student vocabulary
 
-    trainer = make_trainer(max_steps=2)
+    trainer = make_trainer(max_steps=2, log_every_n_steps=1)
     trainer.fit(module, loader(lm_items(8, seed=5, vocab=shared), batch_size=4))
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/kd"])
 
@@ -865,3 +865,17 @@ def test_lr_scheduler_gets_estimated_stepping_batches(explicit_steps):
     assert final == pytest.approx(0.1 * (total - 4) / (total - 1), abs=1e-9)
     if explicit_steps is None:
         assert final == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_per_term_values_and_metrics_are_logged_on_logging_steps(tmp_path):
+    """train/loss every step; per-term values, agreement and KL on the steps the trainer writes logs."""
+    module = DistillationModule(tiny_llama(seed=0), tiny_teacher(seed=1), losses=kd_losses())
+    trainer = make_trainer(max_steps=6, log_every_n_steps=3, logger=CSVLogger(tmp_path, name="csv"))
+    trainer.fit(module, loader(lm_items(24, seed=3), batch_size=4))
+    rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    logged = [dict(zip(header, r.split(","))) for r in rows[1:]]
+    steps_with_kd = sorted(int(r["step"]) for r in logged if r.get("train/kd"))
+    steps_with_agreement = sorted(int(r["step"]) for r in logged if r.get("train/agreement"))
+    assert steps_with_kd == steps_with_agreement == [2, 5]
