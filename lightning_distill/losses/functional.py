@@ -84,38 +84,45 @@ def _reverse_kl_rows(zs: Tensor, zt: Tensor, labels: Tensor | None) -> Tensor:
     return _kl_rows(zs.log_softmax(-1), zt.log_softmax(-1))
 
 
-# Closed-form gradients for the common divergences: (zs, zt, labels) -> (rows, d sum(rows) / d zs).
-# They skip the local autograd graph, which makes the chunked path as fast as plain autograd.
-GradFn = Callable[[Tensor, "Tensor | None", "Tensor | None"], "tuple[Tensor, Tensor]"]
+# Closed-form gradients for the common divergences: (zs, zt, labels, out) -> rows, with
+# d sum(rows) / d zs written into ``out`` (float32, the chunk's slice of the gradient buffer).
+# They skip the local autograd graph and fuse what they can, which keeps the chunked path as
+# fast as plain autograd. They never modify their inputs.
+GradFn = Callable[[Tensor, "Tensor | None", "Tensor | None", Tensor], Tensor]
+_LOG_FLOOR = torch.finfo(torch.float32).min  # stands in for log 0, so 0 * log 0 = 0 (NaN stays NaN)
 
 
-def _forward_kl_grad(zs: Tensor, zt: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+def _forward_kl_grad(zs: Tensor, zt: Tensor, labels: Tensor | None, out: Tensor) -> Tensor:
     log_q, log_p = zs.log_softmax(-1), zt.log_softmax(-1)
     p = log_p.exp()
-    rows = torch.where(p == 0, 0.0, p * (log_p - log_q)).sum(-1)
-    return rows, log_q.exp_().sub_(p)  # d/dzs KL(P || Q) = Q - P
+    rows = log_p.clamp_min_(_LOG_FLOOR).sub_(log_q).mul_(p).sum(-1)
+    torch.exp(log_q, out=out).sub_(p)  # d/dzs KL(P || Q) = Q - P
+    return rows
 
 
-def _reverse_kl_grad(zs: Tensor, zt: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+def _reverse_kl_grad(zs: Tensor, zt: Tensor, labels: Tensor | None, out: Tensor) -> Tensor:
     log_q, log_p = zs.log_softmax(-1), zt.log_softmax(-1)
     q = log_q.exp()
-    terms = torch.where(q == 0, 0.0, log_q - log_p)
-    rows = (q * terms).sum(-1)
-    return rows, terms.sub_(rows.unsqueeze(-1)).mul_(q)  # d/dzs KL(Q || P) = Q * (log Q/P - KL)
+    terms = log_q.clamp_min_(_LOG_FLOOR).sub_(log_p)  # log Q/P, 0 where Q = 0 after * q
+    rows = torch.mul(q, terms, out=out).sum(-1)
+    torch.mul(terms.sub_(rows.unsqueeze(-1)), q, out=out)  # Q * (log Q/P - KL)
+    return rows
 
 
-def _mse_grad(zs: Tensor, zt: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
-    diff = zs - zt
-    return diff.square().sum(-1), diff.mul_(2.0)
+def _mse_grad(zs: Tensor, zt: Tensor, labels: Tensor | None, out: Tensor) -> Tensor:
+    diff = torch.sub(zs, zt, out=out)
+    rows = diff.square().sum(-1)
+    out.mul_(2.0)
+    return rows
 
 
-def _ce_grad(zs: Tensor, zt: Tensor | None, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+def _ce_grad(zs: Tensor, zt: Tensor | None, labels: Tensor | None, out: Tensor) -> Tensor:
     assert labels is not None  # internal: cross_entropy always passes labels
     safe = labels.clamp_min(0).unsqueeze(-1)
-    lse = zs.logsumexp(-1, keepdim=True)
-    rows = (lse - zs.gather(-1, safe)).squeeze(-1)
-    grad = zs.sub_(lse).exp_()  # softmax, in place: zs is this chunk's own scaled copy
-    return rows, grad.scatter_add_(-1, safe, torch.full_like(safe, -1.0, dtype=grad.dtype))
+    log_q = zs.log_softmax(-1)
+    rows = log_q.gather(-1, safe).squeeze(-1).neg_()
+    torch.exp(log_q, out=out).scatter_add_(-1, safe, torch.full_like(safe, -1.0, dtype=out.dtype))
+    return rows
 
 
 def _gjsd_rows(beta: float) -> RowFn:
@@ -214,17 +221,22 @@ def _closed_form_chunk(
     temperature: float,
     grad_out: Tensor,
 ) -> Tensor:
-    """Value of one chunk; writes d value / d student into ``grad_out``."""
-    zs = student.detach().float() / temperature  # always a fresh copy, safe to modify in place
-    zt = None if teacher is None else teacher.detach().float() / temperature
-    rows, grad = grad_fn(zs, zt, labels)
+    """Value of one chunk; writes d value / d zs into ``grad_out`` (zs = student / T: the
+    caller owes the gradient a factor 1 / T, which backward folds into its one scaling pass)."""
+    zs = student.detach().float()
+    zt = None if teacher is None else teacher.detach().float()
+    if temperature != 1.0:
+        zs = zs / temperature
+        zt = None if zt is None else zt / temperature
+    direct = grad_out.dtype == torch.float32 and grad_out.is_contiguous()
+    buf = grad_out if direct else torch.empty(zs.shape, dtype=torch.float32, device=zs.device)
+    rows = grad_fn(zs, zt, labels, buf)
     if mask is not None:
         # Masked rows count for nothing, whatever their logits hold (even inf or NaN).
         rows = torch.where(mask, rows, 0.0)
-        grad.masked_fill_(~mask.unsqueeze(-1), 0.0)
-    if temperature != 1.0:
-        grad.div_(temperature)  # d zs / d student = 1 / T
-    grad_out.copy_(grad)
+        buf.masked_fill_(~mask.unsqueeze(-1), 0.0)
+    if not direct:
+        grad_out.copy_(buf)
     return rows.sum()
 
 
@@ -268,6 +280,7 @@ class _ChunkedSum(torch.autograd.Function):
             total += chunk_sum.detach()
             del piece, piece_grad, chunk_sum
         ctx.grad = grad
+        ctx.scale = 1.0 / temperature if closed_form is not None else 1.0
         return total
 
     @staticmethod
@@ -279,7 +292,7 @@ class _ChunkedSum(torch.autograd.Function):
                 "first backward. Recompute the loss instead of using retain_graph=True."
             )
         ctx.grad = None  # let autograd own (and accumulate into) the buffer
-        return grad.mul_(grad_output), None, None, None, None, None, None
+        return grad.mul_(grad_output * ctx.scale), None, None, None, None, None, None
 
 
 def _check_inputs(
