@@ -88,8 +88,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one distillation job described by ``cfg``; returns the report as plain values."""
     import lightning as L
 
-    from lightning_distill.evaluation import evaluate_slices, format_slice_table
-    from lightning_distill.export import export_student
+    from lightning_distill.callbacks.coverage import CoverageGapError, CoverageSlices
+    from lightning_distill.evaluation import evaluate_slices, format_slice_table, stats_from_sums
+    from lightning_distill.export import distillation_card, export_student
     from lightning_distill.module import DistillationModule
 
     started = time.perf_counter()
@@ -116,13 +117,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **module_kwargs,
     )
     trainer = _make_trainer(cfg, out_dir)
-    trainer.fit(module, datamodule=datamodule)
-    if trainer.interrupted:
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(resolved)
+    coverage = next((c for c in trainer.callbacks if isinstance(c, CoverageSlices)), None)
+    gap_error: CoverageGapError | None = None  # raised at the very end, after everything is saved
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    except CoverageGapError as error:
+        gap_error = error
+    if trainer.interrupted and gap_error is None:
         raise KeyboardInterrupt
 
     report: dict[str, Any] = {"output_dir": str(out_dir)}
     datamodule.setup("test")
-    stats = evaluate_slices(module, datamodule.test_dataloader())
+    coverage_rows = None
+    if coverage is not None:  # the callback scores the test set per slice and writes coverage.*
+        try:
+            trainer.test(module, datamodule=datamodule, verbose=False)
+        except CoverageGapError as error:
+            gap_error = error
+        stats = stats_from_sums(coverage.last_sums)
+        coverage_rows = {r["slice"]: r for r in coverage.last_rows}
+        report["coverage"] = {"metric": coverage.metric, "config": coverage.config(),
+                              "gaps": [r["slice"] for r in coverage.last_rows if r["gap"]],
+                              "slices": coverage.last_rows}
+    else:
+        stats = evaluate_slices(module, datamodule.test_dataloader())
     baseline_stats = None
     if cfg.get("baseline") and teacher is not None:
         log.info("Training the same student without the teacher (baseline) for comparison")
@@ -138,7 +159,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         baseline_stats = evaluate_slices(base_module, datamodule.test_dataloader())
         report["baseline"] = {k: v.to_dict() for k, v in baseline_stats.items()}
 
-    table = format_slice_table(stats, baseline_stats)
+    table = format_slice_table(stats, baseline_stats, coverage_rows)
     report["slices"] = {k: v.to_dict() for k, v in stats.items()}
     report["seconds"] = round(time.perf_counter() - started, 1)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -151,15 +172,79 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "data": {"fingerprint": getattr(datamodule, "fingerprint", None)},
             "slices": report["slices"],
         }
+        card = _card(module, datamodule, trainer, stats, coverage, distillation_card)
         report["student_dir"] = str(export_student(module.student, out_dir / "student",
                                                    tokenizer=getattr(datamodule, "tokenizer", None),
-                                                   record=record))
+                                                   record=record, card=card))
+        _log_wandb_artifact(trainer, Path(report["student_dir"]), card)
     print(f"\nTest set, per slice (student vs teacher{', and vs no-teacher baseline' if baseline_stats else ''}):")
     print(table)
+    if coverage is not None:
+        gaps = report["coverage"]["gaps"]
+        print(f"Coverage gaps: {', '.join(gaps)} (see {out_dir / 'coverage.md'})" if gaps
+              else f"No coverage gap (see {out_dir / 'coverage.md'})")
     if "student_dir" in report:
         print(f"\nStudent saved to {report['student_dir']}")
     print(f"Finished in {report['seconds']} s; report in {out_dir / 'report.md'}")
+    _finish_wandb(trainer, failed=gap_error is not None)
+    if gap_error is not None:
+        raise gap_error
     return report
+
+
+def _card(module: Any, datamodule: Any, trainer: Any, stats: Mapping[str, Any], coverage: Any,
+          build: Any) -> dict[str, Any]:
+    """The distillation card of this run (see ``export.distillation_card``)."""
+    if coverage is not None:
+        slices = coverage.last_rows
+        cov = {"metric": coverage.metric, "stage": coverage.last_stage, "config": coverage.config(),
+               "thresholds": {k: coverage.config()[k] for k in ("min_retention", "min_relative_retention",
+                                                                "max_gap_to_best")},
+               "gaps": [r["slice"] for r in slices if r["gap"]]}
+    else:
+        slices = [{"slice": n, "tokens": s.tokens, "teacher_metric": s.teacher_perplexity,
+                   "student_metric": s.student_perplexity, "retention": s.retention, "gap": None}
+                  for n, s in stats.items()]
+        cov = None
+    schedules = {}
+    for cb in trainer.callbacks:
+        if cb is coverage or not type(cb).__module__.startswith("lightning_distill"):
+            continue
+        getter = getattr(cb, "config", None) or getattr(cb, "state_dict", None)
+        if callable(getter):
+            schedules[type(cb).__name__] = getter()
+    data = {"fingerprint": getattr(datamodule, "fingerprint", None),
+            "data_fingerprint": getattr(datamodule, "data_fingerprint", None),
+            "train_slices": getattr(datamodule, "train_slices", None)}
+    return build(student=module.student, teacher=module.teacher_identity, data=data, slices=slices,
+                 losses={n: t.config() for n, t in module.losses.items()}, schedule=schedules or None,
+                 coverage=cov, cache="live")
+
+
+def _wandb_loggers(trainer: Any) -> list[Any]:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+def _log_wandb_artifact(trainer: Any, student_dir: Path, card: dict[str, Any]) -> None:
+    """The exported student as a W&B ``model`` artifact whose metadata is the distillation card."""
+    loggers = _wandb_loggers(trainer)
+    if not loggers:
+        return
+    import wandb
+
+    for logger in loggers:
+        run = logger.experiment
+        artifact = wandb.Artifact(name=f"student-{run.id}", type="model", metadata=json.loads(
+            json.dumps(card, default=str)), description="distilled student; metadata: its distillation card")
+        artifact.add_dir(str(student_dir))
+        run.log_artifact(artifact)
+
+
+def _finish_wandb(trainer: Any, *, failed: bool) -> None:
+    for logger in _wandb_loggers(trainer):
+        logger.experiment.finish(exit_code=1 if failed else 0)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="distill")

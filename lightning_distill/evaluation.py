@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-__all__ = ["SliceStats", "evaluate_slices", "format_slice_table"]
+__all__ = ["SliceStats", "evaluate_slices", "format_slice_table", "stats_from_sums"]
 
 
 @dataclass
@@ -105,24 +105,43 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def stats_from_sums(sums: Mapping[str, Mapping[str, float | None]]) -> dict[str, SliceStats]:
+    """:class:`SliceStats` from per-slice sums such as ``CoverageSlices.last_sums``."""
+    return {name: SliceStats(samples=int(s.get("samples") or 0), tokens=int(s.get("tokens") or 0),
+                             student_nll=float(s.get("student_nll") or 0.0), teacher_nll=s.get("teacher_nll"),
+                             agreement=s.get("agreement"), kl=s.get("kl"))
+            for name, s in sums.items()}
+
+
 def format_slice_table(stats: Mapping[str, SliceStats],
-                       baseline: Mapping[str, SliceStats] | None = None) -> str:
+                       baseline: Mapping[str, SliceStats] | None = None,
+                       coverage: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     """A markdown table: per slice, teacher and student perplexity, retention, agreement, KL.
 
     With ``baseline`` (the same student trained without the teacher), two more columns show
     its perplexity and how much lower the distilled student's is (``gain`` > 1 is better).
+    With ``coverage`` (``{slice: row}`` rows of ``CoverageSlices``), a ``train tokens`` column
+    shows how much of each slice the student trained on, and a ``gap`` column marks coverage
+    gaps with ``GAP``.
     """
-    header = ["slice", "tokens", "teacher ppl", "student ppl", "retention", "top-1 agree", "KL(t||s)"]
+    header = ["slice"] + (["train tokens"] if coverage is not None else [])
+    header += ["tokens", "teacher ppl", "student ppl", "retention", "top-1 agree", "KL(t||s)"]
     if baseline is not None:
         header += ["no-teacher ppl", "gain"]
+    if coverage is not None:
+        header += ["gap"]
     rows = [header, ["---"] * len(header)]
     for name, s in stats.items():
-        row = [name, str(s.tokens), _fmt(s.teacher_perplexity, ".2f"), _fmt(s.student_perplexity, ".2f"),
-               _fmt(s.retention, ".3f"), _fmt(s.agreement_rate, ".3f"), _fmt(s.mean_kl, ".3f")]
+        cov = (coverage or {}).get(name) or {}
+        row = [name] + ([str(cov.get("train_tokens", "-"))] if coverage is not None else [])
+        row += [str(s.tokens), _fmt(s.teacher_perplexity, ".2f"), _fmt(s.student_perplexity, ".2f"),
+                _fmt(s.retention, ".3f"), _fmt(s.agreement_rate, ".3f"), _fmt(s.mean_kl, ".3f")]
         if baseline is not None:
             base = baseline.get(name)
             row += [_fmt(base.student_perplexity if base else None, ".2f"),
                     _fmt(base.student_perplexity / s.student_perplexity if base else None, ".3f")]
+        if coverage is not None:
+            row += ["GAP" if cov.get("gap") else ""]
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = []

@@ -14,10 +14,12 @@ from lightning_distill import __version__
 from lightning_distill.models.adapters import is_hf_model
 from lightning_distill.models.identity import describe_model
 
-__all__ = ["RECORD_NAME", "export_student", "versions"]
+__all__ = ["CARD_NAME", "RECORD_NAME", "card_markdown", "distillation_card", "export_student", "versions", "write_card"]
 
 #: File written beside the exported weights.
 RECORD_NAME = "distillation.json"
+#: The distillation card (governance summary), written beside the weights as JSON and Markdown.
+CARD_NAME = "distillation_card"
 
 
 def versions() -> dict[str, str]:
@@ -31,13 +33,16 @@ def versions() -> dict[str, str]:
 
 
 def export_student(student: nn.Module, directory: str | Path, *, tokenizer: Any = None,
-                   record: dict[str, Any] | None = None) -> Path:
+                   record: dict[str, Any] | None = None, card: dict[str, Any] | None = None) -> Path:
     """Save ``student`` (and ``tokenizer``) to ``directory`` with a ``distillation.json`` record.
 
     Hugging Face models are written with ``save_pretrained`` (safetensors), so
     ``AutoModelForCausalLM.from_pretrained(directory)`` loads them back; other modules are
     written as ``model.safetensors`` (load with ``safetensors.torch.load_model``). Nothing is
     pickled.
+
+    With ``card`` (see :func:`distillation_card`), also writes ``distillation_card.json`` and
+    ``distillation_card.md``.
 
     Returns:
         The directory.
@@ -59,4 +64,83 @@ def export_student(student: nn.Module, directory: str | Path, *, tokenizer: Any 
         **(record or {}),
     }
     (directory / RECORD_NAME).write_text(json.dumps(full_record, indent=2, default=str))
+    if card is not None:
+        write_card(directory, card)
     return directory
+
+
+def distillation_card(*, student: nn.Module, teacher: dict[str, Any] | None, data: dict[str, Any],
+                      slices: list[dict[str, Any]], losses: dict[str, Any], schedule: Any = None,
+                      coverage: dict[str, Any] | None = None, cache: str = "live") -> dict[str, Any]:
+    """The distillation card: the fixed record that makes a distilled model governable.
+
+    Args:
+        student: the distilled student (described by class, size and weight fingerprint).
+        teacher: the teacher's identity (``DistillationModule.teacher_identity``).
+        data: data identity, e.g. ``{"fingerprint": ..., "data_fingerprint": ..., "train_slices": ...}``.
+        slices: one row per slice: training coverage, teacher/student metric, retention, gap.
+        losses: ``{term: config}``.
+        schedule: schedule callbacks' configs (e.g. ``TemperatureSchedule``), or ``None``.
+        coverage: the coverage settings (metric, thresholds) and the gaps found.
+        cache: where teacher targets came from: ``"live"`` (the frozen teacher at every step).
+    """
+    return {
+        "card_version": 1,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "teacher": teacher,
+        "student": describe_model(student),
+        "data": {**data, "slices": slices},
+        "coverage": coverage,
+        "losses": losses,
+        "schedule": schedule,
+        "cache": cache,
+        "versions": versions(),
+    }
+
+
+def _cell(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if spec and isinstance(value, (int, float)) else str(value)
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    """A short human-readable version of a distillation card."""
+    teacher = card.get("teacher") or {}
+    student = card.get("student") or {}
+    data = card.get("data") or {}
+    coverage = card.get("coverage") or {}
+    lines = ["# Distillation card", "",
+             f"- created: {card.get('created')}",
+             f"- teacher: {teacher.get('name_or_path') or teacher.get('class')} "
+             f"({_cell(teacher.get('num_parameters'), ',')} parameters, weights sha256 "
+             f"`{_cell(teacher.get('weights_sha256'))[:16]}`)",
+             f"- student: {student.get('class')} ({_cell(student.get('num_parameters'), ',')} parameters, "
+             f"weights sha256 `{_cell(student.get('weights_sha256'))[:16]}`)",
+             f"- data: fingerprint `{data.get('fingerprint')}`, trained on slices "
+             f"{data.get('train_slices') or 'all'}",
+             "- losses: " + ", ".join(f"{n} ({', '.join(f'{k}={v}' for k, v in c.items())})"
+                                       for n, c in (card.get("losses") or {}).items()),
+             f"- schedule: {json.dumps(card.get('schedule')) if card.get('schedule') else 'none'}",
+             f"- teacher targets: {card.get('cache')}",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in (card.get("versions") or {}).items()),
+             "", "## Slices: coverage and retention", "",
+             "| slice | train tokens | teacher | student | retention | gap |", "|---|---|---|---|---|---|"]
+    for r in data.get("slices") or []:
+        lines.append(f"| {r.get('slice')} | {_cell(r.get('train_tokens'))} | {_cell(r.get('teacher_metric'), '.3f')} "
+                     f"| {_cell(r.get('student_metric'), '.3f')} | {_cell(r.get('retention'), '.3f')} "
+                     f"| {'GAP' if r.get('gap') else ''} |")
+    if coverage:
+        gaps = coverage.get("gaps") or []
+        lines += ["", f"Metric: {coverage.get('metric')}; thresholds: {coverage.get('thresholds')}. "
+                  + (f"**Coverage gaps: {', '.join(gaps)}.**" if gaps else "No coverage gap.")]
+    return "\n".join(lines) + "\n"
+
+
+def write_card(directory: str | Path, card: dict[str, Any]) -> Path:
+    """Write ``distillation_card.json`` and ``distillation_card.md`` into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{CARD_NAME}.json").write_text(json.dumps(card, indent=2, default=str))
+    (directory / f"{CARD_NAME}.md").write_text(card_markdown(card))
+    return directory / f"{CARD_NAME}.json"

@@ -1,0 +1,610 @@
+"""Per-slice student-vs-teacher evaluation with coverage-gap alarms: :class:`CoverageSlices`.
+
+A student copies the teacher's behaviour on the data it was distilled on, not the teacher's whole
+capability. This callback scores student and teacher on every slice of the held-out data at each
+validation and test, sets that next to how much of each slice the student trained on (its
+*coverage*), and raises an alarm for slices where the student kept up badly (*coverage gaps*).
+
+**Retention** is the student's task metric relative to the teacher's, oriented so that 1.0 means
+"as good as the teacher" and smaller is worse, for both metric kinds:
+
+* ``metric="perplexity"`` (language models): ``teacher_ppl / student_ppl``
+  ``= exp((teacher_nll - student_nll) / tokens)``; 0.5 means twice the teacher's perplexity.
+* ``metric="accuracy"`` (classifiers): ``student_acc / teacher_acc``; 0.5 means half the
+  teacher's accuracy.
+
+All sums (tokens, NLL, agreement, KL, correct predictions, training coverage) live in torchmetrics
+``Metric`` states reduced with ``sum``, so the numbers are the same on one rank and under DDP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torchmetrics import Metric
+
+__all__ = ["COVERAGE_FIELDS", "CoverageGapError", "CoverageSlices", "SliceSums", "coverage_rows",
+           "format_coverage_table", "plot_retention", "retention"]
+
+#: Per-slice sums kept for held-out evaluation (``evaluate_batch`` keys plus ``samples``).
+COVERAGE_FIELDS = ("samples", "tokens", "student_nll", "teacher_nll", "agreement", "kl", "correct",
+                   "teacher_correct")
+_TRAIN_FIELDS = ("samples", "tokens")
+_METRICS = ("perplexity", "accuracy")
+_ON_GAP = ("warn", "error")
+
+
+class CoverageGapError(RuntimeError):
+    """A slice's retention is below the configured threshold and ``on_gap="error"``."""
+
+
+class SliceSums(Metric):
+    """Per-slice sums of named quantities: one ``(num_slices,)`` float64 state per field.
+
+    States reduce with ``sum`` across processes, so :meth:`compute` returns the global sums.
+    """
+
+    full_state_update = False
+
+    def __init__(self, slices: Sequence[str], fields: Sequence[str]) -> None:
+        super().__init__()
+        self.slices = list(slices)
+        self.fields = list(fields)
+        self._index = {name: i for i, name in enumerate(self.slices)}
+        for field in self.fields:
+            self.add_state(field, default=torch.zeros(len(self.slices), dtype=torch.float64),
+                           dist_reduce_fx="sum")
+
+    def slice_index(self, names: Sequence[str], device: torch.device) -> Tensor:
+        unknown = sorted({str(n) for n in names} - self._index.keys())
+        if unknown:
+            raise ValueError(f"unknown slice(s) {unknown} in an evaluation batch; the known slices are "
+                             f"{self.slices}. Pass CoverageSlices(slices=[...]) with every slice name.")
+        return torch.tensor([self._index[str(n)] for n in names], dtype=torch.long, device=device)
+
+    def update(self, names: Sequence[str], values: Mapping[str, Tensor]) -> None:  # type: ignore[override]
+        device = getattr(self, self.fields[0]).device
+        index = self.slice_index(names, device)
+        for field in self.fields:
+            value = values.get(field)
+            if value is None:
+                continue
+            state = getattr(self, field)
+            state.index_add_(0, index, value.detach().to(device=device, dtype=torch.float64).reshape(-1))
+
+    def compute(self) -> dict[str, Tensor]:
+        return {field: getattr(self, field).clone() for field in self.fields}
+
+
+def retention(metric: str, *, tokens: float, student_nll: float | None = None,
+              teacher_nll: float | None = None, correct: float | None = None,
+              teacher_correct: float | None = None) -> float | None:
+    """Student relative to teacher, 1.0 = as good as the teacher (see the module docstring).
+
+    ``perplexity``: ``exp((teacher_nll - student_nll) / tokens)``; ``accuracy``:
+    ``correct / teacher_correct``. ``None`` when it is undefined (no tokens, no teacher, or a
+    teacher with accuracy 0).
+    """
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}.")
+    if tokens <= 0:
+        return None
+    if metric == "perplexity":
+        if teacher_nll is None or student_nll is None:
+            return None
+        return math.exp((teacher_nll - student_nll) / tokens)
+    if teacher_correct is None or correct is None or teacher_correct <= 0:
+        return None
+    return correct / teacher_correct
+
+
+def _opt_float(name: str, value: Any, *, low: float | None = None, high: float | None = None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number or None, got {value!r}.")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}.")
+    return float(value)
+
+
+class CoverageSlices(Callback):
+    """Evaluate student and teacher per data slice; report coverage, retention and gaps.
+
+    At the end of every validation (not the sanity check) and test, it writes ``coverage.json``,
+    ``coverage.md`` (a table) and ``coverage.png`` (retention per slice, gaps in red, thresholds as
+    lines) to ``dirpath``; logs ``coverage/<slice>/{retention,gap,student_metric,teacher_metric,
+    agreement,kl,train_tokens}`` and ``coverage/gaps`` (``test_coverage/...`` at test time)
+    through ``pl_module.log``; and, with a ``WandbLogger``, a ``wandb.Table`` plus a bar chart of
+    retention. Slices whose retention is below the thresholds are *coverage gaps*: a warning
+    names each one with its numbers, and with ``on_gap="error"`` a :class:`CoverageGapError`
+    is raised at the end of ``fit`` / ``test``, after the reports are written.
+
+    Training coverage: ``on_train_batch_end`` counts the valid label positions (``tokens``, the
+    count ``evaluate_batch`` uses) and samples of each slice the student trained on; the counts
+    are summed across ranks and kept in checkpoints, so a resumed run keeps them.
+
+    Args:
+        slices: every slice name, in report order. ``None``: ``trainer.datamodule.slices`` at
+            setup (with ``dataloader_names``: those names).
+        slice_key: the batch key holding each sample's slice name (a list of strings).
+        slice_fn: ``slice_fn(batch) -> list[str]`` instead of ``slice_key``.
+        dataloader_names: one slice name per eval dataloader (``dataloader_idx`` -> name): every
+            sample of dataloader *i* belongs to slice ``dataloader_names[i]``. Training batches
+            still use ``slice_fn`` / ``slice_key`` (uncounted if the key is missing).
+        metric: ``"perplexity"`` (language models) or ``"accuracy"`` (classifiers).
+        min_retention: a slice with retention below this is a gap (``None``: no absolute rule).
+            The default, 0.25, flags a slice where the student's perplexity is more than 4x the
+            teacher's (or its accuracy under a quarter of the teacher's).
+        min_relative_retention: a slice with retention below this fraction of the best slice's
+            retention is a gap (``None``: no relative rule).
+        max_gap_to_best: a slice with retention below ``best - max_gap_to_best`` is a gap.
+        on_gap: ``"warn"`` or ``"error"``.
+        dirpath: where reports go; default: ``trainer.default_root_dir``.
+        count_training: count training coverage per slice.
+
+    Raises:
+        ValueError: on a bad argument (the message names the value), on a slice name that is not
+            among the known ones, or when no slice names can be found.
+        CoverageGapError: at the end of fit or test with ``on_gap="error"`` and a gap.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[CoverageSlices(min_retention=0.25, on_gap="error")])
+        trainer.fit(module, datamodule)   # datamodule batches carry batch["slice"]
+    """
+
+    def __init__(
+        self,
+        slices: Sequence[str] | None = None,
+        slice_key: str = "slice",
+        slice_fn: Callable[[Any], Sequence[str]] | None = None,
+        dataloader_names: Sequence[str] | None = None,
+        metric: str = "perplexity",
+        min_retention: float | None = 0.25,
+        min_relative_retention: float | None = None,
+        max_gap_to_best: float | None = None,
+        on_gap: str = "warn",
+        dirpath: str | os.PathLike[str] | None = None,
+        count_training: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(slices, str):
+            slices = [slices]
+        if slices is not None:
+            slices = [str(s) for s in slices]
+            if not slices or len(set(slices)) != len(slices):
+                raise ValueError(f"slices must be a non-empty list of distinct names, got {slices!r}.")
+        if not isinstance(slice_key, str) or not slice_key:
+            raise ValueError(f"slice_key must be a non-empty string, got {slice_key!r}.")
+        if slice_fn is not None and not callable(slice_fn):
+            raise ValueError(f"slice_fn must be callable (batch -> list of slice names), got {slice_fn!r}.")
+        if dataloader_names is not None:
+            dataloader_names = [str(n) for n in dataloader_names]
+            if not dataloader_names:
+                raise ValueError("dataloader_names=[] names no dataloader; pass None or one name per "
+                                 "eval dataloader.")
+            if slices is not None and set(dataloader_names) - set(slices):
+                raise ValueError(f"dataloader_names {sorted(set(dataloader_names) - set(slices))} are not "
+                                 f"among slices={slices}.")
+        if metric not in _METRICS:
+            raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}.")
+        if on_gap not in _ON_GAP:
+            raise ValueError(f"on_gap must be one of {_ON_GAP}, got {on_gap!r}.")
+        if not isinstance(count_training, bool):
+            raise ValueError(f"count_training must be True or False, got {count_training!r}.")
+        self.slices = slices
+        self.slice_key = slice_key
+        self.slice_fn = slice_fn
+        self.dataloader_names = dataloader_names
+        self.metric = metric
+        self.min_retention = _opt_float("min_retention", min_retention, low=0.0)
+        self.min_relative_retention = _opt_float("min_relative_retention", min_relative_retention,
+                                                 low=0.0, high=1.0)
+        self.max_gap_to_best = _opt_float("max_gap_to_best", max_gap_to_best, low=0.0)
+        self.on_gap = on_gap
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.count_training = count_training
+        self._eval: SliceSums | None = None
+        self._train: SliceSums | None = None
+        self._restored_train: dict[str, dict[str, float]] = {}
+        #: The rows of the last evaluation (see :func:`coverage_rows`), and its stage and step.
+        self.last_rows: list[dict[str, Any]] = []
+        self.last_stage: str | None = None
+        self.last_step: int | None = None
+        #: Per-slice sums (``COVERAGE_FIELDS``) of the last evaluation, summed over ranks.
+        self.last_sums: dict[str, dict[str, float | None]] = {}
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ config / state
+    def config(self) -> dict[str, Any]:
+        """The settings, as plain values (for records and cards)."""
+        return {"slices": self.slices, "slice_key": self.slice_key,
+                "slice_fn": getattr(self.slice_fn, "__qualname__", None) if self.slice_fn else None,
+                "dataloader_names": self.dataloader_names, "metric": self.metric,
+                "min_retention": self.min_retention, "min_relative_retention": self.min_relative_retention,
+                "max_gap_to_best": self.max_gap_to_best, "on_gap": self.on_gap}
+
+    def train_coverage(self) -> dict[str, dict[str, float]]:
+        """Training samples and tokens seen per slice, summed over ranks (a collective under DDP)."""
+        names = self.slices or list(self._restored_train)
+        totals = {n: {f: float(self._restored_train.get(n, {}).get(f, 0.0)) for f in _TRAIN_FIELDS}
+                  for n in names}
+        if self._train is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sums = self._train.compute()
+            for i, n in enumerate(self._train.slices):
+                for f in _TRAIN_FIELDS:
+                    totals.setdefault(n, {g: 0.0 for g in _TRAIN_FIELDS})[f] += float(sums[f][i])
+        return totals
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_coverage": self.train_coverage(), "last_rows": self.last_rows,
+                "last_stage": self.last_stage, "last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_train = {str(k): {f: float(v.get(f, 0.0)) for f in _TRAIN_FIELDS}
+                                for k, v in dict(state_dict.get("train_coverage") or {}).items()}
+        self.last_rows = list(state_dict.get("last_rows") or [])
+        self.last_stage = state_dict.get("last_stage")
+        self.last_step = state_dict.get("last_step")
+        if self._train is not None:
+            self._train.reset()  # the restored totals already hold what was counted
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.slices is None:
+            if self.dataloader_names is not None:
+                self.slices = list(dict.fromkeys(self.dataloader_names))
+            else:
+                found = getattr(trainer.datamodule, "slices", None) if trainer.datamodule is not None else None
+                if not found:
+                    raise ValueError(
+                        "CoverageSlices needs the slice names up front (DDP-safe sums): pass "
+                        "slices=[...] or dataloader_names=[...], or use a datamodule with a .slices list."
+                    )
+                self.slices = [str(s) for s in found]
+        if not hasattr(pl_module, "evaluate_batch"):
+            raise ValueError(f"CoverageSlices needs a module with evaluate_batch(batch) (a "
+                             f"DistillationModule), got {type(pl_module).__name__}.")
+        if self._eval is None:
+            self._eval = SliceSums(self.slices, COVERAGE_FIELDS)
+        if self._train is None and self.count_training:
+            self._train = SliceSums(self.slices, _TRAIN_FIELDS)
+        self._eval.to(pl_module.device)
+        if self._train is not None:
+            self._train.to(pl_module.device)
+
+    # ------------------------------------------------------------------ slice names
+    def _names(self, batch: Any, dataloader_idx: int | None, n: int) -> list[str] | None:
+        if dataloader_idx is not None and self.dataloader_names is not None:
+            if dataloader_idx >= len(self.dataloader_names):
+                raise ValueError(f"eval dataloader {dataloader_idx} has no name; dataloader_names="
+                                 f"{self.dataloader_names} names only {len(self.dataloader_names)}.")
+            return [self.dataloader_names[dataloader_idx]] * n
+        if self.slice_fn is not None:
+            names = list(self.slice_fn(batch))
+        elif isinstance(batch, Mapping) and self.slice_key in batch:
+            names = list(batch[self.slice_key])
+        else:
+            return None
+        if len(names) != n:
+            raise ValueError(f"the batch has {n} samples but {len(names)} slice names.")
+        return [str(x) for x in names]
+
+    # ------------------------------------------------------------------ training coverage
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._train is None:
+            return
+        tokens = _valid_positions(pl_module, batch)
+        names = self._names(batch, None, tokens.shape[0])
+        if names is None:
+            return
+        self._train.update(names, {"samples": torch.ones_like(tokens), "tokens": tokens})
+
+    # ------------------------------------------------------------------ evaluation
+    def _start(self) -> None:
+        if self._eval is not None:
+            self._eval.reset()
+
+    def _batch(self, pl_module: L.LightningModule, batch: Any, dataloader_idx: int) -> None:
+        assert self._eval is not None
+        out = pl_module.evaluate_batch(batch)
+        n = out["tokens"].shape[0]
+        names = self._names(batch, dataloader_idx, n)
+        if names is None:
+            raise ValueError(f"an evaluation batch has no slice names: no {self.slice_key!r} key, no "
+                             "slice_fn and no dataloader_names; configure one of them.")
+        self._eval.update(names, {"samples": torch.ones_like(out["tokens"]), **out})
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start()
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start()
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self._batch(pl_module, batch, dataloader_idx)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch(pl_module, batch, dataloader_idx)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._finish(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer, pl_module, "test")
+
+    def compute_rows(self) -> list[dict[str, Any]]:
+        """Per-slice rows of the current evaluation (a collective under DDP)."""
+        assert self._eval is not None and self.slices is not None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sums = self._eval.compute()
+        has_teacher = bool(sums["teacher_nll"].abs().sum() > 0 or sums["teacher_correct"].sum() > 0)
+        per_slice = {name: {f: float(sums[f][i]) for f in COVERAGE_FIELDS} for i, name in enumerate(self.slices)}
+        if not has_teacher:
+            for entry in per_slice.values():
+                for f in ("teacher_nll", "agreement", "kl", "teacher_correct"):
+                    entry[f] = None
+        self.last_sums = per_slice
+        return coverage_rows(per_slice, self.train_coverage(), metric=self.metric,
+                             min_retention=self.min_retention,
+                             min_relative_retention=self.min_relative_retention,
+                             max_gap_to_best=self.max_gap_to_best)
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        rows = self.compute_rows()
+        self.last_rows, self.last_stage, self.last_step = rows, stage, trainer.global_step
+        prefix = "coverage" if stage == "val" else "test_coverage"
+        gaps = [r for r in rows if r["gap"]]
+        for r in rows:
+            if r["tokens"] <= 0:
+                continue
+            values = {"gap": float(r["gap"]), "train_tokens": r["train_tokens"]}
+            for key in ("retention", "student_metric", "teacher_metric", "agreement", "kl"):
+                if r[key] is not None:
+                    values[key] = r[key]
+            for key, value in values.items():
+                pl_module.log(f"{prefix}/{r['slice']}/{key}", float(value), on_step=False, on_epoch=True,
+                              rank_zero_only=True)
+        pl_module.log(f"{prefix}/gaps", float(len(gaps)), on_step=False, on_epoch=True, rank_zero_only=True)
+        record = {"stage": stage, "step": trainer.global_step, "metric": self.metric,
+                  "thresholds": {"min_retention": self.min_retention,
+                                 "min_relative_retention": self.min_relative_retention,
+                                 "max_gap_to_best": self.max_gap_to_best},
+                  "slices": rows, "gaps": [r["slice"] for r in gaps]}
+        self.history.append({"stage": stage, "step": trainer.global_step,
+                             "retention": {r["slice"]: r["retention"] for r in rows}})
+        if trainer.is_global_zero:
+            directory = self.dirpath or Path(trainer.default_root_dir)
+            self.write_reports(directory, record)
+            self._log_wandb(trainer, rows, stage)
+            for r in gaps:
+                rank_zero_warn(f"coverage gap on slice {r['slice']!r} ({stage}, step {trainer.global_step}): "
+                               f"{_describe(r, self.metric)}; {r['gap_reason']}. The distillation data "
+                               f"covered {int(r['train_tokens'])} training tokens of it.")
+
+    def write_reports(self, directory: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
+        """Write ``coverage.json``, ``coverage.md`` and ``coverage.png`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "coverage.json").write_text(json.dumps({**record, "history": self.history}, indent=2))
+        rows = record["slices"]
+        title = f"Coverage and retention per slice ({record['stage']}, step {record['step']})"
+        lines = [f"# {title}", "", format_coverage_table(rows, self.metric), "",
+                 _definition(self.metric), "", _rule_text(record["thresholds"]), ""]
+        gaps = record["gaps"]
+        lines.append(f"**Coverage gaps: {', '.join(gaps)}**" if gaps else "No coverage gap.")
+        lines += ["", "![retention per slice](coverage.png)", ""]
+        (directory / "coverage.md").write_text("\n".join(lines))
+        plot_retention(rows, directory / "coverage.png", title=title, thresholds=record["thresholds"])
+
+    def _log_wandb(self, trainer: L.Trainer, rows: list[dict[str, Any]], stage: str) -> None:
+        try:
+            from lightning.pytorch.loggers import WandbLogger
+        except ImportError:  # pragma: no cover
+            return
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers:
+            return
+        import wandb
+
+        columns = list(_TABLE_KEYS)
+        data = [[r[k] for k in columns] for r in rows]
+        for logger in loggers:
+            table = wandb.Table(columns=columns, data=data)
+            logger.experiment.log({
+                f"coverage/{stage}_table": table,
+                f"coverage/{stage}_retention": wandb.plot.bar(table, "slice", "retention",
+                                                              title=f"retention per slice ({stage})"),
+                "trainer/global_step": trainer.global_step,
+            })
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._raise_if_gaps("fit")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._raise_if_gaps("test")
+
+    def _raise_if_gaps(self, stage: str) -> None:
+        gaps = [r for r in self.last_rows if r["gap"]]
+        if self.on_gap == "error" and gaps:
+            details = "; ".join(f"{r['slice']}: {_describe(r, self.metric)}, {r['gap_reason']}" for r in gaps)
+            raise CoverageGapError(f"coverage gap(s) after {stage} on slice(s) "
+                                   f"{[r['slice'] for r in gaps]} — {details}. Reports are written; add "
+                                   "training data for these slices or lower the thresholds.")
+
+
+# ---------------------------------------------------------------------- helpers
+_TABLE_KEYS = ("slice", "samples", "tokens", "train_samples", "train_tokens", "teacher_metric",
+               "student_metric", "retention", "agreement", "kl", "gap")
+
+
+def _valid_positions(pl_module: Any, batch: Any) -> Tensor:
+    """Valid label positions per sample, as ``evaluate_batch`` counts them (same alignment)."""
+    inputs, labels = pl_module._split_batch(batch)
+    source = labels
+    if source is None and isinstance(inputs, Mapping):
+        source = inputs.get("input_ids")
+    if source is None:
+        raise ValueError("CoverageSlices cannot count training tokens: the batch has no labels or input_ids.")
+    fake_logits = torch.empty((*source.shape, 1), device="meta")
+    aligned = pl_module._aligned_labels(labels, inputs, fake_logits)
+    if aligned is None:  # pragma: no cover - source is not None above
+        return torch.ones(source.shape[0], dtype=torch.long, device=source.device)
+    return (aligned != pl_module.ignore_index).reshape(aligned.shape[0], -1).sum(-1)
+
+
+def coverage_rows(per_slice: Mapping[str, Mapping[str, float | None]],
+                  train: Mapping[str, Mapping[str, float]] | None = None, *, metric: str = "perplexity",
+                  min_retention: float | None = None, min_relative_retention: float | None = None,
+                  max_gap_to_best: float | None = None) -> list[dict[str, Any]]:
+    """From per-slice sums (``COVERAGE_FIELDS``) to table rows with retention and gap flags."""
+    rows = []
+    for name, s in per_slice.items():
+        tokens = float(s.get("tokens") or 0.0)
+        denom = max(tokens, 1.0)
+        teacher_nll, correct, teacher_correct = s.get("teacher_nll"), s.get("correct"), s.get("teacher_correct")
+        if metric == "perplexity":
+            student_metric = math.exp(s["student_nll"] / denom) if tokens > 0 else None
+            teacher_metric = math.exp(teacher_nll / denom) if tokens > 0 and teacher_nll is not None else None
+        else:
+            student_metric = correct / denom if tokens > 0 and correct is not None else None
+            teacher_metric = (teacher_correct / denom if tokens > 0 and teacher_correct is not None else None)
+        agreement, kl = s.get("agreement"), s.get("kl")
+        tr = (train or {}).get(name, {})
+        rows.append({
+            "slice": name, "samples": int(s.get("samples") or 0), "tokens": int(tokens),
+            "train_samples": int(tr.get("samples", 0)), "train_tokens": int(tr.get("tokens", 0)),
+            "teacher_metric": teacher_metric, "student_metric": student_metric,
+            "retention": retention(metric, tokens=tokens, student_nll=s.get("student_nll"), teacher_nll=teacher_nll,
+                                   correct=correct, teacher_correct=teacher_correct),
+            "agreement": agreement / denom if agreement is not None and tokens > 0 else None,
+            "kl": kl / denom if kl is not None and tokens > 0 else None,
+            "gap": False, "gap_reason": None,
+        })
+    scored = [r["retention"] for r in rows if r["retention"] is not None]
+    best = max(scored) if scored else None
+    for r in rows:
+        value = r["retention"]
+        if value is None:
+            continue
+        reasons = []
+        if min_retention is not None and value < min_retention:
+            reasons.append(f"retention {value:.3f} < min_retention {min_retention:g}")
+        if min_relative_retention is not None and best is not None and value < min_relative_retention * best:
+            reasons.append(f"retention {value:.3f} < {min_relative_retention:g} x best slice's {best:.3f}")
+        if max_gap_to_best is not None and best is not None and value < best - max_gap_to_best:
+            reasons.append(f"retention {value:.3f} < best {best:.3f} - max_gap_to_best {max_gap_to_best:g}")
+        if reasons:
+            r["gap"], r["gap_reason"] = True, "; ".join(reasons)
+    return rows
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _metric_label(metric: str) -> str:
+    return "ppl" if metric == "perplexity" else "acc"
+
+
+def _describe(row: Mapping[str, Any], metric: str) -> str:
+    label = _metric_label(metric)
+    return (f"retention {_fmt(row['retention'], '.3f')} (teacher {label} {_fmt(row['teacher_metric'], '.3f')}, "
+            f"student {label} {_fmt(row['student_metric'], '.3f')}, {row['tokens']} eval tokens)")
+
+
+def format_coverage_table(rows: Sequence[Mapping[str, Any]], metric: str = "perplexity") -> str:
+    """A markdown table: per slice, training coverage next to retention, and a GAP marker."""
+    label = _metric_label(metric)
+    spec = ".2f" if metric == "perplexity" else ".3f"
+    header = ["slice", "train tokens", "eval tokens", f"teacher {label}", f"student {label}", "retention",
+              "top-1 agree", "KL(t||s)", "gap"]
+    table = [header, ["---"] * len(header)]
+    for r in rows:
+        table.append([r["slice"], str(r["train_tokens"]), str(r["tokens"]), _fmt(r["teacher_metric"], spec),
+                      _fmt(r["student_metric"], spec), _fmt(r["retention"], ".3f"), _fmt(r["agreement"], ".3f"),
+                      _fmt(r["kl"], ".3f"), "GAP" if r["gap"] else ""])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join("| " + " | ".join(("-" * widths[i]) if row[i] == "---" else row[i].ljust(widths[i])
+                                       for i in range(len(header))) + " |" for row in table)
+
+
+def _definition(metric: str) -> str:
+    if metric == "perplexity":
+        return ("*Retention* = teacher perplexity / student perplexity (1.0: as good as the teacher; "
+                "0.5: twice the teacher's perplexity). *Train tokens*: label positions of the slice the "
+                "student trained on.")
+    return ("*Retention* = student accuracy / teacher accuracy (1.0: as good as the teacher). "
+            "*Train tokens*: labelled examples/positions of the slice the student trained on.")
+
+
+def _rule_text(thresholds: Mapping[str, float | None]) -> str:
+    rules = []
+    if thresholds.get("min_retention") is not None:
+        rules.append(f"retention < {thresholds['min_retention']:g}")
+    if thresholds.get("min_relative_retention") is not None:
+        rules.append(f"retention < {thresholds['min_relative_retention']:g} x the best slice's retention")
+    if thresholds.get("max_gap_to_best") is not None:
+        rules.append(f"retention < best - {thresholds['max_gap_to_best']:g}")
+    return "A slice is a coverage gap if " + (" or ".join(rules) if rules else "never (no threshold set)") + "."
+
+
+def plot_retention(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], *, title: str = "",
+                   thresholds: Mapping[str, float | None] | None = None) -> Path:
+    """A PNG bar chart of retention per slice (gaps in red) with the threshold lines."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    thresholds = thresholds or {}
+    names = [r["slice"] for r in rows]
+    values = [r["retention"] if r["retention"] is not None else 0.0 for r in rows]
+    colors = ["#d62728" if r["gap"] else "#2ca02c" for r in rows]
+    fig = Figure(figsize=(max(4.0, 1.2 * len(rows) + 2), 3.2), dpi=100)
+    ax = fig.subplots()
+    bars = ax.bar(names, values, color=colors)
+    for bar, r in zip(bars, rows, strict=True):
+        label = _fmt(r["retention"], ".3f") + (" GAP" if r["gap"] else "")
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=8)
+    scored = [r["retention"] for r in rows if r["retention"] is not None]
+    if thresholds.get("min_retention") is not None:
+        ax.axhline(thresholds["min_retention"], color="black", linestyle="--", linewidth=1,
+                   label=f"min_retention {thresholds['min_retention']:g}")
+    if scored and thresholds.get("min_relative_retention") is not None:
+        line = thresholds["min_relative_retention"] * max(scored)
+        ax.axhline(line, color="gray", linestyle=":", linewidth=1,
+                   label=f"{thresholds['min_relative_retention']:g} x best = {line:.3f}")
+    if scored and thresholds.get("max_gap_to_best") is not None:
+        line = max(scored) - thresholds["max_gap_to_best"]
+        ax.axhline(line, color="purple", linestyle="-.", linewidth=1, label=f"best - gap = {line:.3f}")
+    ax.set_ylabel("retention (1.0 = teacher)")
+    ax.set_ylim(0, max([1.05, *[v * 1.15 for v in values]]))
+    ax.set_title(title, fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png")
+    return path
