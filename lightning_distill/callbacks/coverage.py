@@ -397,8 +397,16 @@ class CoverageSlices(Callback):
             directory = self.dirpath or Path(trainer.default_root_dir)
             self.write_reports(directory, record)
             self._log_wandb(trainer, rows, stage)
-            for r in gaps:
-                rank_zero_warn(f"coverage gap on slice {r['slice']!r} ({stage}, step {trainer.global_step}): "
+        if stage != "val":
+            self._warn_gaps(stage, trainer.global_step)
+
+    def _warn_gaps(self, stage: str, step: int) -> None:
+        # Validations inside a fit are progress reports (every slice starts far from the teacher):
+        # they log the gap flag and rewrite the reports; the warning comes at the end of the fit
+        # (from the last validation) and after test.
+        for r in self.last_rows:
+            if r["gap"]:
+                rank_zero_warn(f"coverage gap on slice {r['slice']!r} ({stage}, step {step}): "
                                f"{_describe(r, self.metric)}; {r['gap_reason']}. The distillation data "
                                f"covered {int(r['train_tokens'])} training tokens of it.")
 
@@ -439,6 +447,8 @@ class CoverageSlices(Callback):
             })
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.last_stage == "val":
+            self._warn_gaps("end of fit, last validation", self.last_step)
         self._raise_if_gaps("fit")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

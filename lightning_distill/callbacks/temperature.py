@@ -327,6 +327,9 @@ class TemperatureSchedule(Callback):
             a temperature term without a ``temperature``, weights that make every term zero at
             some step, a schedule length shorter than its warm-up, two callbacks scheduling the
             same value.
+        TypeError: ``weights`` that is not a mapping, ``terms`` that is not a list of names, a
+            schedule that is neither a ``Schedule``, a mapping nor a number, or a module without
+            named loss terms (``losses``).
 
     Example:
         >>> from lightning_distill.callbacks import Schedule, TemperatureSchedule
