@@ -145,8 +145,8 @@ class CoverageSlices(Callback):
             still use ``slice_fn`` / ``slice_key`` (uncounted if the key is missing).
         metric: ``"perplexity"`` (language models) or ``"accuracy"`` (classifiers).
         min_retention: a slice with retention below this is a gap (``None``: no absolute rule).
-            The default, 0.25, flags a slice where the student's perplexity is more than 4x the
-            teacher's (or its accuracy under a quarter of the teacher's).
+            The default, 0.3, flags a slice where the student's perplexity is more than 3.3x the
+            teacher's (or its accuracy under 30% of the teacher's).
         min_relative_retention: a slice with retention below this fraction of the best slice's
             retention is a gap (``None``: no relative rule).
         max_gap_to_best: a slice with retention below ``best - max_gap_to_best`` is a gap.
@@ -161,7 +161,7 @@ class CoverageSlices(Callback):
 
     Example::
 
-        trainer = L.Trainer(callbacks=[CoverageSlices(min_retention=0.25, on_gap="error")])
+        trainer = L.Trainer(callbacks=[CoverageSlices(min_retention=0.3, on_gap="error")])
         trainer.fit(module, datamodule)   # datamodule batches carry batch["slice"]
     """
 
@@ -172,7 +172,7 @@ class CoverageSlices(Callback):
         slice_fn: Callable[[Any], Sequence[str]] | None = None,
         dataloader_names: Sequence[str] | None = None,
         metric: str = "perplexity",
-        min_retention: float | None = 0.25,
+        min_retention: float | None = 0.3,
         min_relative_retention: float | None = None,
         max_gap_to_best: float | None = None,
         on_gap: str = "warn",
