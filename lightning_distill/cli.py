@@ -80,6 +80,10 @@ def _make_trainer(cfg: DictConfig, out_dir: Path, *, comparison_only: bool = Fal
                                        default_root_dir=str(out_dir))
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
+    if logger is False:  # logger=none: a learning-rate monitor has nowhere to write
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
                                    default_root_dir=str(out_dir))
 

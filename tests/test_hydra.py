@@ -100,7 +100,9 @@ def test_callbacks_and_loggers_instantiate(callbacks, logger, tmp_path, monkeypa
     trainer = _make_trainer(cfg, tmp_path)
     names = {type(c).__name__ for c in trainer.callbacks}
     if callbacks == "default":
-        assert {"ModelCheckpoint", "LearningRateMonitor"} <= names
+        assert "ModelCheckpoint" in names
+        # The learning-rate monitor needs a logger; with logger=none it is dropped, not a crash.
+        assert ("LearningRateMonitor" in names) == (logger != "none")
     if logger == "none":
         assert trainer.logger is None
     else:

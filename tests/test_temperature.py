@@ -539,7 +539,7 @@ def test_temperature_configs_keep_default_callbacks_and_validate(name, tmp_path)
     first, last = cb.values_at(0), cb.values_at(cfg.trainer.max_steps - 1)
     shape = name.removeprefix("temperature_")
     if shape == "constant":
-        assert first["temperature"] == last["temperature"] == 2.0
+        assert first["temperature"] == last["temperature"] == 1.0
     else:
         assert first["temperature"] == 4.0 and last["temperature"] == 1.0
     if shape == "warmup_cosine":
