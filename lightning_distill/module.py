@@ -8,6 +8,7 @@ The one path a batch takes::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import re
@@ -321,9 +322,13 @@ class DistillationModule(L.LightningModule):
             kd_logits, teacher_logits = self._match_vocab(student_logits, teacher.logits)
             teacher = TeacherTargets(logits=teacher_logits, hidden_states=teacher.hidden_states,
                                      extras=teacher.extras)
-        loss_inputs = LossInputs(student_logits=kd_logits, labels=labels, teacher=teacher,
+        # Terms that compare with the teacher see the shared vocabulary; the others (task loss) the
+        # student's full output.
+        full_inputs = LossInputs(student_logits=student_logits, labels=labels, teacher=teacher,
                                  ignore_index=self.ignore_index, student_output=student_output, batch=batch)
-        self._check_first_batch(loss_inputs)  # the first batch of any stage (sanity checks run val first)
+        loss_inputs = (full_inputs if kd_logits is student_logits
+                       else dataclasses.replace(full_inputs, student_logits=kd_logits))
+        self._check_first_batch(full_inputs)  # the first batch of any stage (sanity checks run val first)
 
         sums: dict[str, Tensor] = {}
         for name, term in active.items():
@@ -332,12 +337,7 @@ class DistillationModule(L.LightningModule):
                     f"loss term {name!r} ({type(term).__name__}) needs teacher targets but there is no "
                     "teacher; pass teacher=... or put 'teacher_targets' in the batch (teacher cache)."
                 )
-            term_inputs = loss_inputs
-            if isinstance(term, TaskLoss) and kd_logits is not student_logits:
-                term_inputs = LossInputs(student_logits=student_logits, labels=labels, teacher=teacher,
-                                         ignore_index=self.ignore_index, student_output=student_output,
-                                         batch=batch)
-            sums[name] = term(term_inputs)
+            sums[name] = term(loss_inputs if term.requires_teacher else full_inputs)
         if labels is None:
             count = torch.tensor(student_logits[..., 0].numel(), device=student_logits.device)
         else:

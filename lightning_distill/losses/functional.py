@@ -240,6 +240,15 @@ def _closed_form_chunk(
     return rows.sum()
 
 
+def _chunks(n_rows: int, chunk: int, student: Tensor, teacher: Tensor | None, labels: Tensor | None,
+            mask: Tensor | None):
+    """Yield ``(start, end, student, teacher, labels, mask)`` row slices of one chunk each."""
+    for start in range(0, n_rows, chunk):
+        end = start + chunk
+        yield (start, end, student[start:end], None if teacher is None else teacher[start:end],
+               None if labels is None else labels[start:end], None if mask is None else mask[start:end])
+
+
 class _ChunkedSum(torch.autograd.Function):
     """Sum of ``row_fn`` over all rows, with the student gradient made chunk by chunk.
 
@@ -254,27 +263,13 @@ class _ChunkedSum(torch.autograd.Function):
         grad = torch.empty_like(student)
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         closed_form = _CLOSED_FORM.get(row_fn)
-        for start in range(0, student.shape[0], chunk):
-            end = start + chunk
+        for start, end, s, t, lab, m in _chunks(student.shape[0], chunk, student, teacher, labels, mask):
             if closed_form is not None:
-                total += _closed_form_chunk(
-                    closed_form, student[start:end],
-                    None if teacher is None else teacher[start:end],
-                    None if labels is None else labels[start:end],
-                    None if mask is None else mask[start:end],
-                    temperature, grad[start:end],
-                )
+                total += _closed_form_chunk(closed_form, s, t, lab, m, temperature, grad[start:end])
                 continue
-            piece = student[start:end].detach().requires_grad_(True)
+            piece = s.detach().requires_grad_(True)
             with torch.enable_grad():
-                chunk_sum = _rows_for_chunk(
-                    row_fn,
-                    piece,
-                    None if teacher is None else teacher[start:end],
-                    None if labels is None else labels[start:end],
-                    None if mask is None else mask[start:end],
-                    temperature,
-                ).sum()
+                chunk_sum = _rows_for_chunk(row_fn, piece, t, lab, m, temperature).sum()
                 (piece_grad,) = torch.autograd.grad(chunk_sum, piece)
             grad[start:end].copy_(piece_grad)
             total += chunk_sum.detach()
@@ -349,17 +344,8 @@ def _reduce(
     chunk = _chunk_rows(n_rows, vocab, chunk_size)
 
     if reduction == "none":
-        pieces = [
-            _rows_for_chunk(
-                row_fn,
-                student[s : s + chunk],
-                None if teacher is None else teacher[s : s + chunk],
-                None if flat_labels is None else flat_labels[s : s + chunk],
-                None if mask is None else mask[s : s + chunk],
-                temperature,
-            )
-            for s in range(0, n_rows, chunk)
-        ]
+        pieces = [_rows_for_chunk(row_fn, s, t, lab, m, temperature)
+                  for _, _, s, t, lab, m in _chunks(n_rows, chunk, student, teacher, flat_labels, mask)]
         rows = torch.cat(pieces) if pieces else student.new_zeros(0, dtype=torch.float32)
         return rows.reshape(lead_shape)
 
@@ -367,15 +353,8 @@ def _reduce(
         total = _ChunkedSum.apply(student, teacher, flat_labels, mask, row_fn, temperature, chunk)
     else:
         total = torch.zeros((), dtype=torch.float32, device=student.device)
-        for s in range(0, n_rows, chunk):
-            total = total + _rows_for_chunk(
-                row_fn,
-                student[s : s + chunk],
-                None if teacher is None else teacher[s : s + chunk],
-                None if flat_labels is None else flat_labels[s : s + chunk],
-                None if mask is None else mask[s : s + chunk],
-                temperature,
-            ).sum()
+        for _, _, s, t, lab, m in _chunks(n_rows, chunk, student, teacher, flat_labels, mask):
+            total = total + _rows_for_chunk(row_fn, s, t, lab, m, temperature).sum()
     if mask is None:
         count = torch.tensor(n_rows, device=student.device)
     else:
