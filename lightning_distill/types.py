@@ -3,29 +3,88 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
-__all__ = ["LossInputs", "TeacherTargets"]
+__all__ = ["LossInputs", "SparseTargets", "TeacherTargets"]
+
+
+@dataclass
+class SparseTargets:
+    """The teacher's distribution known on a few token ids per position (from a cache).
+
+    Two kinds, as the teacher cache writes them:
+
+    * ``"topk"``: the ``K`` most likely ids with their log-probabilities, plus the log of the
+      mass outside them (``tail_logprob``), so the full distribution collapses exactly onto
+      ``K + 1`` outcomes (the ids and one "rest" bucket) at temperature 1;
+    * ``"sampled"`` (Sparse Logit Sampling): ``num_samples`` draws with replacement from the
+      teacher's distribution at ``sample_temperature``; ``counts / num_samples`` is an unbiased
+      estimate of the teacher's probabilities of the drawn ids.
+
+    Rows hold different numbers of entries; the padding entries have ``ids == -1``.
+
+    Attributes:
+        kind: ``"topk"`` or ``"sampled"``.
+        ids: ``(..., K)`` int64 token ids, ``-1`` at padding.
+        logprobs: ``(..., K)`` float32 teacher log-probabilities of ``ids`` at temperature 1
+            (any value at padding). ``None`` for sampled targets stored without them (exact only
+            at ``sample_temperature``).
+        vocab_size: the teacher's vocabulary size ``V``.
+        tail_logprob: ``topk`` only: ``(...)`` float32 log of the teacher's probability mass
+            outside ``ids`` at temperature 1 (``-inf`` when the ids hold all of it); ``None``
+            renormalises the top-k entries (no tail signal).
+        counts: ``sampled`` only: ``(..., K)`` draws per id (0 at padding).
+        num_samples: ``sampled`` only: draws per position ``N``.
+        sample_temperature: ``sampled`` only: temperature of the distribution the draws came from.
+    """
+
+    kind: Literal["topk", "sampled"]
+    ids: Tensor
+    logprobs: Tensor | None
+    vocab_size: int
+    tail_logprob: Tensor | None = None
+    counts: Tensor | None = None
+    num_samples: int | None = None
+    sample_temperature: float = 1.0
+
+    @property
+    def valid(self) -> Tensor:
+        """``(..., K)`` bool: which entries are real (not padding)."""
+        return self.ids >= 0
 
 
 @dataclass
 class TeacherTargets:
     """What the teacher says about a batch, whoever computed it.
 
-    A live teacher fills ``logits`` with its dense output; a cache may fill the same fields
-    from disk. Loss terms read this value and never ask where it came from.
+    A live teacher fills ``logits`` with its dense output; a cache fills ``logits`` (dense
+    kind) or ``sparse`` (top-k or sampled kinds) from disk. Loss terms read this value and
+    never ask where it came from.
 
     Attributes:
         logits: dense teacher logits, shape ``(..., V)``, aligned with the student's logits.
+        sparse: the teacher's distribution on a few ids per position (cached top-k or samples).
+        label_logprobs: ``(...)`` the teacher's log-probability of each position's label
+            (teacher perplexity without dense logits); ``None`` when ``logits`` give it.
+        top1: ``(...)`` the teacher's most likely id per position; ``None`` when ``logits``
+            (or top-k ``sparse`` ids) give it.
         hidden_states: optional per-layer hidden states, for feature losses.
         extras: anything else a target source wants to hand to the loss terms.
     """
 
     logits: Tensor | None = None
+    sparse: SparseTargets | None = None
+    label_logprobs: Tensor | None = None
+    top1: Tensor | None = None
     hidden_states: tuple[Tensor, ...] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_distribution(self) -> bool:
+        """Whether these targets say something about the teacher's output distribution."""
+        return self.logits is not None or self.sparse is not None
 
 
 @dataclass

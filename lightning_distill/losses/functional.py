@@ -21,27 +21,48 @@ chunk's gradient right away, and keep only that gradient (the size of the studen
 which backward needs anyway). Peak working memory for forward + backward is about 1.1x the
 student-logits gradient, where a plain ``F.kl_div(log_softmax(s), log_softmax(t))`` takes about
 5x (V=32000, 8192 positions; see ``benchmarks/kd_loss_memory.py``).
+
+Sparse teacher targets. A teacher cache may keep only a few ids per position
+(:class:`~lightning_distill.types.SparseTargets`: top-k with the tail's mass, or sampled ids with
+counts). The ``sparse_*`` divergences take those in place of teacher logits, with the same
+keywords: they compare the two distributions coarse-grained onto the K ids plus one "rest"
+bucket (:func:`sparse_target_logprobs` gives the teacher's side and documents each kind's
+estimate). :func:`sparse_divergence` looks them up by the dense name.
+:func:`fused_forward_kl_and_ce` computes forward KL and cross-entropy in one pass over the
+student's logits (dense or sparse teacher).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
+from lightning_distill.types import SparseTargets
+
 __all__ = [
     "DIVERGENCES",
+    "SPARSE_DIVERGENCES",
     "cross_entropy",
     "divergence",
     "forward_kl",
+    "fused_forward_kl_and_ce",
     "generalized_jsd",
     "logit_mse",
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "sparse_divergence",
+    "sparse_forward_kl",
+    "sparse_generalized_jsd",
+    "sparse_reverse_kl",
+    "sparse_skew_forward_kl",
+    "sparse_skew_reverse_kl",
+    "sparse_target_logprobs",
+    "sparse_tvd",
     "top1_agreement",
     "tvd",
 ]
@@ -199,13 +220,16 @@ def _rows_for_chunk(
     temperature: float,
 ) -> Tensor:
     zs = student.float() / temperature
-    zt = None if teacher is None else teacher.detach().float() / temperature
+    if teacher is None or isinstance(teacher, _CoarseTeacher):
+        zt = teacher  # sparse targets come at the temperature already, masked rows neutral
+    else:
+        zt = teacher.detach().float() / temperature
     if mask is not None:
         # Neutral finite logits at masked rows, so that a non-finite row there (a cache's -inf
         # padding, a NaN from a fully masked attention row) cannot back-propagate 0 * inf = NaN.
         masked = ~mask.unsqueeze(-1)
         zs = zs.masked_fill(masked, 0.0)
-        zt = None if zt is None else zt.masked_fill(masked, 0.0)
+        zt = zt.masked_fill(masked, 0.0) if isinstance(zt, Tensor) else zt
     rows = row_fn(zs, zt, labels)
     if mask is not None:
         rows = torch.where(mask, rows, torch.zeros_like(rows))
@@ -224,10 +248,13 @@ def _closed_form_chunk(
     """Value of one chunk; writes d value / d zs into ``grad_out`` (zs = student / T: the
     caller owes the gradient a factor 1 / T, which backward folds into its one scaling pass)."""
     zs = student.detach().float()
-    zt = None if teacher is None else teacher.detach().float()
+    if teacher is None or isinstance(teacher, _CoarseTeacher):
+        zt = teacher  # sparse targets come at the temperature already
+    else:
+        zt = teacher.detach().float()
     if temperature != 1.0:
         zs = zs / temperature
-        zt = None if zt is None else zt / temperature
+        zt = zt / temperature if isinstance(zt, Tensor) else zt
     direct = grad_out.dtype == torch.float32 and grad_out.is_contiguous()
     buf = grad_out if direct else torch.empty(zs.shape, dtype=torch.float32, device=zs.device)
     rows = grad_fn(zs, zt, labels, buf)
@@ -240,12 +267,20 @@ def _closed_form_chunk(
     return rows.sum()
 
 
-def _chunks(n_rows: int, chunk: int, student: Tensor, teacher: Tensor | None, labels: Tensor | None,
-            mask: Tensor | None):
-    """Yield ``(start, end, student, teacher, labels, mask)`` row slices of one chunk each."""
+def _chunks(n_rows: int, chunk: int, student: Tensor, teacher: Tensor | _CoarseTeacher | None,
+            labels: Tensor | None, mask: Tensor | None):
+    """Yield ``(start, end, student, teacher, labels, mask)`` row slices of one chunk each.
+
+    ``teacher`` is dense logits ``(N, V)`` or sparse targets (:class:`_CoarseTeacher`, whose
+    tensors are sliced together).
+    """
     for start in range(0, n_rows, chunk):
         end = start + chunk
-        yield (start, end, student[start:end], None if teacher is None else teacher[start:end],
+        if teacher is None or isinstance(teacher, Tensor):
+            t = None if teacher is None else teacher[start:end]
+        else:
+            t = teacher.rows(start, end)
+        yield (start, end, student[start:end], t,
                None if labels is None else labels[start:end], None if mask is None else mask[start:end])
 
 
@@ -262,7 +297,8 @@ class _ChunkedSum(torch.autograd.Function):
     def forward(ctx, student, teacher, labels, mask, row_fn, temperature, chunk):  # type: ignore[override]
         grad = torch.empty_like(student)
         total = torch.zeros((), dtype=torch.float32, device=student.device)
-        closed_form = _CLOSED_FORM.get(row_fn)
+        # A row function may carry its own closed form (the sparse divergences do).
+        closed_form = getattr(row_fn, "closed_form", None) or _CLOSED_FORM.get(row_fn)
         for start, end, s, t, lab, m in _chunks(student.shape[0], chunk, student, teacher, labels, mask):
             if closed_form is not None:
                 total += _closed_form_chunk(closed_form, s, t, lab, m, temperature, grad[start:end])
@@ -333,11 +369,29 @@ def _reduce(
     chunk_size: int | None,
 ):
     _check_inputs(student_logits, teacher_logits, labels, temperature, reduction)
-    temperature = float(temperature)
+    vocab = student_logits.shape[-1]
+    teacher = None if teacher_logits is None else teacher_logits.reshape(-1, vocab)
+    return _reduce_rows(
+        row_fn, student_logits, teacher, temperature=float(temperature), labels=labels,
+        ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+    )
+
+
+def _reduce_rows(
+    row_fn: RowFn,
+    student_logits: Tensor,
+    teacher: Tensor | _CoarseTeacher | None,
+    *,
+    temperature: float,
+    labels: Tensor | None,
+    ignore_index: int,
+    reduction: Reduction,
+    chunk_size: int | None,
+):
+    """:func:`_reduce` once the inputs are checked; ``teacher`` already has one row per position."""
     vocab = student_logits.shape[-1]
     lead_shape = student_logits.shape[:-1]
     student = student_logits.reshape(-1, vocab)
-    teacher = None if teacher_logits is None else teacher_logits.reshape(-1, vocab)
     flat_labels = None if labels is None else labels.reshape(-1)
     mask = None if flat_labels is None else flat_labels != ignore_index
     n_rows = student.shape[0]
@@ -603,3 +657,762 @@ def divergence(name: str) -> Callable[..., object]:
         raise ValueError(
             f"unknown divergence {name!r}; choose one of {sorted(DIVERGENCES)}."
         ) from None
+
+
+# ============================================================================================
+# Sparse teacher targets (top-k and sampled caches).
+#
+# A cache that stores the teacher's distribution on a few ids per position (SparseTargets)
+# defines, per position, a coarse distribution over K + 1 outcomes: the K ids and one "rest"
+# bucket holding everything else. The student's softmax is coarse-grained onto the same
+# outcomes (q at the ids, q_rest = the mass of all other ids), and the sparse divergences apply
+# the dense row formulas above to these (K + 1)-dim log-probability vectors. So:
+#
+# * top-k with K = V (tail -inf): every sparse divergence equals its dense counterpart;
+# * top-k with K < V: the divergence between the two coarse-grained distributions, a lower
+#   bound of the dense one (data-processing inequality), exact at the ids;
+# * sampled (Sparse Logit Sampling): the teacher side is an estimate from the draws (see
+#   sparse_target_logprobs); sparse_forward_kl's gradient is unbiased at T = sample_temperature.
+# ============================================================================================
+
+#: log 0 in the coarse distributions: finite, so that autograd never meets inf - inf, and
+#: exp(_NEG) == 0 in float32. Padding entries hold it on both sides.
+_NEG = -1e4
+
+
+class _CoarseTeacher(NamedTuple):
+    """Sparse targets at the loss temperature, one row per position (internal).
+
+    Attributes:
+        ids: ``(n, K)`` int64, padding replaced by a real id of the row (0 in an empty row), so
+            that ``gather`` and ``scatter_add`` with zero contributions at padding are safe.
+        valid: ``(n, K)`` bool, the real entries.
+        log_p: ``(n, K)`` the teacher's coarse log-probabilities of the ids (``_NEG``: none).
+        log_p_rest: ``(n,)`` the rest bucket's (``_NEG``: none).
+        kl_offset: ``(n,)`` or ``None``: added to forward-KL rows (sampled targets: replaces the
+            plug-in teacher entropy by the teacher's own log-probabilities, see
+            :func:`sparse_forward_kl`).
+    """
+
+    ids: Tensor
+    valid: Tensor
+    log_p: Tensor
+    log_p_rest: Tensor
+    kl_offset: Tensor | None = None
+
+    def rows(self, start: int, end: int) -> _CoarseTeacher:
+        return _CoarseTeacher(*(None if x is None else x[start:end] for x in self))
+
+    def coarse(self) -> Tensor:
+        """``(n, K + 1)`` log-probabilities: the ids, then the rest bucket."""
+        return torch.cat([self.log_p, self.log_p_rest.unsqueeze(-1)], -1)
+
+
+def _set_penalty(valid: Tensor) -> Tensor:
+    """``(n, K)``: ``_NEG`` at real entries, 0 at padding. ``scatter_add``-ed onto log q it pushes
+    the set's ids below any real log-probability and leaves padding (and empty rows) alone,
+    whatever ids the padding points at."""
+    return torch.where(valid, _NEG, 0.0)
+
+
+def _coarse_student(zs: Tensor, teacher: _CoarseTeacher) -> Tensor:
+    """``(n, K + 1)``: the student's log-probabilities at the ids and of the rest bucket.
+
+    log q_rest = log sum_{m not in ids} q_m is a logsumexp over the row with the ids pushed
+    down by ``_NEG``: stable however little mass the rest holds (never below ~``_NEG``).
+    Differentiable; the chunked engine uses :func:`_rest_shares_into` instead.
+    """
+    log_q = zs.log_softmax(-1)
+    log_q_ids = log_q.gather(-1, teacher.ids).masked_fill(~teacher.valid, _NEG)
+    off_set = log_q.scatter_add(-1, teacher.ids, _set_penalty(teacher.valid))
+    return torch.cat([log_q_ids, torch.logsumexp(off_set, -1, keepdim=True)], -1)
+
+
+def _rest_shares_into(log_q: Tensor, teacher: _CoarseTeacher, out: Tensor) -> tuple[Tensor, Tensor]:
+    """The student's coarse log-probabilities, and each id's share of the rest bucket in ``out``.
+
+    Takes ``log_q = log_softmax(zs)`` (n, V) and modifies it in place. Writes
+    ``out = exp(log q_off - max)`` where ``log q_off`` is log q with the ids pushed down by
+    ``_NEG``, and returns ``(coarse log q (n, K + 1), norm (n, 1))`` with
+    ``w = out / norm = softmax(log q_off)``: ``w_m = q_m / q_rest`` off the ids, ``~0`` on them.
+    Same values as :func:`_coarse_student` (up to rounding), one (n, V) temporary fewer.
+    """
+    log_q_ids = log_q.gather(-1, teacher.ids).masked_fill_(~teacher.valid, _NEG)
+    log_q.scatter_add_(-1, teacher.ids, _set_penalty(teacher.valid))
+    top = log_q.amax(-1, keepdim=True)
+    torch.sub(log_q, top, out=out).exp_()
+    norm = out.sum(-1, keepdim=True)
+    return torch.cat([log_q_ids, top + norm.log()], -1), norm
+
+
+def _student_grad_from_coarse(out: Tensor, norm: Tensor, coarse_log_q: Tensor, g: Tensor,
+                              teacher: _CoarseTeacher) -> None:
+    """Chain rule from the coarse student to the (scaled) logits, written into ``out``.
+
+    ``g = d rows / d(coarse log q)``, (n, K + 1); ``out`` and ``norm`` come from
+    :func:`_rest_shares_into`. With x_k = log q_k (k in the set S), x_rest = log q_rest:
+
+        d x_k / dz_j = [j = k] - q_j,     d x_rest / dz_j = w_j - q_j,     w = softmax(log q_off)
+
+    so  d rows / dz_j = [j in S] g_j + w_j g_rest - q_j G,  G = sum_k g_k + g_rest.  Off the set
+    q_j = w_j q_rest; on it w_j q_rest = q_j exp(_NEG) = 0. Hence, one pass over ``out``:
+
+        d rows / dz_j = w_j (g_rest - q_rest G) + [j in S] (g_j - q_j G).
+
+    Padding entries are constants (``_NEG``): their ``g`` is dropped. When the student has no
+    mass off the set (q_rest ~ 0), w sits on the set and x_rest's gradient vanishes: finite.
+    """
+    g_ids = g[:, :-1].masked_fill(~teacher.valid, 0.0)
+    g_rest = g[:, -1:]
+    total = g_ids.sum(-1, keepdim=True) + g_rest
+    q_rest = coarse_log_q[:, -1:].exp()
+    out.mul_((g_rest - q_rest * total) / norm)
+    out.scatter_add_(-1, teacher.ids, g_ids - coarse_log_q[:, :-1].exp() * total)
+
+
+class _SparseRows:
+    """A dense row formula applied to the coarse (K + 1)-outcome distributions of sparse targets.
+
+    Called as a row function ``(zs, teacher, labels) -> rows`` it builds the student's coarse
+    log-probabilities with autograd (``reduction="none"`` and no-grad paths). ``closed_form`` is
+    what the chunked engine calls when the student needs a gradient: it differentiates the
+    formula only on the small (n, K + 1) coarse vectors (in closed form for forward KL:
+    d/dx_k sum_k p_k (log p_k - x_k) = -p_k) and maps that to the logits with
+    :func:`_student_grad_from_coarse`, never building an (n, V) graph.
+    """
+
+    def __init__(self, dense_rows: RowFn, *, forward_kl: bool = False) -> None:
+        self.dense_rows = dense_rows
+        self.forward_kl = forward_kl
+
+    def rows_from_coarse(self, coarse_log_q: Tensor, teacher: _CoarseTeacher,
+                         labels: Tensor | None) -> Tensor:
+        """The formula on the student's coarse log-probabilities ``(n, K + 1)``."""
+        rows = self.dense_rows(coarse_log_q, teacher.coarse(), labels)
+        if self.forward_kl and teacher.kl_offset is not None:
+            rows = rows + teacher.kl_offset
+        return rows
+
+    def __call__(self, zs: Tensor, teacher: _CoarseTeacher, labels: Tensor | None) -> Tensor:
+        return self.rows_from_coarse(_coarse_student(zs, teacher), teacher, labels)
+
+    def closed_form(self, zs: Tensor, teacher: _CoarseTeacher, labels: Tensor | None,
+                    out: Tensor) -> Tensor:
+        coarse_q, norm = _rest_shares_into(zs.log_softmax(-1), teacher, out)
+        if self.forward_kl:
+            rows = self.rows_from_coarse(coarse_q, teacher, labels)
+            g = teacher.coarse().softmax(-1).neg_()
+        else:
+            leaf = coarse_q.requires_grad_(True)
+            with torch.enable_grad():
+                rows = self.rows_from_coarse(leaf, teacher, labels)
+                (g,) = torch.autograd.grad(rows.sum(), leaf)
+            rows, coarse_q = rows.detach(), coarse_q.detach()
+        _student_grad_from_coarse(out, norm, coarse_q, g, teacher)
+        return rows
+
+
+# --------------------------------------------------------------------------------------------
+# The teacher's coarse distribution.
+# --------------------------------------------------------------------------------------------
+_SPARSE_KINDS = ("topk", "sampled")
+
+
+def _check_temperature(temperature: float) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}.")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}.")
+    return float(temperature)
+
+
+def _check_sparse_targets(targets: SparseTargets) -> None:
+    """Structure of the targets on their own (no device sync)."""
+    if not isinstance(targets, SparseTargets):
+        raise TypeError(f"targets must be SparseTargets, got {type(targets).__name__}.")
+    if targets.kind not in _SPARSE_KINDS:
+        raise ValueError(
+            f"SparseTargets.kind must be one of {_SPARSE_KINDS}, got {targets.kind!r}."
+        )
+    ids = targets.ids
+    if not isinstance(ids, Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"SparseTargets.ids must be a tensor of integer token ids, got "
+                        f"{getattr(ids, 'dtype', type(ids).__name__)}.")
+    if ids.dim() < 1 or ids.shape[-1] < 1:
+        raise ValueError(
+            f"SparseTargets.ids must have shape (..., K) with K >= 1, got {tuple(ids.shape)}."
+        )
+    missing_ok = targets.kind == "sampled" and targets.logprobs is None  # a cache without them
+    if not missing_ok and (not isinstance(targets.logprobs, Tensor) or targets.logprobs.shape != ids.shape):
+        raise ValueError(
+            f"SparseTargets.logprobs must have the shape of ids {tuple(ids.shape)}, got "
+            f"{tuple(getattr(targets.logprobs, 'shape', ()))}."
+        )
+    vocab = targets.vocab_size
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise ValueError(f"SparseTargets.vocab_size must be a positive int, got {vocab!r}.")
+    if targets.kind == "topk":
+        tail = targets.tail_logprob
+        if tail is not None and tail.shape != ids.shape[:-1]:
+            raise ValueError(f"SparseTargets.tail_logprob must have one value per position "
+                             f"{tuple(ids.shape[:-1])}, got {tuple(tail.shape)}.")
+        return
+    if targets.counts is None or targets.counts.shape != ids.shape:
+        raise ValueError(
+            f"sampled SparseTargets need counts of the shape of ids {tuple(ids.shape)}, got "
+            f"{None if targets.counts is None else tuple(targets.counts.shape)}."
+        )
+    ts = targets.sample_temperature
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts <= 0:
+        raise ValueError(
+            f"SparseTargets.sample_temperature must be a finite number > 0, got {ts!r}."
+        )
+
+
+def _check_sparse_against_student(targets: SparseTargets, student_logits: Tensor) -> None:
+    """Targets aligned with the student's positions, ids inside its vocabulary, no repeated id.
+
+    Reads one small tensor back from the device (the largest id and a duplicate flag).
+    """
+    _check_sparse_targets(targets)
+    ids = targets.ids
+    positions = tuple(student_logits.shape[:-1])
+    if tuple(ids.shape[:-1]) != positions:
+        raise ValueError(
+            f"sparse targets have ids of shape {tuple(ids.shape)}, i.e. positions "
+            f"{tuple(ids.shape[:-1])}, but the student's logits {tuple(student_logits.shape)} have "
+            f"positions {positions}; the targets must be aligned with the logits (one row per "
+            "position)."
+        )
+    if ids.numel() == 0:
+        return
+    ordered = ids.sort(-1).values
+    repeated = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()
+    max_id, has_repeat = torch.stack([ids.max().long(), repeated.long()]).tolist()
+    vocab = student_logits.shape[-1]
+    if max_id >= vocab:
+        raise ValueError(
+            f"sparse targets hold token id {max_id} but the student's vocabulary has {vocab} "
+            f"entries (ids must be < {vocab}); was the cache built for another vocabulary?"
+        )
+    if max_id >= targets.vocab_size:
+        raise ValueError(
+            f"sparse targets hold token id {max_id} but declare vocab_size={targets.vocab_size}."
+        )
+    if has_repeat:
+        raise ValueError(
+            "sparse targets repeat a token id within a position; each id may appear once per "
+            "position (padding is -1)."
+        )
+
+
+def sparse_target_logprobs(
+    targets: SparseTargets, temperature: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The teacher's coarse distribution at ``temperature``: the ids and one rest bucket.
+
+    Returns ``(ids, log_p, log_p_rest, valid)``:
+
+    * ``ids`` ``(..., K)`` int64, padding replaced by a real id of the same row (0 in a row
+      without any), so ``gather``/``scatter`` are safe;
+    * ``log_p`` ``(..., K)`` float32, the teacher's log-probabilities of the ids; ``log_p_rest``
+      ``(...)`` the log of the mass outside them. ``log 0`` is the finite ``_NEG = -1e4`` (also
+      at padding), never ``-inf``;
+    * ``valid`` ``(..., K)`` bool, the real entries.
+
+    Per kind (l_i the stored log-probabilities at temperature 1, T the temperature):
+
+    * ``topk``, T = 1: exact, the stored values (``log_p = logprobs``, ``log_p_rest =
+      tail_logprob``).
+    * ``topk``, T != 1: the head's log-weights are l_i / T. The tail's spread over the V - K'
+      ids outside the set (K' real entries in the row) is unknown, so it is taken as uniform:
+      each outside id has log-probability t - log(V - K') (t = ``tail_logprob``), which gives
+      the rest log-weight  log(V - K') + (t - log(V - K')) / T.  Head and rest are then
+      normalised together (logsumexp). Exact at T = 1. The true rest weight is
+      sum_{m outside} p_m^(1/T); by the power-mean inequality the uniform spread gives an upper
+      bound for T > 1 (x^(1/T) concave: the tail's mass is overestimated) and a lower bound for
+      T < 1 (underestimated); the error vanishes when the tail is flat or small.
+    * ``topk`` without ``tail_logprob``: the rest has no mass and the head is renormalised
+      (plain top-k distillation).
+    * ``sampled``: self-normalised importance weights of the draws (counts c_i, drawn at
+      T_s = ``sample_temperature``):  p_i = w_i / sum_j w_j,  w_i = c_i exp(l_i (1/T - 1/T_s)).
+      At T = T_s this is exactly c_i / N (N = sum_i c_i, the number of draws as a cache writes
+      them), an unbiased estimate of the teacher's probabilities; at T != T_s it is
+      self-normalised importance sampling (consistent in N, slightly biased). The rest has no
+      mass.
+
+    A row with no mass at all (no real entry and no tail, as a padded position) gets
+    ``log_p_rest = 0``: one outcome, the whole vocabulary, so every divergence is 0 there.
+    The stored values are used as they are (a float16 cache's head and tail may sum to
+    1 +- 1e-3); the divergences renormalise both sides, as the dense ones do with logits.
+    """
+    _check_sparse_targets(targets)
+    temperature = _check_temperature(temperature)
+    ids = targets.ids.long()
+    valid = ids >= 0
+    first_real = valid.to(torch.uint8).argmax(-1, keepdim=True)  # 0 in a row without entries
+    ids = torch.where(valid, ids, ids.gather(-1, first_real).clamp_min(0))
+    logprobs = None if targets.logprobs is None else targets.logprobs.detach().float()
+    no_rest = torch.full(ids.shape[:-1], -math.inf, dtype=torch.float32, device=ids.device)
+
+    log_norm: Tensor | None = None  # None: normalise head + rest with a logsumexp
+    if targets.kind == "topk":
+        head = torch.where(valid, logprobs / temperature, -math.inf)
+        tail = targets.tail_logprob
+        if tail is None:
+            rest = no_rest
+        elif temperature == 1.0:
+            rest = tail.detach().float()
+            log_norm = torch.zeros_like(rest)  # exact: the stored values
+        else:
+            outside = (targets.vocab_size - valid.sum(-1)).clamp_min(1).to(torch.float32).log()
+            rest = outside + (tail.detach().float() - outside) / temperature
+    else:
+        counts = targets.counts.detach().float()
+        drawn = valid & (counts > 0)
+        head = torch.where(drawn, counts.log(), -math.inf)
+        rest = no_rest
+        ts = float(targets.sample_temperature)
+        if temperature == ts:  # c_i / N exactly
+            total = torch.where(drawn, counts, 0.0).sum(-1)
+            log_norm = torch.where(total > 0, total.log(), 0.0)
+        elif logprobs is None:
+            raise ValueError(
+                f"these sampled targets were cached without log-probabilities (store_logprobs=False), so "
+                f"they are exact only at their sample_temperature={ts:g}, not at temperature={temperature:g}; "
+                f"train at temperature {ts:g}, or rebuild the cache with store_logprobs=True (importance "
+                "reweighting to any temperature, +2 bytes per drawn id)."
+            )
+        else:
+            head = torch.where(drawn, head + logprobs * (1.0 / temperature - 1.0 / ts), -math.inf)
+
+    mass = torch.logsumexp(torch.cat([head, rest.unsqueeze(-1)], -1), -1)
+    no_mass = mass == -math.inf
+    if log_norm is None:
+        log_norm = torch.where(no_mass, 0.0, mass)
+    log_p = torch.where(valid, (head - log_norm.unsqueeze(-1)).clamp_min(_NEG), _NEG)
+    log_p_rest = torch.where(no_mass, 0.0, (rest - log_norm).clamp_min(_NEG))
+    return ids, log_p, log_p_rest, valid
+
+
+def _sampled_kl_offset(
+    targets: SparseTargets, temperature: float, valid: Tensor, log_p: Tensor
+) -> Tensor:
+    """sum_i p~_i (log p_T(i) - log p~_i) per row: turns the plug-in coarse KL into
+    sum_i p~_i (log p_T(i) - log q_i), with the teacher's own log-probabilities (see
+    :func:`sparse_forward_kl`). ``log_p`` holds log p~ (the importance weights at T).
+
+    log p_T(i) = l_i / T - log Z_T. Z_T = sum_v p_1(v)^(1/T) is 1 at T = 1; else it is estimated
+    from the draws (drawn from p_Ts = p_1^(1/T_s) / Z_Ts):
+
+        Z_T = E_Ts[p_1^(1/T - 1/T_s)] / E_Ts[p_1^(1 - 1/T_s)].
+    """
+    logprobs = targets.logprobs.detach().float()
+    counts = targets.counts.detach().float()
+    drawn = valid & (counts > 0)
+    lp = torch.where(drawn, logprobs, 0.0)
+    log_teacher = lp / temperature
+    if temperature != 1.0:
+        log_c = torch.where(drawn, counts.log(), -math.inf)
+        inv_ts = 1.0 / float(targets.sample_temperature)
+        log_z = (torch.logsumexp(log_c + lp * (1.0 / temperature - inv_ts), -1)
+                 - torch.logsumexp(log_c + lp * (1.0 - inv_ts), -1))
+        log_teacher = log_teacher - log_z.unsqueeze(-1)
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_teacher - log_p), 0.0).sum(-1)
+
+
+def _coarse_teacher(
+    targets: SparseTargets, temperature: float, mask: Tensor | None
+) -> _CoarseTeacher:
+    """The targets at ``temperature``, flattened to rows; masked rows hold a neutral, finite
+    distribution (all mass in the rest), whatever the cache had there."""
+    ids, log_p, log_p_rest, valid = sparse_target_logprobs(targets, temperature)
+    offset = None
+    if targets.kind == "sampled" and targets.logprobs is not None:
+        # Without stored log-probabilities the value stays the plug-in KL(P~ || Q~) (biased
+        # upward by about (distinct ids - 1) / 2N); the gradient is the same either way.
+        offset = _sampled_kl_offset(targets, temperature, valid, log_p).reshape(-1)
+    k = ids.shape[-1]
+    ids, valid, log_p = ids.reshape(-1, k), valid.reshape(-1, k), log_p.reshape(-1, k)
+    log_p_rest = log_p_rest.reshape(-1)
+    if mask is not None:
+        log_p = log_p.masked_fill(~mask.unsqueeze(-1), _NEG)
+        log_p_rest = log_p_rest.masked_fill(~mask, 0.0)
+        offset = None if offset is None else offset.masked_fill(~mask, 0.0)
+    return _CoarseTeacher(ids, valid, log_p, log_p_rest, offset)
+
+
+def _reduce_sparse(
+    rows: _SparseRows,
+    student_logits: Tensor,
+    targets: SparseTargets,
+    *,
+    temperature: float,
+    labels: Tensor | None,
+    ignore_index: int,
+    reduction: Reduction,
+    chunk_size: int | None,
+):
+    _check_inputs(student_logits, None, labels, temperature, reduction)
+    _check_sparse_against_student(targets, student_logits)
+    temperature = float(temperature)
+    mask = None if labels is None else labels.reshape(-1) != ignore_index
+    return _reduce_rows(
+        rows, student_logits, _coarse_teacher(targets, temperature, mask), temperature=temperature,
+        labels=labels, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+    )
+
+
+def _check_teacher_mass_off_the_ids(targets: SparseTargets, name: str) -> None:
+    """KL(Q || P~) needs teacher mass wherever the student has some: not so off sampled ids."""
+    _check_sparse_targets(targets)
+    if targets.kind == "sampled":
+        raise ValueError(
+            f"{name} is infinite on sampled targets: the teacher's estimate is zero off the "
+            "drawn ids, where the student has mass. Use forward_kl or generalized_jsd (or "
+            "skew_reverse_kl with alpha > 0) on sampled targets, or topk targets (their tail "
+            "keeps the rest's mass)."
+        )
+    if targets.tail_logprob is None:
+        raise ValueError(
+            f"{name} is infinite on topk targets without tail_logprob: the renormalised top-k "
+            "teacher has no mass off the ids, where the student has some. Keep the tail in the "
+            "targets, or use forward_kl or generalized_jsd."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Public sparse divergences.
+# --------------------------------------------------------------------------------------------
+_SPARSE_FORWARD_KL = _SparseRows(_forward_kl_rows, forward_kl=True)
+_SPARSE_REVERSE_KL = _SparseRows(_reverse_kl_rows)
+_SPARSE_TVD = _SparseRows(_tvd_rows)
+
+
+def sparse_forward_kl(
+    student_logits: Tensor,
+    targets: SparseTargets,
+    *,
+    temperature: float = 1.0,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    chunk_size: int | None = None,
+):
+    """:func:`forward_kl` against sparse targets: KL(P~ || Q~) on the K + 1 coarse outcomes.
+
+    P~ is :func:`sparse_target_logprobs` at ``temperature``; Q~ the student's softmax at
+    ``temperature`` on the same outcomes (q at the ids, q_rest off them). Equal to
+    :func:`forward_kl` for top-k targets with K = V; a lower bound of it for K < V.
+
+    Gradient (w.r.t. z / T, z the student's logits): q - P^, with P^_m = p~_m on the ids and
+    P^_m = q_m * p~_rest / q_rest off them (the rest's mass handed out as the student spreads
+    it). It is made in closed form, chunk by chunk, into one buffer (as :func:`forward_kl`).
+    When q_rest underflows (~0), the rest's pull goes nowhere rather than to inf/NaN.
+
+    Sampled targets: P~ = c / N at T = T_s, so the gradient q - c / N is an unbiased estimate of
+    the dense one; the value is  sum_i p~_i (log p_T(i) - log q_i)  with the teacher's own
+    log-probabilities ``logprobs`` (the plug-in sum_i p~_i log p~_i of the coarse formula is
+    biased upwards by about (#ids - 1) / 2N). It is unbiased for the dense KL at
+    T = T_s = 1, exactly 0 where the student equals the teacher, and can be slightly negative
+    for one draw. At T != 1 the teacher's normaliser is estimated from the draws (consistent).
+    """
+    return _reduce_sparse(
+        _SPARSE_FORWARD_KL, student_logits, targets, temperature=temperature, labels=labels,
+        ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+    )
+
+
+def sparse_reverse_kl(
+    student_logits: Tensor,
+    targets: SparseTargets,
+    *,
+    temperature: float = 1.0,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    chunk_size: int | None = None,
+):
+    """:func:`reverse_kl` against sparse targets: KL(Q~ || P~) on the K + 1 coarse outcomes.
+
+    Needs top-k targets with their tail: raises ``ValueError`` on sampled targets and on top-k
+    targets without ``tail_logprob`` (the teacher has no mass off the ids, so the KL is infinite).
+    """
+    _check_teacher_mass_off_the_ids(targets, "sparse_reverse_kl")
+    return _reduce_sparse(
+        _SPARSE_REVERSE_KL, student_logits, targets, temperature=temperature, labels=labels,
+        ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+    )
+
+
+def sparse_generalized_jsd(
+    student_logits: Tensor,
+    targets: SparseTargets,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    chunk_size: int | None = None,
+):
+    """:func:`generalized_jsd` against sparse targets, on the K + 1 coarse outcomes.
+
+    JSD(beta) = beta * KL(P~ || M) + (1 - beta) * KL(Q~ || M),  M = beta * P~ + (1 - beta) * Q~.
+    """
+    beta = _check_open_unit(
+        "beta", beta,
+        "generalized_jsd vanishes at beta=0; use forward_kl (or reverse_kl) for a KL objective.",
+        "generalized_jsd vanishes at beta=1; use reverse_kl (or forward_kl) for a KL objective.",
+    )
+    return _reduce_sparse(
+        _SparseRows(_gjsd_rows(beta)), student_logits, targets, temperature=temperature,
+        labels=labels, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+    )
+
+
+def sparse_skew_forward_kl(
+    student_logits: Tensor,
+    targets: SparseTargets,
+    *,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    chunk_size: int | None = None,
+):
+    """:func:`skew_forward_kl` against sparse targets: KL(P~ || alpha P~ + (1 - alpha) Q~)."""
+    alpha = _check_skew(alpha)
+    return _reduce_sparse(
+        _SparseRows(_skew_forward_rows(alpha)), student_logits, targets, temperature=temperature,
+        labels=labels, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+    )
+
+
+def sparse_skew_reverse_kl(
+    student_logits: Tensor,
+    targets: SparseTargets,
+    *,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    chunk_size: int | None = None,
+):
+    """:func:`skew_reverse_kl` against sparse targets: KL(Q~ || (1 - alpha) P~ + alpha Q~).
+
+    Finite on any targets for alpha > 0; ``alpha=0`` is :func:`sparse_reverse_kl` and has its
+    requirements.
+    """
+    alpha = _check_skew(alpha)
+    if alpha == 0.0:
+        _check_teacher_mass_off_the_ids(targets, "sparse_skew_reverse_kl with alpha=0")
+    return _reduce_sparse(
+        _SparseRows(_skew_reverse_rows(alpha)), student_logits, targets, temperature=temperature,
+        labels=labels, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+    )
+
+
+def sparse_tvd(
+    student_logits: Tensor,
+    targets: SparseTargets,
+    *,
+    temperature: float = 1.0,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    chunk_size: int | None = None,
+):
+    """:func:`tvd` against sparse targets: 0.5 * sum |p~ - q~| over the K + 1 coarse outcomes."""
+    return _reduce_sparse(
+        _SPARSE_TVD, student_logits, targets, temperature=temperature, labels=labels,
+        ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+    )
+
+
+#: Sparse divergences by the name of their dense counterpart (``DIVERGENCES``).
+SPARSE_DIVERGENCES: dict[str, Callable[..., object]] = {
+    "forward_kl": sparse_forward_kl,
+    "reverse_kl": sparse_reverse_kl,
+    "generalized_jsd": sparse_generalized_jsd,
+    "skew_forward_kl": sparse_skew_forward_kl,
+    "skew_reverse_kl": sparse_skew_reverse_kl,
+    "tvd": sparse_tvd,
+}
+
+
+def sparse_divergence(name: str) -> Callable[..., object]:
+    """The sparse-targets version of the divergence ``name`` (a key of ``DIVERGENCES``)."""
+    if name == "logit_mse":
+        raise ValueError(
+            "logit_mse compares raw logits and needs dense teacher logits; build the cache with "
+            f"kind=dense or choose a divergence of {sorted(SPARSE_DIVERGENCES)}."
+        )
+    try:
+        return SPARSE_DIVERGENCES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown divergence {name!r} for sparse targets; choose one of "
+            f"{sorted(SPARSE_DIVERGENCES)}."
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Forward KL and cross-entropy in one pass over the student's logits.
+# --------------------------------------------------------------------------------------------
+def _fused_chunk(
+    student: Tensor,
+    teacher: Tensor | _CoarseTeacher,
+    labels: Tensor,
+    mask: Tensor,
+    out: Tensor,
+    saved: tuple[Tensor, Tensor, Tensor] | None,
+) -> tuple[Tensor, Tensor]:
+    """One chunk of :func:`fused_forward_kl_and_ce`: ``(kd sum, ce sum)`` at temperature 1.
+
+    Writes into ``out`` (float32, the chunk's rows of the gradient buffer) q = softmax(z)
+    (dense teacher) or each id's share of the rest bucket (sparse, see
+    :func:`_rest_shares_into`), and for sparse targets the rows' q at the ids, q_rest and the
+    shares' norm into ``saved``.
+    """
+    log_q = student.detach().float().log_softmax(-1)
+    safe = torch.where(mask, labels, 0).unsqueeze(-1)
+    ce_rows = log_q.gather(-1, safe).squeeze(-1).neg_()
+    if isinstance(teacher, _CoarseTeacher):
+        coarse_q, norm = _rest_shares_into(log_q, teacher, out)
+        kd_rows = _SPARSE_FORWARD_KL.rows_from_coarse(coarse_q, teacher, None)
+        if saved is not None:
+            q_ids, q_rest, shares_norm = saved
+            torch.exp(coarse_q[:, :-1], out=q_ids)
+            torch.exp(coarse_q[:, -1:], out=q_rest)
+            shares_norm.copy_(norm)
+    else:
+        torch.exp(log_q, out=out)
+        log_p = teacher.detach().float().log_softmax(-1)
+        p = log_p.exp()
+        kd_rows = log_p.clamp_min_(_LOG_FLOOR).sub_(log_q).mul_(p).sum(-1)
+    return torch.where(mask, kd_rows, 0.0).sum(), torch.where(mask, ce_rows, 0.0).sum()
+
+
+class _FusedForwardKLAndCE(torch.autograd.Function):
+    """``(kd_sum, ce_sum)`` with one (N, V) float32 buffer for both gradients.
+
+    Forward takes one log-softmax of the student per chunk, the two values, and keeps one buffer
+    B: q (dense teacher) or the rest shares w (sparse). Backward receives (g_kd, g_ce) and builds
+    d(g_kd * kd + g_ce * ce)/dz = g_kd (q - P^) + g_ce (q - onehot(label)) in place in B:
+
+    * dense:  B <- (g_kd + g_ce) q - g_kd softmax(teacher)  (the teacher's softmax recomputed
+      per chunk), then - g_ce at the labels;
+    * sparse: off the ids q - P^ = w (q_rest - p_rest) and q = w q_rest, so
+      B <- w ((g_kd + g_ce) q_rest - g_kd p_rest), then + (g_kd + g_ce) q_k - g_kd p_k at the
+      ids (scatter_add) and - g_ce at the labels;
+
+    masked rows zero. Like :class:`_ChunkedSum`, the buffer is consumed by the first backward.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, mask, chunk):  # type: ignore[override]
+        n_rows, vocab = student.shape
+        buf = torch.empty((n_rows, vocab), dtype=torch.float32, device=student.device)
+        kd = torch.zeros((), dtype=torch.float32, device=student.device)
+        ce = torch.zeros((), dtype=torch.float32, device=student.device)
+        saved = None
+        if isinstance(teacher, _CoarseTeacher):
+            saved = (torch.empty(teacher.ids.shape, dtype=torch.float32, device=student.device),
+                     torch.empty((n_rows, 1), dtype=torch.float32, device=student.device),
+                     torch.empty((n_rows, 1), dtype=torch.float32, device=student.device))
+        for start, end, s, t, lab, m in _chunks(n_rows, chunk, student, teacher, labels, mask):
+            rows_saved = None if saved is None else tuple(x[start:end] for x in saved)
+            kd_chunk, ce_chunk = _fused_chunk(s, t, lab, m, buf[start:end], rows_saved)
+            kd += kd_chunk
+            ce += ce_chunk
+        ctx.buf, ctx.saved, ctx.teacher = buf, saved, teacher
+        ctx.labels, ctx.mask, ctx.chunk, ctx.dtype = labels, mask, chunk, student.dtype
+        return kd, ce
+
+    @staticmethod
+    def backward(ctx, g_kd, g_ce):  # type: ignore[override]
+        buf = ctx.buf
+        if buf is None:
+            raise RuntimeError(
+                "The chunked loss was differentiated twice; its gradient buffer is consumed by the "
+                "first backward. Recompute the loss instead of using retain_graph=True."
+            )
+        ctx.buf = None
+        g_kd, g_ce = g_kd.float(), g_ce.float()
+        g_both = g_kd + g_ce
+        teacher = ctx.teacher
+        if ctx.saved is not None:
+            q_ids, q_rest, norm = ctx.saved
+            p = teacher.coarse().softmax(-1)
+            p_ids, p_rest = p[:, :-1], p[:, -1:]
+            buf.mul_((g_both * q_rest - g_kd * p_rest) / norm)
+            buf.scatter_add_(-1, teacher.ids, q_ids * g_both - p_ids * g_kd)
+        else:
+            for _, _, b, t, _, _ in _chunks(buf.shape[0], ctx.chunk, buf, teacher, None, None):
+                b.mul_(g_both).sub_(t.detach().float().softmax(-1).mul_(g_kd))
+        safe = torch.where(ctx.mask, ctx.labels, 0).unsqueeze(-1)
+        buf.scatter_add_(-1, safe, (-g_ce).expand(safe.shape))
+        buf.masked_fill_(~ctx.mask.unsqueeze(-1), 0.0)
+        grad = buf if ctx.dtype == torch.float32 else buf.to(ctx.dtype)
+        return grad, None, None, None, None
+
+
+def fused_forward_kl_and_ce(
+    student_logits: Tensor,
+    teacher: Tensor | SparseTargets,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward KL to the teacher and hard-label cross-entropy in one pass: (kd, ce, count) sums.
+
+    ``kd_sum`` equals ``forward_kl(..., reduction="sum_and_count")[0]`` (dense teacher logits of
+    the student's shape) or ``sparse_forward_kl(...)`` (:class:`SparseTargets`), ``ce_sum``
+    ``cross_entropy(..., reduction="sum_and_count")[0]``, ``count`` the positions whose label is
+    not ``ignore_index`` (masked positions count for neither term). Temperature 1.
+
+    Both sums are differentiable through one autograd function that takes a single log-softmax
+    of the student and keeps a single (N, V) float32 buffer, which backward turns into the
+    gradient of ``g_kd * kd_sum + g_ce * ce_sum`` in place (see :class:`_FusedForwardKLAndCE`):
+    with cached targets a distillation + task step costs about what the task loss alone does.
+    Combine both outputs into one loss and call backward once.
+    """
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of class ids, got {type(labels).__name__}.")
+    if labels.dtype.is_floating_point:
+        raise TypeError(f"labels must hold integer class ids, got dtype {labels.dtype}.")
+    if isinstance(teacher, SparseTargets):
+        _check_inputs(student_logits, None, labels, 1.0, "sum_and_count")
+        _check_sparse_against_student(teacher, student_logits)
+    elif isinstance(teacher, Tensor):
+        _check_inputs(student_logits, teacher, labels, 1.0, "sum_and_count")
+    else:
+        raise TypeError(
+            "teacher must be dense logits (a Tensor) or SparseTargets, got "
+            f"{type(teacher).__name__}."
+        )
+    vocab = student_logits.shape[-1]
+    student = student_logits.reshape(-1, vocab)
+    flat_labels = labels.reshape(-1)
+    mask = flat_labels != ignore_index
+    if isinstance(teacher, SparseTargets):
+        flat_teacher: Tensor | _CoarseTeacher = _coarse_teacher(teacher, 1.0, mask)
+    else:
+        flat_teacher = teacher.reshape(-1, vocab)
+    n_rows = student.shape[0]
+    chunk = _chunk_rows(n_rows, vocab, chunk_size)
+    if student.requires_grad and torch.is_grad_enabled():
+        kd, ce = _FusedForwardKLAndCE.apply(student, flat_teacher, flat_labels, mask, chunk)
+    else:
+        kd = torch.zeros((), dtype=torch.float32, device=student.device)
+        ce = torch.zeros((), dtype=torch.float32, device=student.device)
+        for _, _, s, t, lab, m in _chunks(n_rows, chunk, student, flat_teacher, flat_labels, mask):
+            scratch = torch.empty(s.shape, dtype=torch.float32, device=s.device)
+            kd_chunk, ce_chunk = _fused_chunk(s, t, lab, m, scratch, None)
+            kd, ce = kd + kd_chunk, ce + ce_chunk
+    return kd, ce, mask.sum()
