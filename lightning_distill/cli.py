@@ -7,10 +7,12 @@
     lightning-distill loss=gkd student.hidden_size=64
     lightning-distill -m loss.kd.temperature=1,2,4     # one output dir per job
     lightning-distill --cfg job                        # print the composed config
+    lightning-distill experiment=demo_cached +build_cache_only=true   # only build the teacher cache
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -93,6 +95,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
 
     from lightning_distill.callbacks.coverage import CoverageGapError, CoverageSlices
+    from lightning_distill.callbacks.teacher_cache import TeacherCache
     from lightning_distill.evaluation import evaluate_slices, format_slice_table, stats_from_sums
     from lightning_distill.export import distillation_card, export_student
     from lightning_distill.module import DistillationModule
@@ -121,6 +124,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **module_kwargs,
     )
     trainer = _make_trainer(cfg, out_dir)
+    cache = next((c for c in trainer.callbacks if isinstance(c, TeacherCache)), None)
+    if cfg.get("build_cache_only"):
+        return _build_cache_only(cache, module, datamodule, started)
+    has_teacher = teacher is not None
+    del teacher  # the module holds it; a TeacherCache may release it once the targets are cached
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
@@ -147,9 +155,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                               "gaps": [r["slice"] for r in coverage.last_rows if r["gap"]],
                               "slices": coverage.last_rows}
     else:
-        stats = evaluate_slices(module, datamodule.test_dataloader())
+        attach = (functools.partial(cache.attach, "test", module) if cache is not None and "test" in cache.readers
+                  else None)
+        stats = evaluate_slices(module, datamodule.test_dataloader(), targets=attach)
     baseline_stats = None
-    if cfg.get("baseline") and teacher is not None:
+    if cfg.get("baseline") and has_teacher:
         log.info("Training the same student without the teacher (baseline) for comparison")
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         base_module = DistillationModule(
@@ -176,7 +186,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "data": {"fingerprint": getattr(datamodule, "fingerprint", None)},
             "slices": report["slices"],
         }
-        card = _card(module, datamodule, trainer, stats, coverage, distillation_card)
+        if cache is not None:
+            record["teacher_cache"] = cache.config()
+        card = _card(module, datamodule, trainer, stats, coverage, distillation_card, cache)
         report["student_dir"] = str(export_student(module.student, out_dir / "student",
                                                    tokenizer=getattr(datamodule, "tokenizer", None),
                                                    record=record, card=card))
@@ -196,8 +208,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
+def _build_cache_only(cache: Any, module: Any, datamodule: Any, started: float) -> dict[str, Any]:
+    """``+build_cache_only=true``: build (or resume, or verify) the teacher cache, train nothing."""
+    if cache is None:
+        raise ValueError("build_cache_only=true needs a TeacherCache callback; add one, e.g. "
+                         "callbacks=teacher_cache_sampled (or experiment=demo_cached).")
+    splits = cache.prepare(module, datamodule)
+    report = {"teacher_cache": cache.config(), "seconds": round(time.perf_counter() - started, 1)}
+    print(f"\nTeacher cache ({cache.kind}) at {cache.storage.url}:")
+    print("| split | samples | built now | tokens | bytes/token | MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, info in splits.items():
+        print(f"| {name} | {info['samples']} | {info['built']} | {info['positions']} | "
+              f"{info['bytes_per_token']:.1f} | {info['bytes'] / 2**20:.1f} |")
+    print(f"Finished in {report['seconds']} s")
+    return report
+
+
 def _card(module: Any, datamodule: Any, trainer: Any, stats: Mapping[str, Any], coverage: Any,
-          build: Any) -> dict[str, Any]:
+          build: Any, cache: Any = None) -> dict[str, Any]:
     """The distillation card of this run (see ``export.distillation_card``)."""
     if coverage is not None:
         slices = coverage.last_rows
@@ -212,7 +241,7 @@ def _card(module: Any, datamodule: Any, trainer: Any, stats: Mapping[str, Any], 
         cov = None
     schedules = {}
     for cb in trainer.callbacks:
-        if cb is coverage or not type(cb).__module__.startswith("lightning_distill"):
+        if cb is coverage or cb is cache or not type(cb).__module__.startswith("lightning_distill"):
             continue
         getter = getattr(cb, "config", None) or getattr(cb, "state_dict", None)
         if callable(getter):
@@ -222,7 +251,7 @@ def _card(module: Any, datamodule: Any, trainer: Any, stats: Mapping[str, Any], 
             "train_slices": getattr(datamodule, "train_slices", None)}
     return build(student=module.student, teacher=module.teacher_identity, data=data, slices=slices,
                  losses={n: t.config() for n, t in module.losses.items()}, schedule=schedules or None,
-                 coverage=cov, cache="live")
+                 coverage=cov, cache=cache.config() if cache is not None else "live")
 
 
 def _wandb_loggers(trainer: Any) -> list[Any]:

@@ -10,7 +10,7 @@ held-out text as well as the teacher does; 0.5 means its perplexity is twice the
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -64,7 +64,8 @@ def _add(current: float | None, value: float) -> float:
 
 @torch.no_grad()
 def evaluate_slices(module: Any, dataloader: Iterable[Any], *, slice_key: str = "slice",
-                    device: torch.device | str | None = None) -> dict[str, SliceStats]:
+                    device: torch.device | str | None = None,
+                    targets: Callable[[Any], None] | None = None) -> dict[str, SliceStats]:
     """Score ``module.student`` (and its teacher) on every batch, summed per slice.
 
     Args:
@@ -73,6 +74,8 @@ def evaluate_slices(module: Any, dataloader: Iterable[Any], *, slice_key: str = 
             one per sample); batches without it count as slice ``"all"``.
         slice_key: the batch key that names each sample's slice.
         device: where to run; default: the student's device.
+        targets: called with each batch (on ``device``) before scoring, to attach teacher
+            targets, e.g. ``functools.partial(teacher_cache.attach, "test", module)``.
 
     Returns:
         ``{slice: SliceStats}`` in order of first appearance.
@@ -85,6 +88,8 @@ def evaluate_slices(module: Any, dataloader: Iterable[Any], *, slice_key: str = 
         for batch in dataloader:
             names = batch.get(slice_key) if isinstance(batch, Mapping) else None
             batch = move_data_to_device(batch, device)
+            if targets is not None:
+                targets(batch)
             out = {k: v.double().cpu().tolist() for k, v in module.evaluate_batch(batch).items()}
             names = list(names) if names is not None else ["all"] * len(out["tokens"])
             for i, name in enumerate(names):

@@ -71,7 +71,8 @@ def export_student(student: nn.Module, directory: str | Path, *, tokenizer: Any 
 
 def distillation_card(*, student: nn.Module, teacher: dict[str, Any] | None, data: dict[str, Any],
                       slices: list[dict[str, Any]], losses: dict[str, Any], schedule: Any = None,
-                      coverage: dict[str, Any] | None = None, cache: str = "live") -> dict[str, Any]:
+                      coverage: dict[str, Any] | None = None,
+                      cache: str | dict[str, Any] = "live") -> dict[str, Any]:
     """The distillation card: the fixed record that makes a distilled model governable.
 
     Args:
@@ -82,7 +83,9 @@ def distillation_card(*, student: nn.Module, teacher: dict[str, Any] | None, dat
         losses: ``{term: config}``.
         schedule: schedule callbacks' configs (e.g. ``TemperatureSchedule``), or ``None``.
         coverage: the coverage settings (metric, thresholds) and the gaps found.
-        cache: where teacher targets came from: ``"live"`` (the frozen teacher at every step).
+        cache: where teacher targets came from: ``"live"`` (the frozen teacher at every step) or
+            the teacher cache's description (``TeacherCache.config()``: kind, parameters,
+            location, fingerprint, bytes per token per split).
     """
     return {
         "card_version": 1,
@@ -104,6 +107,15 @@ def _cell(value: Any, spec: str = "") -> str:
     return format(value, spec) if spec and isinstance(value, (int, float)) else str(value)
 
 
+def _cache_line(cache: Any) -> str:
+    if not isinstance(cache, dict):
+        return str(cache)
+    splits = cache.get("splits") or {}
+    per_token = ", ".join(f"{n} {v.get('bytes_per_token', 0):.1f} B/token" for n, v in splits.items())
+    return (f"cached, kind {cache.get('kind')} {cache.get('params')}, fingerprint `{cache.get('fingerprint')}`"
+            + (f" ({per_token})" if per_token else ""))
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     """A short human-readable version of a distillation card."""
     teacher = card.get("teacher") or {}
@@ -122,7 +134,7 @@ def card_markdown(card: dict[str, Any]) -> str:
              "- losses: " + ", ".join(f"{n} ({', '.join(f'{k}={v}' for k, v in c.items())})"
                                        for n, c in (card.get("losses") or {}).items()),
              f"- schedule: {json.dumps(card.get('schedule')) if card.get('schedule') else 'none'}",
-             f"- teacher targets: {card.get('cache')}",
+             f"- teacher targets: {_cache_line(card.get('cache'))}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in (card.get("versions") or {}).items()),
              "", "## Slices: coverage and retention", "",
              "| slice | train tokens | teacher | student | retention | gap |", "|---|---|---|---|---|---|"]

@@ -34,7 +34,7 @@ from lightning_distill.models.adapters import (
 )
 from lightning_distill.models.hf import freeze
 from lightning_distill.models.identity import describe_model
-from lightning_distill.types import LossInputs, TeacherTargets
+from lightning_distill.types import LossInputs, SparseTargets, TeacherTargets
 
 __all__ = ["DistillationModule"]
 
@@ -320,8 +320,9 @@ class DistillationModule(L.LightningModule):
         kd_logits = student_logits
         if teacher is not None and teacher.logits is not None:
             kd_logits, teacher_logits = self._match_vocab(student_logits, teacher.logits)
-            teacher = TeacherTargets(logits=teacher_logits, hidden_states=teacher.hidden_states,
-                                     extras=teacher.extras)
+            teacher = dataclasses.replace(teacher, logits=teacher_logits)
+        elif teacher is not None and teacher.sparse is not None:
+            kd_logits = self._match_sparse_vocab(student_logits, teacher.sparse)
         # Terms that compare with the teacher see the shared vocabulary; the others (task loss) the
         # student's full output.
         full_inputs = LossInputs(student_logits=student_logits, labels=labels, teacher=teacher,
@@ -331,13 +332,25 @@ class DistillationModule(L.LightningModule):
         self._check_first_batch(full_inputs)  # the first batch of any stage (sanity checks run val first)
 
         sums: dict[str, Tensor] = {}
+        fused = self._fusable(active, loss_inputs, kd_logits is student_logits)
+        if fused is not None:
+            # Forward KL at T=1 and the task loss share one softmax of the student and one
+            # gradient buffer (same values and gradients as the two terms apart).
+            kd_name, task_name = fused
+            target = teacher.logits if teacher.logits is not None else teacher.sparse
+            sums[kd_name], sums[task_name], _ = LF.fused_forward_kl_and_ce(
+                student_logits, target, labels, ignore_index=self.ignore_index,
+                chunk_size=active[kd_name].chunk_size)
         for name, term in active.items():
+            if name in sums:
+                continue
             if term.requires_teacher and teacher is None:
                 raise ValueError(
                     f"loss term {name!r} ({type(term).__name__}) needs teacher targets but there is no "
                     "teacher; pass teacher=... or put 'teacher_targets' in the batch (teacher cache)."
                 )
             sums[name] = term(loss_inputs if term.requires_teacher else full_inputs)
+        sums = {name: sums[name] for name in active}
         if labels is None:
             count = torch.tensor(student_logits[..., 0].numel(), device=student_logits.device)
         else:
@@ -346,10 +359,39 @@ class DistillationModule(L.LightningModule):
         return {"sums": sums, "weighted": weighted, "count": count, "loss_inputs": loss_inputs,
                 "batch_size": _batch_size(labels, student_logits)}
 
+    @staticmethod
+    def _fusable(active: Mapping[str, LossTerm], inputs: LossInputs, same_vocab: bool) -> tuple[str, str] | None:
+        """A (LogitKD forward_kl at T=1, TaskLoss) pair that can share one softmax, if there is one."""
+        teacher = inputs.teacher
+        if not same_vocab or teacher is None or not teacher.has_distribution or inputs.labels is None:
+            return None
+        kd = next((n for n, t in active.items() if type(t) is LogitKD and t.divergence == "forward_kl"
+                   and t.temperature == 1.0), None)
+        task = next((n for n, t in active.items() if type(t) is TaskLoss), None)
+        return None if kd is None or task is None else (kd, task)
+
+    def _match_sparse_vocab(self, student_logits: Tensor, sparse: SparseTargets) -> Tensor:
+        vs, vt = student_logits.shape[-1], sparse.vocab_size
+        if vs == vt:
+            return student_logits
+        if self.vocab_mismatch == "slice" and vs > vt:
+            return student_logits[..., :vt]
+        hint = (" Cached top-k/sampled targets need a student vocabulary at least as large as the teacher's."
+                if self.vocab_mismatch == "slice" else "")
+        raise ValueError(self._vocab_message(vs, vt) + hint)
+
     def _agreement_and_kl(self, loss_inputs: LossInputs) -> tuple[Tensor, Tensor] | None:
         teacher = loss_inputs.teacher
-        if teacher is None or teacher.logits is None:
+        if teacher is None or not teacher.has_distribution:
             return None
+        if teacher.logits is None:
+            with torch.no_grad():
+                s, labels = loss_inputs.student_logits.detach(), loss_inputs.labels
+                mask = labels != self.ignore_index
+                agree = ((s.argmax(-1) == teacher.top1) & mask).sum()
+                kl = LF.sparse_forward_kl(s, teacher.sparse, labels=labels, ignore_index=self.ignore_index,
+                                          reduction="sum_and_count")[0]
+            return agree, kl
         with torch.no_grad():
             s, t = loss_inputs.student_logits.detach(), teacher.logits
             agree = LF.top1_agreement(s, t, labels=loss_inputs.labels, ignore_index=self.ignore_index,
@@ -393,6 +435,17 @@ class DistillationModule(L.LightningModule):
             out["kl"] = LF.forward_kl(s, t, labels=labels, ignore_index=self.ignore_index,
                                       reduction="none").reshape(per_sample).sum(-1)
             out["teacher_correct"] = ((teacher.logits.argmax(-1) == labels) & mask).reshape(per_sample).sum(-1)
+        elif teacher is not None and teacher.sparse is not None:
+            # Cached top-k / sampled targets: the teacher's label log-probability and top-1 id
+            # were stored at build time; KL is the sparse estimate (see docs/teacher_cache.md).
+            s = self._match_sparse_vocab(student_logits, teacher.sparse)
+            if teacher.label_logprobs is not None:
+                out["teacher_nll"] = torch.where(mask, -teacher.label_logprobs, 0.0).reshape(per_sample).sum(-1)
+            if teacher.top1 is not None:
+                out["agreement"] = ((s.argmax(-1) == teacher.top1) & mask).reshape(per_sample).sum(-1)
+                out["teacher_correct"] = ((teacher.top1 == labels) & mask).reshape(per_sample).sum(-1)
+            out["kl"] = LF.sparse_forward_kl(s, teacher.sparse, labels=labels, ignore_index=self.ignore_index,
+                                             reduction="none").reshape(per_sample).sum(-1)
         return out
 
     # ------------------------------------------------------------------ Lightning hooks

@@ -155,3 +155,24 @@ def test_hf_pretrained_loads_a_local_model(tmp_path):
     loaded = _instantiate(cfg.teacher)
     for (name, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name, kind", [("teacher_cache_sampled", "sampled"), ("teacher_cache_topk", "topk"),
+                                        ("teacher_cache_dense", "dense")])
+def test_teacher_cache_configs_instantiate_with_the_defaults(name, kind):
+    from lightning_distill.callbacks import CoverageSlices, TeacherCache
+
+    cfg = _compose(f"callbacks={name}", "callbacks.teacher_cache.dirpath=/tmp/ld-cache-x")
+    callbacks = {k: hydra.utils.instantiate(v) for k, v in cfg.callbacks.items()}
+    assert isinstance(callbacks["teacher_cache"], TeacherCache) and callbacks["teacher_cache"].kind == kind
+    assert isinstance(callbacks["coverage"], CoverageSlices)  # the defaults stay
+
+
+def test_teacher_cache_composes_with_a_schedule_and_the_cached_demo():
+    cfg = _compose("callbacks=[temperature_cosine,teacher_cache_topk]", "callbacks.teacher_cache.k=64")
+    assert {"temperature", "teacher_cache", "coverage"} <= set(cfg.callbacks)
+    assert cfg.callbacks.teacher_cache.k == 64
+    demo = _compose("experiment=demo_cached")
+    assert demo.callbacks.teacher_cache.kind == "sampled" and demo.callbacks.teacher_cache.num_samples == 50
+    other = _compose("experiment=demo_cached", "callbacks=teacher_cache_topk")
+    assert other.callbacks.teacher_cache.kind == "topk"

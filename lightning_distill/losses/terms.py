@@ -154,13 +154,18 @@ class LogitKD(LossTerm):
         self._temperature = _check_number("temperature", value, positive=True)
 
     def forward(self, inputs: LossInputs) -> Tensor:
-        if inputs.teacher is None or inputs.teacher.logits is None:
+        teacher = inputs.teacher
+        if teacher is None or not teacher.has_distribution:
             raise RuntimeError(
                 "LogitKD needs teacher logits, but this batch has none: pass teacher=... to "
                 "DistillationModule (or attach a teacher cache), or drop the LogitKD term."
             )
-        total, _ = self._fn(
-            inputs.student_logits, inputs.teacher.logits, temperature=self.temperature,
+        # Live or cached dense logits use the dense divergence; cached top-k / sampled targets
+        # the sparse version of the same divergence (losses.functional.sparse_*).
+        fn = self._fn if teacher.logits is not None else LF.sparse_divergence(self.divergence)
+        target = teacher.logits if teacher.logits is not None else teacher.sparse
+        total, _ = fn(
+            inputs.student_logits, target, temperature=self.temperature,
             labels=inputs.labels, ignore_index=inputs.ignore_index, reduction="sum_and_count",
             chunk_size=self.chunk_size, **self.params,
         )

@@ -74,13 +74,14 @@ def _forward_parameters(model: nn.Module) -> tuple[frozenset[str], bool]:
     return cached
 
 
-def call_model(model: nn.Module, inputs: Any) -> Any:
+def call_model(model: nn.Module, inputs: Any, **extra: Any) -> Any:
     """Call ``model`` on ``inputs``: a mapping of named inputs, a tensor, or a tuple of them.
 
     For a mapping, only the keys that ``model.forward`` names are passed (a forward that takes
     nothing but ``**kwargs`` gets every non-reserved key), so batches may carry extra keys
     such as ``slice`` or ``sample_id``. Hugging Face models are called with ``use_cache=False``
-    (no key/value cache is built during training) and ``return_dict=True``.
+    (no key/value cache is built during training) and ``return_dict=True``. ``extra`` keyword
+    arguments (e.g. ``output_hidden_states=True``) are always passed.
     """
     if isinstance(inputs, Mapping):
         named, var_kw = _forward_parameters(model)
@@ -101,10 +102,10 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
                 kwargs.setdefault("use_cache", False)
             if "return_dict" in named or var_kw:
                 kwargs.setdefault("return_dict", True)
-        return model(**kwargs)
+        return model(**kwargs, **extra)
     if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+        return model(*inputs, **extra)
+    return model(inputs, **extra)
 
 
 def logits_from_output(output: Any, fn: LogitsFn | None = None, *, who: str = "model") -> Tensor:

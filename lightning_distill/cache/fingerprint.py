@@ -1,0 +1,152 @@
+"""What a teacher cache is a cache *of*: the fingerprint that keys it, and the refusal when it differs.
+
+A cache of teacher targets is only valid for the teacher, tokenizer, data, target kind,
+kind parameters and on-disk format it was built with. :func:`cache_fingerprint` writes those
+down as plain values (stored in the cache's ``cache.json``); :func:`check_fingerprint` compares
+a stored fingerprint with the current one and raises :class:`CacheMismatchError` listing every
+component that differs, with the fix. A cache is never used when one differs.
+
+The data component is the data module's own fingerprint when it has one
+(:attr:`~lightning_distill.data.SlicedTextDataModule.data_fingerprint`: corpus, tokenizer,
+blocking). Independently of it, every cached sample stores a hash of its token ids, checked
+against the batch each time the sample is read, so a sample id that now names other tokens is
+caught even for data modules without a fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "COMPONENTS",
+    "FORMAT_VERSION",
+    "CacheCorruptedError",
+    "CacheMismatchError",
+    "cache_fingerprint",
+    "check_fingerprint",
+    "fingerprint_key",
+    "token_hash",
+]
+
+#: Version of the on-disk layout (file names, tensor names, dtypes). Bump on any change.
+FORMAT_VERSION = 1
+
+#: The components of a fingerprint, in the order mismatches are reported.
+COMPONENTS = ("teacher", "tokenizer", "data", "kind", "params", "format")
+
+# The teacher fields that identify it; the weight digest when the weights were hashed.
+_TEACHER_FIELDS = ("class", "name_or_path", "revision", "weights_sha256", "num_parameters", "vocab_size")
+
+
+class CacheMismatchError(ValueError):
+    """A teacher cache exists but was built for another teacher, tokenizer, data, kind or format."""
+
+
+class CacheCorruptedError(RuntimeError):
+    """A cache file is damaged (checksum mismatch, missing or unreadable shard)."""
+
+
+def cache_fingerprint(
+    *,
+    teacher: Mapping[str, Any] | None,
+    tokenizer: str | None,
+    data: str | None,
+    kind: str,
+    params: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The plain-value fingerprint of a cache (what ``cache.json`` stores under ``fingerprint``).
+
+    Args:
+        teacher: the teacher's identity (:func:`~lightning_distill.models.describe_model`).
+        tokenizer: tokenizer digest, or ``None`` when the data has no tokenizer.
+        data: the data module's fingerprint, or ``None`` (per-sample token hashes still apply).
+        kind: ``"dense"``, ``"topk"`` or ``"sampled"``.
+        params: the kind's parameters and everything else that changes what is stored.
+    """
+    ident = None if teacher is None else {k: teacher.get(k) for k in _TEACHER_FIELDS if k in teacher}
+    return _plain({
+        "teacher": ident,
+        "tokenizer": tokenizer,
+        "data": data,
+        "kind": kind,
+        "params": dict(params),
+        "format": FORMAT_VERSION,
+    })
+
+
+def fingerprint_key(fingerprint: Mapping[str, Any]) -> str:
+    """16 hex digits that name a fingerprint (the default cache folder name)."""
+    blob = json.dumps(_plain(fingerprint), sort_keys=True).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_fingerprint(stored: Mapping[str, Any], current: Mapping[str, Any], *, where: str) -> None:
+    """Raise :class:`CacheMismatchError` naming every component that differs.
+
+    Args:
+        stored: the fingerprint in the cache's ``cache.json``.
+        current: the fingerprint of this run.
+        where: the cache location, for the message.
+    """
+    stored, current = _plain(stored), _plain(current)
+    lines = []
+    for name in COMPONENTS:
+        if stored.get(name) != current.get(name):
+            lines.append(f"  - {name}: cache has {_short(stored.get(name))}, this run has {_short(current.get(name))}")
+    if lines:
+        raise CacheMismatchError(
+            f"the teacher cache at {where} was built for something else, so it is not used:\n"
+            + "\n".join(lines)
+            + "\nRebuild it: delete that folder, point TeacherCache(dirpath=...) at a new one, or pass "
+            "on_mismatch='rebuild' (Hydra: callbacks.teacher_cache.on_mismatch=rebuild)."
+        )
+
+
+# Two independent 31-bit polynomial hashes mod a Mersenne prime, combined into one int64.
+_PRIME = 2**31 - 1
+
+
+def _weights(length: int, seed: int, device: torch.device) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, _PRIME, (length,), generator=g, dtype=torch.int64).to(device)
+
+
+_WEIGHT_CACHE: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+
+
+def token_hash(ids: Tensor, lengths: Tensor) -> Tensor:
+    """A 62-bit hash of each row's first ``lengths[b]`` token ids: ``(B, T)`` -> ``(B,)`` int64.
+
+    Equal rows hash equal; a changed, added or removed token changes the hash (collision
+    chance about 2**-62 for unrelated rows). Used to check that a sample id still names the
+    tokens it named when the cache was built.
+    """
+    ids = ids.reshape(ids.shape[0], -1).to(torch.int64)
+    batch, width = ids.shape
+    key = (width, str(ids.device))
+    if key not in _WEIGHT_CACHE:
+        _WEIGHT_CACHE[key] = (_weights(width, 1, ids.device), _weights(width, 2, ids.device))
+    w1, w2 = _WEIGHT_CACHE[key]
+    keep = torch.arange(width, device=ids.device) < lengths.to(ids.device).unsqueeze(-1)
+    values = torch.where(keep, torch.remainder(ids + 1, _PRIME), 0)
+    # Products stay below 2**62 and sums of up to 2**32 of them are reduced as we go.
+    h1 = torch.remainder(values * w1, _PRIME).sum(-1).remainder(_PRIME)
+    h2 = torch.remainder(values * w2, _PRIME).sum(-1).remainder(_PRIME)
+    h2 = torch.remainder(h2 + lengths.to(ids.device).to(torch.int64), _PRIME)
+    return (h1 << 31) | h2
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _plain(value: Any) -> Any:
+    """JSON round trip: tuples become lists, keys strings, so stored and current compare equal."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))

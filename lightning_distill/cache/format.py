@@ -1,0 +1,319 @@
+"""The on-disk format of cached teacher targets: what one shard holds, and how a batch is read back.
+
+Each shard is a safetensors file (no pickle) holding a run of whole samples. Three groups of
+tensors, by what they are indexed with:
+
+======================  =================  ===================================================
+name                    shape, dtype       what it is
+======================  =================  ===================================================
+``sample.ids``          (S,) int64         stable sample id (the batch's ``sample_id``)
+``sample.lengths``      (S,) int32         positions stored for the sample
+``sample.token_hash``   (S,) int64         hash of its token ids (checked on every read)
+``pos.logits``          (P, V) f16/bf16    dense: the teacher's logits
+``pos.topk_ids``        (P, k) uint         topk: the k most likely ids, most likely first
+``pos.topk_logprobs``   (P, k) float16     topk: their log-probabilities (temperature 1)
+``pos.tail_logprob``    (P,) float16       topk: log of the probability outside them
+``pos.num_entries``     (P,) uint8/16      sampled: distinct ids drawn at the position
+``ent.ids``             (E,) uint          sampled: the distinct drawn ids, per position
+``ent.counts``          (E,) uint8/16      sampled: how often each was drawn (sums to N)
+``ent.logprobs``        (E,) float16       sampled: each id's log-probability (optional)
+``pos.top1``            (P,) uint          sampled: the teacher's most likely id
+``pos.label_logprobs``  (P,) float16       topk/sampled: log-probability of the label (0 if none)
+``pos.hidden.<layer>``  (P, H) f16/bf16    optional teacher hidden states
+======================  =================  ===================================================
+
+With ``compression="zlib"`` the shard file is the zlib stream of those safetensors bytes (the
+checksum covers the file as stored). ``P`` is the sum of the samples' lengths, ``E`` of their ``num_entries``. Ids use the smallest
+unsigned type that holds the vocabulary (uint8, uint16, else int32), counts uint8 when
+``N <= 255``. Positions are the teacher's logit positions (for a causal LM, position ``t``
+scores token ``t + 1``, exactly as the student's logits).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_distill.types import SparseTargets, TeacherTargets
+
+__all__ = ["KINDS", "CacheSpec", "LoadedShard", "assemble", "encode_sample"]
+
+Kind = Literal["dense", "topk", "sampled"]
+KINDS = ("dense", "topk", "sampled")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What kind of targets a cache stores, and with which parameters.
+
+    Attributes:
+        kind: ``"dense"``, ``"topk"`` or ``"sampled"``.
+        vocab_size: the teacher's vocabulary size ``V``.
+        k: ``topk``: ids kept per position.
+        num_samples: ``sampled``: draws ``N`` per position.
+        sample_temperature: ``sampled``: temperature of the distribution the draws come from.
+        seed: ``sampled``: seed of the draws (each sample's draws depend only on it, the split
+            and the sample id, so any number of ranks builds the same cache).
+        dtype: ``"float16"`` or ``"bfloat16"``, for dense logits and hidden states.
+        hidden_layers: indices into the teacher's ``hidden_states`` to store (empty: none).
+        store_logprobs: ``sampled``: also store each drawn id's log-probability (2 bytes per
+            entry), which lets training use a temperature other than ``sample_temperature``.
+        compression: ``"zlib"`` (each shard file is the zlib stream of the safetensors bytes)
+            or ``None``. Sparse targets compress well (sorted ids, small counts).
+    """
+
+    kind: Kind
+    vocab_size: int
+    k: int | None = None
+    num_samples: int | None = None
+    sample_temperature: float = 1.0
+    seed: int = 0
+    dtype: str = "float16"
+    hidden_layers: tuple[int, ...] = field(default_factory=tuple)
+    store_logprobs: bool = True
+    compression: str | None = "zlib"
+
+    def params(self) -> dict[str, Any]:
+        """The parameters that change what is stored (part of the cache's fingerprint)."""
+        params: dict[str, Any] = {"hidden_layers": list(self.hidden_layers)}
+        if self.hidden_layers or self.kind == "dense":
+            params["dtype"] = self.dtype
+        if self.kind == "topk":
+            params["k"] = self.k
+        if self.kind == "sampled":
+            params.update(num_samples=self.num_samples, sample_temperature=self.sample_temperature,
+                          seed=self.seed, store_logprobs=self.store_logprobs)
+        return params
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["hidden_layers"] = list(self.hidden_layers)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CacheSpec:
+        return cls(**{**data, "hidden_layers": tuple(data.get("hidden_layers") or ())})
+
+    @property
+    def value_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def id_dtype(self) -> torch.dtype:
+        """The smallest unsigned integer type that holds every id of the vocabulary."""
+        if self.vocab_size <= 2**8:
+            return torch.uint8
+        if self.vocab_size <= 2**16:
+            return torch.uint16
+        return torch.int32
+
+    @property
+    def count_dtype(self) -> torch.dtype:
+        return torch.uint8 if (self.num_samples or 0) <= 255 else torch.uint16
+
+
+def _sample_generator(spec: CacheSpec, split: str, sample_id: int, device: torch.device) -> torch.Generator:
+    # A seed that depends on (seed, split, sample id) only: draws do not depend on ranks or batches.
+    mixed = (spec.seed * 1_000_003 + sum(map(ord, split)) * 7919 + int(sample_id) * 2_654_435_761) % (2**63 - 1)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(mixed)
+    return generator
+
+
+def _unique_counts(draws: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of ``(L, N)`` draws: distinct ids (ascending), their counts, and how many per row."""
+    ordered = draws.sort(-1).values
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    flat_new = new.reshape(-1)
+    starts = flat_new.nonzero().squeeze(-1)
+    ends = torch.cat([starts[1:], starts.new_tensor([flat_new.numel()])])
+    return ordered.reshape(-1)[starts], ends - starts, new.sum(-1)
+
+
+@torch.no_grad()
+def encode_sample(
+    spec: CacheSpec,
+    logits: Tensor,
+    labels: Tensor | None,
+    *,
+    ignore_index: int,
+    split: str,
+    sample_id: int,
+    hidden: list[Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Turn one sample's teacher output into the tensors a shard stores (on the CPU).
+
+    Args:
+        spec: what to store.
+        logits: ``(L, V)`` the teacher's logits at the sample's ``L`` positions.
+        labels: ``(L,)`` the labels aligned with those positions, or ``None``.
+        ignore_index: label value of positions without a label.
+        split: the split name (part of the sampling seed).
+        sample_id: the sample's stable id (part of the sampling seed).
+        hidden: ``(L, H)`` hidden states of ``spec.hidden_layers``.
+
+    Raises:
+        ValueError: non-finite teacher logits, or dense logits that overflow the 16-bit type.
+    """
+    out: dict[str, Tensor] = {}
+    z = logits.float()
+    if not torch.isfinite(z).all():
+        raise ValueError(f"the teacher's logits for sample {sample_id} ({split}) contain NaN or inf; "
+                         "nothing was cached for it. Check the teacher and its inputs.")
+    if spec.kind == "dense":
+        stored = logits.to(spec.value_dtype)
+        if not torch.isfinite(stored).all():
+            raise ValueError(f"the teacher's logits for sample {sample_id} overflow {spec.dtype} "
+                             f"(largest |logit| {z.abs().max().item():.4g}); use dtype=bfloat16.")
+        out["pos.logits"] = stored.cpu()
+    else:
+        log_p = z.log_softmax(-1)
+        if labels is not None:
+            valid = labels != ignore_index
+            safe = torch.where(valid, labels, 0).long()
+            label_lp = log_p.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+            out["pos.label_logprobs"] = torch.where(valid, label_lp, 0.0).to(torch.float16).cpu()
+        else:
+            out["pos.label_logprobs"] = torch.zeros(z.shape[0], dtype=torch.float16)
+        if spec.kind == "topk":
+            k = min(int(spec.k), z.shape[-1])
+            top_lp, top_ids = log_p.topk(k, dim=-1)
+            rest = log_p.scatter(-1, top_ids, float("-inf"))
+            out["pos.topk_ids"] = top_ids.to(spec.id_dtype).cpu()
+            out["pos.topk_logprobs"] = top_lp.to(torch.float16).cpu()
+            out["pos.tail_logprob"] = torch.logsumexp(rest, -1).to(torch.float16).cpu()
+        else:
+            generator = _sample_generator(spec, split, sample_id, z.device)
+            probs = (z / spec.sample_temperature).softmax(-1)
+            draws = torch.multinomial(probs, int(spec.num_samples), replacement=True, generator=generator)
+            ids, counts, per_row = _unique_counts(draws)
+            rows = torch.repeat_interleave(torch.arange(z.shape[0], device=z.device), per_row)
+            out["pos.num_entries"] = per_row.to(spec.count_dtype).cpu()
+            out["ent.ids"] = ids.to(spec.id_dtype).cpu()
+            out["ent.counts"] = counts.to(spec.count_dtype).cpu()
+            if spec.store_logprobs:
+                out["ent.logprobs"] = log_p[rows, ids].to(torch.float16).cpu()
+            out["pos.top1"] = z.argmax(-1).to(spec.id_dtype).cpu()
+    for layer, states in zip(spec.hidden_layers, hidden or [], strict=False):
+        out[f"pos.hidden.{layer}"] = states.to(spec.value_dtype).cpu()
+    return out
+
+
+class LoadedShard:
+    """A shard's tensors in memory, with the offsets that find a sample's positions and entries."""
+
+    def __init__(self, tensors: dict[str, Tensor]) -> None:
+        self.tensors = tensors
+        lengths = tensors["sample.lengths"].to(torch.int64)
+        self.pos_offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).tolist()
+        self.ent_offsets: list[int] | None = None
+        if "pos.num_entries" in tensors:
+            counts = tensors["pos.num_entries"].to(torch.int64)
+            self.ent_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
+
+    @property
+    def sample_ids(self) -> Tensor:
+        return self.tensors["sample.ids"]
+
+    def pieces(self, row: int) -> dict[str, Tensor]:
+        """Views of one sample's tensors (``sample.*`` as 1-element tensors)."""
+        p0, p1 = self.pos_offsets[row], self.pos_offsets[row + 1]
+        out = {}
+        for name, tensor in self.tensors.items():
+            if name.startswith("sample."):
+                out[name] = tensor[row : row + 1]
+            elif name.startswith("pos."):
+                out[name] = tensor[p0:p1]
+        if self.ent_offsets is not None:
+            e0, e1 = self.ent_offsets[p0], self.ent_offsets[p1]
+            for name in ("ent.ids", "ent.counts", "ent.logprobs"):
+                if name in self.tensors:
+                    out[name] = self.tensors[name][e0:e1]
+        return out
+
+
+def _pad_positions(flat: Tensor, lengths: list[int], width: int, fill: float | int) -> Tensor:
+    """``(sum L, ...)`` rows of B samples -> ``(B, width, ...)``, positions past a length = fill."""
+    batch = len(lengths)
+    if all(n == width for n in lengths):
+        return flat.reshape(batch, width, *flat.shape[1:])
+    out = flat.new_full((batch, width, *flat.shape[1:]), fill)
+    starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    for b, n in enumerate(lengths):
+        out[b, :n] = flat[starts[b] : starts[b] + n]
+    return out
+
+
+def assemble(
+    spec: CacheSpec,
+    pieces: list[dict[str, Tensor]],
+    position_shape: tuple[int, ...],
+    device: torch.device,
+) -> TeacherTargets:
+    """Batch the pieces of B samples into :class:`TeacherTargets` shaped like the batch.
+
+    Args:
+        spec: the cache's spec.
+        pieces: one :meth:`LoadedShard.pieces` per sample, in batch order.
+        position_shape: the batch's position shape ``(B, T)`` (or ``(B,)`` for one position
+            per sample, as a classifier).
+        device: where the targets go.
+    """
+    lengths = [int(p["sample.lengths"][0]) for p in pieces]
+    width = math.prod(position_shape[1:]) if len(position_shape) > 1 else 1
+
+    def cat(name: str) -> Tensor:
+        return torch.cat([p[name] for p in pieces]).to(device, non_blocking=True)
+
+    def shaped(name: str, fill: float | int, dtype: torch.dtype) -> Tensor:
+        flat = cat(name).to(dtype)
+        padded = _pad_positions(flat, lengths, width, fill)
+        return padded.reshape(*position_shape, *flat.shape[1:])
+
+    hidden = tuple(shaped(f"pos.hidden.{layer}", 0.0, torch.float32) for layer in spec.hidden_layers) or None
+    if spec.kind == "dense":
+        return TeacherTargets(logits=shaped("pos.logits", 0.0, torch.float32), hidden_states=hidden)
+
+    label_logprobs = shaped("pos.label_logprobs", 0.0, torch.float32)
+    if spec.kind == "topk":
+        ids = shaped("pos.topk_ids", -1, torch.int64)
+        sparse = SparseTargets(
+            kind="topk", ids=ids, logprobs=shaped("pos.topk_logprobs", 0.0, torch.float32),
+            vocab_size=spec.vocab_size, tail_logprob=shaped("pos.tail_logprob", 0.0, torch.float32),
+        )
+        return TeacherTargets(sparse=sparse, label_logprobs=label_logprobs, top1=ids[..., 0],
+                              hidden_states=hidden)
+
+    # sampled: ragged entries -> (positions, K) padded with id -1 and count 0.
+    per_pos = cat("pos.num_entries").to(torch.int64)
+    n_pos = per_pos.numel()
+    width_k = max(int(per_pos.max()), 1) if n_pos else 1
+    starts = per_pos.cumsum(0) - per_pos
+    row = torch.repeat_interleave(torch.arange(n_pos, device=device), per_pos)
+    col = torch.arange(row.numel(), device=device) - starts[row]
+    ids = torch.full((n_pos, width_k), -1, dtype=torch.int64, device=device)
+    counts = torch.zeros((n_pos, width_k), dtype=torch.float32, device=device)
+    ids[row, col] = cat("ent.ids").to(torch.int64)
+    counts[row, col] = cat("ent.counts").to(torch.float32)
+    logprobs = None
+    if spec.store_logprobs:
+        logprobs = torch.zeros((n_pos, width_k), dtype=torch.float32, device=device)
+        logprobs[row, col] = cat("ent.logprobs").to(torch.float32)
+
+    def batch_shape(flat: Tensor, fill: float | int) -> Tensor:
+        return _pad_positions(flat, lengths, width, fill).reshape(*position_shape, width_k)
+
+    sparse = SparseTargets(
+        kind="sampled", ids=batch_shape(ids, -1),
+        logprobs=None if logprobs is None else batch_shape(logprobs, 0.0),
+        vocab_size=spec.vocab_size, counts=batch_shape(counts, 0.0), num_samples=int(spec.num_samples),
+        sample_temperature=float(spec.sample_temperature),
+    )
+    return TeacherTargets(sparse=sparse, label_logprobs=label_logprobs,
+                          top1=shaped("pos.top1", 0, torch.int64), hidden_states=hidden)

@@ -1,0 +1,173 @@
+"""Reading a cache: sample ids -> the teacher targets of a batch, checksums verified."""
+
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from torch import Tensor
+
+from lightning_distill.cache.fingerprint import CacheCorruptedError, CacheMismatchError, token_hash
+from lightning_distill.cache.format import CacheSpec, LoadedShard, assemble
+from lightning_distill.cache.storage import CacheStorage, sha256_bytes
+from lightning_distill.types import TeacherTargets
+
+__all__ = ["SplitReader"]
+
+
+class SplitReader:
+    """The cached targets of one split.
+
+    Shards are loaded whole on first use, their sha256 checked against the index, and the
+    ``max_shards_in_memory`` most recently used ones kept. Lookups go through the sorted
+    sample-id table, so a batch in any order and of any size finds its samples.
+
+    Args:
+        storage: the cache root.
+        split: the split to read.
+        spec: the cache's spec (from ``cache.json``).
+        max_shards_in_memory: shards kept loaded (least recently used dropped first).
+
+    Raises:
+        CacheCorruptedError: the index or the sample table is missing or unreadable.
+    """
+
+    def __init__(self, storage: CacheStorage, split: str, spec: CacheSpec, *, max_shards_in_memory: int = 8) -> None:
+        self.storage = storage
+        self.split = split
+        self.spec = spec
+        self.max_shards_in_memory = max(1, int(max_shards_in_memory))
+        try:
+            self.index = storage.read_json(split, "index.json")
+            table = load_safetensors(storage.read_bytes(split, "sample_index.safetensors"))
+        except FileNotFoundError as error:
+            raise CacheCorruptedError(
+                f"the cache at {storage.url} has no complete index for split {split!r} ({error}); "
+                "run the build again (it resumes)."
+            ) from None
+        self.sample_ids: Tensor = table["sample_id"]
+        self.shard_of: Tensor = table["shard"]
+        self.row_of: Tensor = table["row"]
+        self._shards: OrderedDict[int, LoadedShard] = OrderedDict()
+
+    def __len__(self) -> int:
+        return int(self.sample_ids.numel())
+
+    @property
+    def positions(self) -> int:
+        return int(self.index["positions"])
+
+    @property
+    def bytes(self) -> int:
+        return int(self.index["bytes"])
+
+    def _locate(self, sample_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``searchsorted`` into the id table; returns (where, found)."""
+        ids = sample_ids.to("cpu", torch.int64).reshape(-1)
+        where = torch.searchsorted(self.sample_ids, ids).clamp_max(max(len(self) - 1, 0))
+        found = (self.sample_ids[where] == ids) if len(self) else torch.zeros_like(ids, dtype=torch.bool)
+        return where, found
+
+    def absent_shards(self) -> list[str]:
+        """Shards the index lists that are not in storage (deleted after damage): rebuilt by a build."""
+        present = set(self.storage.list(self.split, "shards"))
+        return [entry["file"] for entry in self.index["shards"] if entry["file"] not in present]
+
+    def missing(self, sample_ids: Tensor) -> Tensor:
+        """The ids among ``sample_ids`` the cache does not hold."""
+        ids = sample_ids.to("cpu", torch.int64).reshape(-1)
+        _, found = self._locate(ids)
+        return ids[~found]
+
+    def _shard(self, number: int) -> LoadedShard:
+        shard = self._shards.get(number)
+        if shard is not None:
+            self._shards.move_to_end(number)
+            return shard
+        entry = self.index["shards"][number]
+        where = f"{self.storage.path(self.split, 'shards', entry['file'])}"
+        fix = ("Delete that file (and nothing else): the next run with this cache rebuilds just its "
+               "samples.")
+        try:
+            data = self.storage.read_bytes(self.split, "shards", entry["file"])
+        except FileNotFoundError:
+            raise CacheCorruptedError(f"cache shard {where} is missing. {fix}") from None
+        if sha256_bytes(data) != entry["sha256"]:
+            raise CacheCorruptedError(
+                f"cache shard {where} is corrupted: its sha256 does not match the index "
+                f"(a flipped or truncated byte). {fix}"
+            )
+        try:
+            if self.spec.compression == "zlib":
+                data = zlib.decompress(data)
+            shard = LoadedShard(load_safetensors(data))
+        except Exception as error:  # safetensors raises its own error types
+            raise CacheCorruptedError(f"cache shard {where} cannot be read ({error}). {fix}") from None
+        self._shards[number] = shard
+        while len(self._shards) > self.max_shards_in_memory:
+            self._shards.popitem(last=False)
+        return shard
+
+    def read(
+        self,
+        sample_ids: Tensor,
+        position_shape: tuple[int, ...],
+        device: torch.device | str,
+        *,
+        input_ids: Tensor | None = None,
+    ) -> TeacherTargets:
+        """The targets of a batch, shaped like its positions ``(B, T)``.
+
+        Args:
+            sample_ids: ``(B,)`` the batch's stable sample ids.
+            position_shape: ``(B, T)`` (or ``(B,)``), the shape of the student's logits
+                without the vocabulary.
+            device: where the targets go.
+            input_ids: ``(B, T)`` the batch's token ids; when given, each sample's stored token
+                hash is checked against them.
+
+        Raises:
+            CacheMismatchError: a sample id the cache lacks, a sample whose tokens changed, or a
+                sample with more stored positions than the batch has.
+            CacheCorruptedError: a damaged shard.
+        """
+        ids = sample_ids.to("cpu", torch.int64).reshape(-1)
+        where, found = self._locate(ids)
+        if not bool(found.all()):
+            absent = ids[~found][:5].tolist()
+            raise CacheMismatchError(
+                f"the teacher cache at {self.storage.url} has no targets for sample ids {absent} of split "
+                f"{self.split!r}; the data serves samples the cache was not built for. Rebuild (resume) the "
+                "cache for this data: it builds only the missing samples."
+            )
+        shards, rows = self.shard_of[where].tolist(), self.row_of[where].tolist()
+        pieces = [self._shard(s).pieces(r) for s, r in zip(shards, rows, strict=True)]
+        width = 1
+        for n in position_shape[1:]:
+            width *= n
+        lengths = torch.cat([p["sample.lengths"] for p in pieces]).to(torch.int64)
+        if int(lengths.max()) > width:
+            bad = int(lengths.argmax())
+            raise CacheMismatchError(
+                f"sample {ids[bad].item()} ({self.split}) has {int(lengths[bad])} cached positions but the batch "
+                f"has {width}; the data's sequence length changed since the cache was built. Rebuild the cache."
+            )
+        if input_ids is not None:
+            stored = torch.cat([p["sample.token_hash"] for p in pieces])
+            current = token_hash(input_ids.reshape(len(ids), -1), lengths.to(input_ids.device)).cpu()
+            changed = (stored != current).nonzero().squeeze(-1)
+            if changed.numel():
+                raise CacheMismatchError(
+                    f"sample ids {ids[changed][:5].tolist()} ({self.split}) now hold other tokens than when the "
+                    f"teacher cache at {self.storage.url} was built: the data changed under the same ids. "
+                    "Rebuild the cache (delete it or pass on_mismatch='rebuild')."
+                )
+        return assemble(self.spec, pieces, tuple(position_shape), torch.device(device))
+
+    def describe(self) -> dict[str, Any]:
+        positions = max(self.positions, 1)
+        return {"samples": len(self), "positions": self.positions, "bytes": self.bytes,
+                "bytes_per_token": self.bytes / positions, "shards": len(self.index["shards"])}
