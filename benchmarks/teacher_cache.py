@@ -44,6 +44,9 @@ KINDS = {
     "topk64": {"kind": "topk", "k": 64},
     "sampled16": {"kind": "sampled", "num_samples": 16},
     "sampled50": {"kind": "sampled", "num_samples": 50},
+    "sampled50+logprobs": {"kind": "sampled", "num_samples": 50, "store_logprobs": True},
+    "sampled50 uncompressed": {"kind": "sampled", "num_samples": 50, "compression": None},
+    "topk32 uncompressed": {"kind": "topk", "k": 32, "compression": None},
 }
 
 
@@ -108,7 +111,12 @@ def part_bytes(demo: Demo, root: Path) -> list[str]:
            f"{demo.data.vocab_size}\n", "| kind | params | bytes/token | / dense | cache MiB | build s |",
            "|---|---|---:|---:|---:|---:|"]
     for name, params, info, seconds in rows:
-        shown = {k: v for k, v in params.items() if k not in ("hidden_layers", "dtype", "seed")}
+        shown = {k: v for k, v in params.items()
+                 if k not in ("hidden_layers", "dtype", "seed", "sample_temperature", "store_logprobs")}
+        if params.get("store_logprobs"):
+            shown["logprobs"] = True
+        if KINDS[name].get("compression", "zlib") is None:
+            shown["compression"] = None
         out.append(f"| {name} | {shown or ''} | {info['bytes_per_token']:.1f} | {info['bytes_per_token'] / dense:.4f} "
                    f"| {info['bytes'] / 2**20:.1f} | {seconds:.0f} |")
     return out
@@ -153,13 +161,13 @@ STEP_VARIANTS = {
     "cached sampled N=50, T=1": (True, "sampled50", 1.0),
     "cached top-k 32, T=1": (True, "topk32", 1.0),
     "cached dense, T=1": (True, "dense", 1.0),
-    "cached sampled N=50, T=2": (True, "sampled50", 2.0),
+    "cached sampled N=50 (+logprobs), T=2": (True, "sampled50+logprobs", 2.0),
     "live teacher, T=1": (True, None, 1.0),
 }
 
 
 def part_step(demo: Demo, root: Path, steps: int, repeats: int) -> list[str]:
-    for name in ("sampled50", "topk32", "dense"):
+    for name in ("sampled50", "sampled50+logprobs", "topk32", "dense"):
         cache(root, name).prepare(demo.module(losses()), demo.data)
     results: dict[str, list[float]] = {k: [] for k in STEP_VARIANTS}
     warmup = 10

@@ -38,6 +38,8 @@ class SparseTargets:
         counts: ``sampled`` only: ``(..., K)`` draws per id (0 at padding).
         num_samples: ``sampled`` only: draws per position ``N``.
         sample_temperature: ``sampled`` only: temperature of the distribution the draws came from.
+        verified: the ids are known to be distinct per position and below ``vocab_size`` (set by
+            the teacher cache, which writes them that way), so the losses skip checking them.
     """
 
     kind: Literal["topk", "sampled"]
@@ -48,6 +50,7 @@ class SparseTargets:
     counts: Tensor | None = None
     num_samples: int | None = None
     sample_temperature: float = 1.0
+    verified: bool = False
 
     @property
     def valid(self) -> Tensor:

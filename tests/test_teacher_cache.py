@@ -598,3 +598,34 @@ def test_fit_from_cache_releases_the_teacher_and_follows_a_schedule(tmp_path):
     assert [t for t, _ in seen] == pytest.approx([3.0, 2.6, 2.2, 1.8, 1.4, 1.0])
     assert all(has for _, has in seen)  # the targets were attached (Watch runs after the cache)
     assert math.isfinite(float(trainer.callback_metrics["val/kd"]))
+
+
+def test_sampled_without_logprobs_refuses_another_temperature_before_building(tmp_path):
+    from lightning_distill.callbacks import TemperatureSchedule
+
+    for extra, mod in (([], module(kd=LogitKD(temperature=2.0))),
+                       ([TemperatureSchedule(temperature={"shape": "linear", "start": 2.0, "end": 1.0})], module())):
+        cache = TeacherCache(str(tmp_path / "c"), kind="sampled", splits=["train"], progress=False)
+        trainer = L.Trainer(max_steps=1, callbacks=[cache, *extra], logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        with pytest.raises(ValueError, match="exact only at sample_temperature=1.*store_logprobs=True"):
+            trainer.fit(mod, Data(Blocks()))
+        assert not (tmp_path / "c").exists()  # refused before any work
+
+
+def test_fast_path_for_cached_samples_equals_the_general_rule(tmp_path):
+    import dataclasses
+
+    from lightning_distill.losses import functional as LF
+
+    cache, _, _ = prepare(tmp_path, "sampled", num_samples=20, store_logprobs=True)
+    data = Blocks()
+    sparse = cache.readers["train"].read(data.sample_ids[[0, 7]], (2, SEQ), "cpu").sparse
+    assert sparse.verified
+    fast = LF.sparse_target_logprobs(sparse, 1.0)
+    general = LF.sparse_target_logprobs(dataclasses.replace(sparse, verified=False), 1.0)
+    valid = fast[3]
+    assert torch.equal(valid, general[3])
+    assert torch.equal(fast[0][valid], general[0][valid])
+    torch.testing.assert_close(fast[1], general[1])
+    torch.testing.assert_close(fast[2], general[2])

@@ -212,10 +212,27 @@ class LoadedShard:
         self.tensors = tensors
         lengths = tensors["sample.lengths"].to(torch.int64)
         self.pos_offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).tolist()
-        self.ent_offsets: list[int] | None = None
         if "pos.num_entries" in tensors:
-            counts = tensors["pos.num_entries"].to(torch.int64)
-            self.ent_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
+            self._pad_entries(tensors)
+
+    def _pad_entries(self, tensors: dict[str, Tensor]) -> None:
+        """Ragged sampled entries -> ``(P, K_max)`` rows (id -1, count 0 at padding), once per load,
+        so reading a batch is row slicing. Memory: about ``K_max / mean entries`` times the ragged
+        size (the LRU of loaded shards bounds it)."""
+        per_pos = tensors.pop("pos.num_entries").to(torch.int64)
+        n_pos = per_pos.numel()
+        width = max(int(per_pos.max()), 1) if n_pos else 1
+        row = torch.repeat_interleave(torch.arange(n_pos), per_pos)
+        col = torch.arange(row.numel()) - (per_pos.cumsum(0) - per_pos)[row]
+        ids = torch.full((n_pos, width), -1, dtype=torch.int32)
+        ids[row, col] = tensors.pop("ent.ids").to(torch.int32)
+        counts = torch.zeros((n_pos, width), dtype=tensors["ent.counts"].dtype)
+        counts[row, col] = tensors.pop("ent.counts")
+        tensors["pos.entry_ids"], tensors["pos.entry_counts"] = ids, counts
+        if "ent.logprobs" in tensors:
+            logprobs = torch.zeros((n_pos, width), dtype=torch.float16)
+            logprobs[row, col] = tensors.pop("ent.logprobs")
+            tensors["pos.entry_logprobs"] = logprobs
 
     @property
     def sample_ids(self) -> Tensor:
@@ -230,11 +247,6 @@ class LoadedShard:
                 out[name] = tensor[row : row + 1]
             elif name.startswith("pos."):
                 out[name] = tensor[p0:p1]
-        if self.ent_offsets is not None:
-            e0, e1 = self.ent_offsets[p0], self.ent_offsets[p1]
-            for name in ("ent.ids", "ent.counts", "ent.logprobs"):
-                if name in self.tensors:
-                    out[name] = self.tensors[name][e0:e1]
         return out
 
 
@@ -286,34 +298,27 @@ def assemble(
         sparse = SparseTargets(
             kind="topk", ids=ids, logprobs=shaped("pos.topk_logprobs", 0.0, torch.float32),
             vocab_size=spec.vocab_size, tail_logprob=shaped("pos.tail_logprob", 0.0, torch.float32),
+            verified=True,
         )
         return TeacherTargets(sparse=sparse, label_logprobs=label_logprobs, top1=ids[..., 0],
                               hidden_states=hidden)
 
-    # sampled: ragged entries -> (positions, K) padded with id -1 and count 0.
-    per_pos = cat("pos.num_entries").to(torch.int64)
-    n_pos = per_pos.numel()
-    width_k = max(int(per_pos.max()), 1) if n_pos else 1
-    starts = per_pos.cumsum(0) - per_pos
-    row = torch.repeat_interleave(torch.arange(n_pos, device=device), per_pos)
-    col = torch.arange(row.numel(), device=device) - starts[row]
-    ids = torch.full((n_pos, width_k), -1, dtype=torch.int64, device=device)
-    counts = torch.zeros((n_pos, width_k), dtype=torch.float32, device=device)
-    ids[row, col] = cat("ent.ids").to(torch.int64)
-    counts[row, col] = cat("ent.counts").to(torch.float32)
-    logprobs = None
-    if spec.store_logprobs:
-        logprobs = torch.zeros((n_pos, width_k), dtype=torch.float32, device=device)
-        logprobs[row, col] = cat("ent.logprobs").to(torch.float32)
+    # sampled: rows of (K_max) entries, padded at load; shards may differ in K_max.
+    width_k = max(p["pos.entry_ids"].shape[-1] for p in pieces)
 
-    def batch_shape(flat: Tensor, fill: float | int) -> Tensor:
+    def entries(name: str, fill: float | int, dtype: torch.dtype) -> Tensor:
+        parts = [p[name] if p[name].shape[-1] == width_k else
+                 torch.nn.functional.pad(p[name].to(dtype), (0, width_k - p[name].shape[-1]), value=fill)
+                 for p in pieces]
+        flat = torch.cat(parts).to(device, non_blocking=True).to(dtype)
         return _pad_positions(flat, lengths, width, fill).reshape(*position_shape, width_k)
 
+    logprobs = entries("pos.entry_logprobs", 0.0, torch.float32) if spec.store_logprobs else None
     sparse = SparseTargets(
-        kind="sampled", ids=batch_shape(ids, -1),
-        logprobs=None if logprobs is None else batch_shape(logprobs, 0.0),
-        vocab_size=spec.vocab_size, counts=batch_shape(counts, 0.0), num_samples=int(spec.num_samples),
-        sample_temperature=float(spec.sample_temperature),
+        kind="sampled", ids=entries("pos.entry_ids", -1, torch.int64), logprobs=logprobs,
+        vocab_size=spec.vocab_size, counts=entries("pos.entry_counts", 0, torch.float32),
+        num_samples=int(spec.num_samples),
+        sample_temperature=float(spec.sample_temperature), verified=True,
     )
     return TeacherTargets(sparse=sparse, label_logprobs=label_logprobs,
                           top1=shaped("pos.top1", 0, torch.int64), hidden_states=hidden)

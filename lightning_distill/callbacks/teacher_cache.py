@@ -510,7 +510,30 @@ class TeacherCache(Callback):
                 if getattr(pl_module, "vocab_mismatch", "error") == "slice" else "")
         raise ValueError(pl_module._vocab_message(student_vocab, vt) + hint)
 
+    def _check_temperatures(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Sampled targets without log-probabilities are exact only at their sample temperature:
+        refuse, before anything is built, a run that would train at another."""
+        if self.kind != "sampled" or self.store_logprobs:
+            return
+        from lightning_distill.callbacks.temperature import TemperatureSchedule
+
+        scheduled = any(isinstance(cb, TemperatureSchedule) and cb.temperature is not None
+                        and set(cb.temperature.corners().values()) != {self.sample_temperature}
+                        for cb in trainer.callbacks)
+        terms = getattr(pl_module, "losses", {})
+        other = {n: t.temperature for n, t in terms.items()
+                 if getattr(t, "requires_teacher", False) and getattr(t, "temperature", self.sample_temperature)
+                 != self.sample_temperature}
+        if scheduled or other:
+            what = "a TemperatureSchedule changes the temperature" if scheduled else f"terms train at {other}"
+            raise ValueError(
+                f"TeacherCache(kind='sampled', store_logprobs=False) is exact only at sample_temperature="
+                f"{self.sample_temperature:g}, but {what}; pass store_logprobs=True (importance reweighting to "
+                f"any temperature) or sample_temperature equal to the training temperature."
+            )
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_temperatures(trainer, pl_module)
         self._prepare_for(trainer, pl_module, list(self.splits))
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

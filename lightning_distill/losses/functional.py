@@ -140,9 +140,10 @@ def _mse_grad(zs: Tensor, zt: Tensor, labels: Tensor | None, out: Tensor) -> Ten
 def _ce_grad(zs: Tensor, zt: Tensor | None, labels: Tensor | None, out: Tensor) -> Tensor:
     assert labels is not None  # internal: cross_entropy always passes labels
     safe = labels.clamp_min(0).unsqueeze(-1)
-    log_q = zs.log_softmax(-1)
-    rows = log_q.gather(-1, safe).squeeze(-1).neg_()
-    torch.exp(log_q, out=out).scatter_add_(-1, safe, torch.full_like(safe, -1.0, dtype=out.dtype))
+    # log-softmax straight into the gradient buffer, then exp in place: no (n, V) temporary.
+    torch.log_softmax(zs, -1, out=out)
+    rows = out.gather(-1, safe).squeeze(-1).neg_()
+    out.exp_().scatter_add_(-1, safe, torch.full_like(safe, -1.0, dtype=out.dtype))
     return rows
 
 
@@ -886,6 +887,16 @@ def _check_sparse_against_student(targets: SparseTargets, student_logits: Tensor
         )
     if ids.numel() == 0:
         return
+    if targets.verified:
+        # Written by the teacher cache: ids are distinct and < vocab_size by construction, so
+        # the vocabulary check is static and no device sync is needed.
+        if targets.vocab_size > student_logits.shape[-1]:
+            raise ValueError(
+                f"sparse targets come from a teacher vocabulary of {targets.vocab_size} ids but the "
+                f"student's vocabulary has {student_logits.shape[-1]}; the student must cover every "
+                "teacher id."
+            )
+        return
     ordered = ids.sort(-1).values
     repeated = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()
     max_id, has_repeat = torch.stack([ids.max().long(), repeated.long()]).tolist()
@@ -948,6 +959,8 @@ def sparse_target_logprobs(
     """
     _check_sparse_targets(targets)
     temperature = _check_temperature(temperature)
+    if targets.kind == "sampled" and targets.verified and temperature == float(targets.sample_temperature):
+        return _sampled_at_draw_temperature(targets)
     ids = targets.ids.long()
     valid = ids >= 0
     first_real = valid.to(torch.uint8).argmax(-1, keepdim=True)  # 0 in a row without entries
@@ -992,6 +1005,32 @@ def sparse_target_logprobs(
         log_norm = torch.where(no_mass, 0.0, mass)
     log_p = torch.where(valid, (head - log_norm.unsqueeze(-1)).clamp_min(_NEG), _NEG)
     log_p_rest = torch.where(no_mass, 0.0, (rest - log_norm).clamp_min(_NEG))
+    return ids, log_p, log_p_rest, valid
+
+
+_LOG_COUNT_TABLES: dict[tuple[int, str], Tensor] = {}
+
+
+def _sampled_at_draw_temperature(targets: SparseTargets) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`sparse_target_logprobs` of cache-written sampled targets at their own temperature.
+
+    The same values in a handful of operations (this runs every step): the cache stores every
+    distinct draw of a position first (padding after), so the counts sum to ``num_samples`` and
+    the first entry of a row is real unless the row is empty.
+    """
+    ids = targets.ids.long()
+    valid = ids >= 0
+    ids = torch.where(valid, ids, ids[..., :1]).clamp_min_(0)
+    # log(count / N) by table lookup: counts are small integers, and log(0) is slow on CPUs.
+    n = int(targets.num_samples)
+    key = (n, str(ids.device))
+    table = _LOG_COUNT_TABLES.get(key)
+    if table is None:
+        table = (torch.arange(n + 1, dtype=torch.float64) / n).log().clamp_min(_NEG).float().to(ids.device)
+        _LOG_COUNT_TABLES[key] = table
+    log_p = table[targets.counts.long().clamp_(0, n)]
+    empty = ~valid[..., 0]
+    log_p_rest = torch.where(empty, 0.0, _NEG)
     return ids, log_p, log_p_rest, valid
 
 
@@ -1269,64 +1308,83 @@ def _fused_chunk(
     labels: Tensor,
     mask: Tensor,
     out: Tensor,
-    saved: tuple[Tensor, Tensor, Tensor] | None,
+    saved: tuple[Tensor, Tensor] | None,
+    exact_rest: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """One chunk of :func:`fused_forward_kl_and_ce`: ``(kd sum, ce sum)`` at temperature 1.
 
-    Writes into ``out`` (float32, the chunk's rows of the gradient buffer) q = softmax(z)
-    (dense teacher) or each id's share of the rest bucket (sparse, see
-    :func:`_rest_shares_into`), and for sparse targets the rows' q at the ids, q_rest and the
-    shares' norm into ``saved``.
+    Writes q = softmax(z) into ``out`` (float32, the chunk's rows of the gradient buffer): a
+    log-softmax into ``out``, then exp in place, as the cross-entropy alone does. For sparse targets the
+    student's coarse distribution comes from q at the ids (a gather) and q_rest, the mass off
+    the ids: summed exactly (the ids zeroed for one read pass, then restored) when the teacher
+    has a rest bucket (``exact_rest``), else ``1 - sum q_ids`` (it then only matters on rows
+    without ids, where it is exactly 1). ``saved`` receives q at the ids and q_rest.
     """
-    log_q = student.detach().float().log_softmax(-1)
+    torch.log_softmax(student.detach().float(), -1, out=out)  # log q, in the buffer
     safe = torch.where(mask, labels, 0).unsqueeze(-1)
-    ce_rows = log_q.gather(-1, safe).squeeze(-1).neg_()
+    ce_rows = out.gather(-1, safe).squeeze(-1).neg_()
     if isinstance(teacher, _CoarseTeacher):
-        coarse_q, norm = _rest_shares_into(log_q, teacher, out)
-        kd_rows = _SPARSE_FORWARD_KL.rows_from_coarse(coarse_q, teacher, None)
+        ids, valid = teacher.ids, teacher.valid
+        log_q_ids = out.gather(-1, ids).masked_fill_(~valid, _NEG)
+        out.exp_()  # q
+        q_all = out.gather(-1, ids)  # padding repeats a real id of its row: same value
+        q_ids = torch.where(valid, q_all, 0.0)
+        if exact_rest:  # a top-k tail bucket: the coarse formula, renormalised as sparse_forward_kl does
+            out.scatter_(-1, ids, 0.0)
+            q_rest = out.sum(-1, keepdim=True)
+            out.scatter_(-1, ids, q_all)
+            log_q_rest = q_rest.clamp_min(1e-38).log().clamp_min_(_NEG)
+            coarse_q = torch.cat([log_q_ids, log_q_rest], -1)
+            kd_rows = _SPARSE_FORWARD_KL.rows_from_coarse(coarse_q, teacher, None)
+            p = teacher.coarse().softmax(-1)
+            p_ids, p_rest = p[:, :-1], p[:, -1:]
+        else:  # sampled: the teacher's mass is on the ids (all of it in the rest only in empty rows)
+            q_rest = (1.0 - q_ids.sum(-1, keepdim=True)).clamp_min_(0.0)
+            p_ids = teacher.log_p.exp()  # 0 at padding
+            p_rest = teacher.log_p_rest.exp().unsqueeze(-1)
+            kd_rows = (p_ids * (teacher.log_p - log_q_ids)).sum(-1)
+            if teacher.kl_offset is not None:
+                kd_rows = kd_rows + teacher.kl_offset
         if saved is not None:
-            q_ids, q_rest, shares_norm = saved
-            torch.exp(coarse_q[:, :-1], out=q_ids)
-            torch.exp(coarse_q[:, -1:], out=q_rest)
-            shares_norm.copy_(norm)
+            for into, value in zip(saved, (q_ids, q_rest, p_ids, p_rest), strict=True):
+                into.copy_(value)
     else:
-        torch.exp(log_q, out=out)
         log_p = teacher.detach().float().log_softmax(-1)
         p = log_p.exp()
-        kd_rows = log_p.clamp_min_(_LOG_FLOOR).sub_(log_q).mul_(p).sum(-1)
+        kd_rows = log_p.clamp_min_(_LOG_FLOOR).sub_(out).mul_(p).sum(-1)
+        out.exp_()  # q
     return torch.where(mask, kd_rows, 0.0).sum(), torch.where(mask, ce_rows, 0.0).sum()
 
 
 class _FusedForwardKLAndCE(torch.autograd.Function):
     """``(kd_sum, ce_sum)`` with one (N, V) float32 buffer for both gradients.
 
-    Forward takes one log-softmax of the student per chunk, the two values, and keeps one buffer
-    B: q (dense teacher) or the rest shares w (sparse). Backward receives (g_kd, g_ce) and builds
+    Forward takes one softmax of the student per chunk (q, in the buffer B) and the two values.
+    Backward receives (g_kd, g_ce) and builds
     d(g_kd * kd + g_ce * ce)/dz = g_kd (q - P^) + g_ce (q - onehot(label)) in place in B:
 
     * dense:  B <- (g_kd + g_ce) q - g_kd softmax(teacher)  (the teacher's softmax recomputed
       per chunk), then - g_ce at the labels;
-    * sparse: off the ids q - P^ = w (q_rest - p_rest) and q = w q_rest, so
-      B <- w ((g_kd + g_ce) q_rest - g_kd p_rest), then + (g_kd + g_ce) q_k - g_kd p_k at the
-      ids (scatter_add) and - g_ce at the labels;
+    * sparse: P^ is p_k at the ids and q_m p_rest / q_rest off them, so with f = p_rest / q_rest
+      B <- q (g_kd + g_ce - g_kd f) (one scaling pass), then + g_kd (f q_k - p_k) at the ids
+      (scatter_add) and - g_ce at the labels (f = 0 for sampled targets: no rest mass);
 
     masked rows zero. Like :class:`_ChunkedSum`, the buffer is consumed by the first backward.
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, mask, chunk):  # type: ignore[override]
+    def forward(ctx, student, teacher, labels, mask, chunk, exact_rest):  # type: ignore[override]
         n_rows, vocab = student.shape
         buf = torch.empty((n_rows, vocab), dtype=torch.float32, device=student.device)
         kd = torch.zeros((), dtype=torch.float32, device=student.device)
         ce = torch.zeros((), dtype=torch.float32, device=student.device)
         saved = None
         if isinstance(teacher, _CoarseTeacher):
-            saved = (torch.empty(teacher.ids.shape, dtype=torch.float32, device=student.device),
-                     torch.empty((n_rows, 1), dtype=torch.float32, device=student.device),
-                     torch.empty((n_rows, 1), dtype=torch.float32, device=student.device))
+            saved = tuple(torch.empty(shape, dtype=torch.float32, device=student.device)
+                          for shape in (teacher.ids.shape, (n_rows, 1), teacher.ids.shape, (n_rows, 1)))
         for start, end, s, t, lab, m in _chunks(n_rows, chunk, student, teacher, labels, mask):
             rows_saved = None if saved is None else tuple(x[start:end] for x in saved)
-            kd_chunk, ce_chunk = _fused_chunk(s, t, lab, m, buf[start:end], rows_saved)
+            kd_chunk, ce_chunk = _fused_chunk(s, t, lab, m, buf[start:end], rows_saved, exact_rest)
             kd += kd_chunk
             ce += ce_chunk
         ctx.buf, ctx.saved, ctx.teacher = buf, saved, teacher
@@ -1346,11 +1404,12 @@ class _FusedForwardKLAndCE(torch.autograd.Function):
         g_both = g_kd + g_ce
         teacher = ctx.teacher
         if ctx.saved is not None:
-            q_ids, q_rest, norm = ctx.saved
-            p = teacher.coarse().softmax(-1)
-            p_ids, p_rest = p[:, :-1], p[:, -1:]
-            buf.mul_((g_both * q_rest - g_kd * p_rest) / norm)
-            buf.scatter_add_(-1, teacher.ids, q_ids * g_both - p_ids * g_kd)
+            # buf holds q. Off the ids the target is q_m p_rest / q_rest (f = p_rest / q_rest):
+            # buf <- q (g_both - g_kd f) everywhere, then at the ids + g_kd (f q_k - p_k).
+            q_ids, q_rest, p_ids, p_rest = ctx.saved  # q_ids, p_ids: 0 at padding
+            f = p_rest / q_rest.clamp_min(1e-38)
+            buf.mul_(g_both - g_kd * f)
+            buf.scatter_add_(-1, teacher.ids, (f * q_ids - p_ids).mul_(g_kd))
         else:
             for _, _, b, t, _, _ in _chunks(buf.shape[0], ctx.chunk, buf, teacher, None, None):
                 b.mul_(g_both).sub_(t.detach().float().softmax(-1).mul_(g_kd))
@@ -1358,7 +1417,7 @@ class _FusedForwardKLAndCE(torch.autograd.Function):
         buf.scatter_add_(-1, safe, (-g_ce).expand(safe.shape))
         buf.masked_fill_(~ctx.mask.unsqueeze(-1), 0.0)
         grad = buf if ctx.dtype == torch.float32 else buf.to(ctx.dtype)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def fused_forward_kl_and_ce(
@@ -1376,8 +1435,9 @@ def fused_forward_kl_and_ce(
     ``cross_entropy(..., reduction="sum_and_count")[0]``, ``count`` the positions whose label is
     not ``ignore_index`` (masked positions count for neither term). Temperature 1.
 
-    Both sums are differentiable through one autograd function that takes a single log-softmax
-    of the student and keeps a single (N, V) float32 buffer, which backward turns into the
+    Both sums are differentiable through one autograd function that takes a single softmax of
+    the student (a log-softmax and an exp, in place) and keeps a single (N, V) float32 buffer, which
+    backward turns into the
     gradient of ``g_kd * kd_sum + g_ce * ce_sum`` in place (see :class:`_FusedForwardKLAndCE`):
     with cached targets a distillation + task step costs about what the task loss alone does.
     Combine both outputs into one loss and call backward once.
@@ -1406,13 +1466,15 @@ def fused_forward_kl_and_ce(
         flat_teacher = teacher.reshape(-1, vocab)
     n_rows = student.shape[0]
     chunk = _chunk_rows(n_rows, vocab, chunk_size)
+    # Only a top-k tail bucket needs q_rest exactly; sampled rows put no teacher mass there.
+    exact_rest = isinstance(teacher, SparseTargets) and teacher.kind == "topk" and teacher.tail_logprob is not None
     if student.requires_grad and torch.is_grad_enabled():
-        kd, ce = _FusedForwardKLAndCE.apply(student, flat_teacher, flat_labels, mask, chunk)
+        kd, ce = _FusedForwardKLAndCE.apply(student, flat_teacher, flat_labels, mask, chunk, exact_rest)
     else:
         kd = torch.zeros((), dtype=torch.float32, device=student.device)
         ce = torch.zeros((), dtype=torch.float32, device=student.device)
         for _, _, s, t, lab, m in _chunks(n_rows, chunk, student, flat_teacher, flat_labels, mask):
             scratch = torch.empty(s.shape, dtype=torch.float32, device=s.device)
-            kd_chunk, ce_chunk = _fused_chunk(s, t, lab, m, scratch, None)
+            kd_chunk, ce_chunk = _fused_chunk(s, t, lab, m, scratch, None, exact_rest)
             kd, ce = kd + kd_chunk, ce + ce_chunk
     return kd, ce, mask.sum()
