@@ -244,7 +244,7 @@ def part_quality(root: Path, steps: int) -> tuple[list[str], str | None]:
 
 # ------------------------------------------------------------------------------------ temperature
 def part_temperature(demo: Demo, student_dir: str | None, batches: int = 4) -> list[str]:
-    from lightning_distill.cache.format import CacheSpec, assemble, encode_sample
+    from lightning_distill.cache.format import CacheSpec, LoadedShard, assemble, encode_sample
     from lightning_distill.losses import functional as LF
 
     if student_dir:
@@ -274,7 +274,9 @@ def part_temperature(demo: Demo, student_dir: str | None, batches: int = 4) -> l
                 for b in range(ids.shape[0]):
                     enc = encode_sample(spec, t_logits[b], labels[b], ignore_index=-100, split="test",
                                         sample_id=int(batch["sample_id"][b]))
-                    pieces.append({"sample.lengths": torch.tensor([ids.shape[1]]), **enc})
+                    shard = LoadedShard({"sample.ids": torch.tensor([0]), "sample.token_hash": torch.tensor([0]),
+                                         "sample.lengths": torch.tensor([ids.shape[1]], dtype=torch.int32), **enc})
+                    pieces.append(shard.pieces(0))
                 sparse = assemble(spec, pieces, tuple(ids.shape), torch.device("cpu")).sparse
                 zd = s_logits.clone().requires_grad_(True)
                 dense = LF.forward_kl(zd, t_logits, temperature=temperature, labels=labels)
@@ -316,24 +318,28 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     sections: dict[str, list[str]] = {}
     student_dir = None
+
+    def done(name: str, lines: list[str]) -> None:  # print (and save) each part as it finishes
+        sections[name] = lines
+        print(f"\n## {name}\n\n" + "\n".join(lines), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(sections, indent=2))
+
     with tempfile.TemporaryDirectory(prefix="ld-cache-bench-") as tmp:
         root = Path(tmp)
         demo = Demo()
         if "bytes" in args.parts:
-            sections["bytes"] = part_bytes(demo, root)
+            done("bytes", part_bytes(demo, root))
         if "step" in args.parts:
-            sections["step"] = part_step(demo, root, args.steps, args.repeats)
+            done("step", part_step(demo, root, args.steps, args.repeats))
         if "epoch" in args.parts:
-            sections["epoch"] = part_epoch(demo, root)
+            done("epoch", part_epoch(demo, root))
         if "quality" in args.parts:
-            sections["quality"], student_dir = part_quality(root, args.quality_steps)
+            lines, student_dir = part_quality(root, args.quality_steps)
+            done("quality", lines)
         if "temperature" in args.parts:
-            sections["temperature"] = part_temperature(demo, student_dir)
-    for name, lines in sections.items():
-        print(f"\n## {name}\n")
-        print("\n".join(lines))
-    if args.json:
-        args.json.write_text(json.dumps(sections, indent=2))
+            done("temperature", part_temperature(demo, student_dir))
+    print("\n\n".join(f"## {name}\n\n" + "\n".join(lines) for name, lines in sections.items()))
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ class DistillationModule(L.LightningModule):
     Args:
         student: the model being trained (any ``nn.Module`` or Hugging Face model).
         teacher: the model to imitate, or ``None`` when targets come with the batch
-            (``batch["teacher_targets"]``) or no term needs them.
+            (``batch["teacher_targets"]``, e.g. from a
+            :class:`~lightning_distill.callbacks.TeacherCache`) or no term needs them.
         losses: ``{name: LossTerm}``. Default: ``{"kd": LogitKD(weight=0.5), "task":
             TaskLoss(weight=0.5)}`` with a teacher, ``{"task": TaskLoss()}`` without.
         optimizer: ``params -> Optimizer``, e.g. ``functools.partial(torch.optim.AdamW, lr=3e-4)``
@@ -390,6 +391,7 @@ class DistillationModule(L.LightningModule):
                 mask = labels != self.ignore_index
                 agree = ((s.argmax(-1) == teacher.top1) & mask).sum()
                 kl = LF.sparse_forward_kl(s, teacher.sparse, labels=labels, ignore_index=self.ignore_index,
+                                          temperature=_report_temperature(teacher.sparse),
                                           reduction="sum_and_count")[0]
             return agree, kl
         with torch.no_grad():
@@ -445,6 +447,7 @@ class DistillationModule(L.LightningModule):
                 out["agreement"] = ((s.argmax(-1) == teacher.top1) & mask).reshape(per_sample).sum(-1)
                 out["teacher_correct"] = ((teacher.top1 == labels) & mask).reshape(per_sample).sum(-1)
             out["kl"] = LF.sparse_forward_kl(s, teacher.sparse, labels=labels, ignore_index=self.ignore_index,
+                                             temperature=_report_temperature(teacher.sparse),
                                              reduction="none").reshape(per_sample).sum(-1)
         return out
 
@@ -559,6 +562,14 @@ class DistillationModule(L.LightningModule):
         if self.teacher is not None and state is not None and not any(k.startswith("teacher.") for k in state):
             # The checkpoint left the teacher out on purpose; keep the live one.
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+
+def _report_temperature(sparse: SparseTargets) -> float:
+    """Reports compare at T = 1; sampled targets without log-probabilities exist only at their
+    sample temperature, so their KL is reported there."""
+    if sparse.kind == "sampled" and sparse.logprobs is None:
+        return float(sparse.sample_temperature)
+    return 1.0
 
 
 def _batch_size(labels: Tensor | None, logits: Tensor) -> int:
