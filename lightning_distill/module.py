@@ -371,15 +371,23 @@ class DistillationModule(L.LightningModule):
         task = next((n for n, t in active.items() if type(t) is TaskLoss), None)
         return None if kd is None or task is None else (kd, task)
 
-    def _match_sparse_vocab(self, student_logits: Tensor, sparse: SparseTargets) -> Tensor:
-        vs, vt = student_logits.shape[-1], sparse.vocab_size
-        if vs == vt:
-            return student_logits
-        if self.vocab_mismatch == "slice" and vs > vt:
-            return student_logits[..., :vt]
+    def check_cached_vocab(self, vs: int, vt: int, *, sparse: bool) -> None:
+        """Raise when cached targets over ``vt`` ids cannot meet a student over ``vs`` ids.
+
+        Dense cached logits follow the live rule (``vocab_mismatch``); top-k/sampled ids also
+        need ``vs >= vt`` under ``"slice"`` (an id past the student's vocabulary has no logit).
+        The teacher cache calls this at fit start, the module on every cached batch.
+        """
+        if vs == vt or (self.vocab_mismatch == "slice" and (vs > vt or not sparse)):
+            return
         hint = (" Cached top-k/sampled targets need a student vocabulary at least as large as the teacher's."
                 if self.vocab_mismatch == "slice" else "")
         raise ValueError(self._vocab_message(vs, vt) + hint)
+
+    def _match_sparse_vocab(self, student_logits: Tensor, sparse: SparseTargets) -> Tensor:
+        vs, vt = student_logits.shape[-1], sparse.vocab_size
+        self.check_cached_vocab(vs, vt, sparse=True)
+        return student_logits if vs == vt else student_logits[..., :vt]
 
     def _agreement_and_kl(self, loss_inputs: LossInputs) -> tuple[Tensor, Tensor] | None:
         teacher = loss_inputs.teacher

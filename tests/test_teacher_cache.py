@@ -629,3 +629,13 @@ def test_fast_path_for_cached_samples_equals_the_general_rule(tmp_path):
     assert torch.equal(fast[0][valid], general[0][valid])
     torch.testing.assert_close(fast[1], general[1])
     torch.testing.assert_close(fast[2], general[2])
+
+
+def test_a_student_vocabulary_smaller_than_the_cached_teacher_is_refused_at_fit_start(tmp_path):
+    prepare(tmp_path, "topk", k=4)  # the cache exists: nothing to build, the check still runs first
+    small = DistillationModule(lm(0, vocab=VOCAB - 8), lm(1, hidden=24), vocab_mismatch="slice")
+    cache = TeacherCache(str(tmp_path / "cache"), kind="topk", k=4, splits=["train"], progress=False)
+    trainer = L.Trainer(max_steps=1, callbacks=[cache], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    with pytest.raises(ValueError, match="student vocabulary \\(88\\) and teacher vocabulary \\(96\\).*at least as large"):
+        trainer.fit(small, Data(Blocks()))

@@ -501,14 +501,8 @@ class TeacherCache(Callback):
     def _check_vocab(self, pl_module: Any) -> None:
         assert self.spec is not None
         student_vocab = output_vocab_size(pl_module.student) if hasattr(pl_module, "student") else None
-        vt = self.spec.vocab_size
-        if student_vocab is None or student_vocab == vt:
-            return
-        if getattr(pl_module, "vocab_mismatch", "error") == "slice" and (student_vocab > vt or self.kind == "dense"):
-            return
-        hint = (" Sparse (topk/sampled) targets need a student vocabulary at least as large as the teacher's."
-                if getattr(pl_module, "vocab_mismatch", "error") == "slice" else "")
-        raise ValueError(pl_module._vocab_message(student_vocab, vt) + hint)
+        if student_vocab is not None and hasattr(pl_module, "check_cached_vocab"):
+            pl_module.check_cached_vocab(student_vocab, self.spec.vocab_size, sparse=self.kind != "dense")
 
     def _check_temperatures(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Sampled targets without log-probabilities are exact only at their sample temperature:

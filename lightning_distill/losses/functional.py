@@ -1325,9 +1325,10 @@ def _fused_chunk(
     ce_rows = out.gather(-1, safe).squeeze(-1).neg_()
     if isinstance(teacher, _CoarseTeacher):
         ids, valid = teacher.ids, teacher.valid
-        log_q_ids = out.gather(-1, ids).masked_fill_(~valid, _NEG)
+        log_q_all = out.gather(-1, ids)  # padding repeats a real id of its row: same value
+        q_all = log_q_all.exp()
+        log_q_ids = log_q_all.masked_fill_(~valid, _NEG)
         out.exp_()  # q
-        q_all = out.gather(-1, ids)  # padding repeats a real id of its row: same value
         q_ids = torch.where(valid, q_all, 0.0)
         if exact_rest:  # a top-k tail bucket: the coarse formula, renormalised as sparse_forward_kl does
             out.scatter_(-1, ids, 0.0)
