@@ -357,8 +357,10 @@ class DistillationModule(L.LightningModule):
         else:
             count = (labels != self.ignore_index).sum()
         weighted = sum(self.losses[n].weight * s for n, s in sums.items())
+        # The fused KD term is forward KL at T=1: the same number the agreement/KL metrics report.
+        kl = sums[fused[0]].detach() if fused is not None else None
         return {"sums": sums, "weighted": weighted, "count": count, "loss_inputs": loss_inputs,
-                "batch_size": _batch_size(labels, student_logits)}
+                "batch_size": _batch_size(labels, student_logits), "kl": kl}
 
     @staticmethod
     def _fusable(active: Mapping[str, LossTerm], inputs: LossInputs, same_vocab: bool) -> tuple[str, str] | None:
@@ -389,25 +391,26 @@ class DistillationModule(L.LightningModule):
         self.check_cached_vocab(vs, vt, sparse=True)
         return student_logits if vs == vt else student_logits[..., :vt]
 
-    def _agreement_and_kl(self, loss_inputs: LossInputs) -> tuple[Tensor, Tensor] | None:
+    def _agreement_and_kl(self, loss_inputs: LossInputs, kl: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+        """Summed top-1 agreement and forward KL at T=1 (``kl``: already computed by the loss)."""
         teacher = loss_inputs.teacher
         if teacher is None or not teacher.has_distribution:
             return None
-        if teacher.logits is None:
-            with torch.no_grad():
-                s, labels = loss_inputs.student_logits.detach(), loss_inputs.labels
+        with torch.no_grad():
+            s, labels = loss_inputs.student_logits.detach(), loss_inputs.labels
+            if teacher.logits is None:
                 mask = labels != self.ignore_index
                 agree = ((s.argmax(-1) == teacher.top1) & mask).sum()
-                kl = LF.sparse_forward_kl(s, teacher.sparse, labels=labels, ignore_index=self.ignore_index,
-                                          temperature=_report_temperature(teacher.sparse),
-                                          reduction="sum_and_count")[0]
-            return agree, kl
-        with torch.no_grad():
-            s, t = loss_inputs.student_logits.detach(), teacher.logits
-            agree = LF.top1_agreement(s, t, labels=loss_inputs.labels, ignore_index=self.ignore_index,
+                if kl is None:
+                    kl = LF.sparse_forward_kl(s, teacher.sparse, labels=labels, ignore_index=self.ignore_index,
+                                              temperature=_report_temperature(teacher.sparse),
+                                              reduction="sum_and_count")[0]
+                return agree, kl
+            agree = LF.top1_agreement(s, teacher.logits, labels=labels, ignore_index=self.ignore_index,
                                       reduction="sum_and_count")[0]
-            kl = LF.forward_kl(s, t, labels=loss_inputs.labels, ignore_index=self.ignore_index,
-                               reduction="sum_and_count")[0]
+            if kl is None:
+                kl = LF.forward_kl(s, teacher.logits, labels=labels, ignore_index=self.ignore_index,
+                                   reduction="sum_and_count")[0]
         return agree, kl
 
     @torch.no_grad()
@@ -469,7 +472,7 @@ class DistillationModule(L.LightningModule):
         if self._metrics_step():
             for name, value in out["sums"].items():
                 self.log(f"train/{name}", value.detach() / denom, on_step=True, on_epoch=False, batch_size=bs)
-            extra = self._agreement_and_kl(out["loss_inputs"])
+            extra = self._agreement_and_kl(out["loss_inputs"], kl=out["kl"])
             if extra is not None:
                 self.log("train/agreement", extra[0] / denom, on_step=True, on_epoch=False, batch_size=bs)
                 self.log("train/kl", extra[1] / denom, on_step=True, on_epoch=False, batch_size=bs)
@@ -516,7 +519,7 @@ class DistillationModule(L.LightningModule):
             self.log(f"{stage}/{name}", metrics[name], on_step=False, on_epoch=True)
         metrics["loss"].update(out["weighted"] / weight, weight)
         self.log(f"{stage}/loss", metrics["loss"], on_step=False, on_epoch=True, prog_bar=stage == "val")
-        extra = self._agreement_and_kl(out["loss_inputs"])
+        extra = self._agreement_and_kl(out["loss_inputs"], kl=out["kl"])
         if extra is not None:
             metrics["agreement"].update(extra[0] / weight, weight)
             metrics["kl"].update(extra[1] / weight, weight)

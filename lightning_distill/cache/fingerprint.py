@@ -9,7 +9,7 @@ component that differs, with the fix. A cache is never used when one differs.
 The data component is the data module's own fingerprint when it has one
 (:attr:`~lightning_distill.data.SlicedTextDataModule.data_fingerprint`: corpus, tokenizer,
 blocking). Independently of it, every cached sample stores a hash of its token ids, checked
-against the batch each time the sample is read, so a sample id that now names other tokens is
+against the batch the first time a run reads the sample, so a sample id that now names other tokens is
 caught even for data modules without a fingerprint.
 """
 

@@ -8,7 +8,7 @@ name                    shape, dtype       what it is
 ======================  =================  ===================================================
 ``sample.ids``          (S,) int64         stable sample id (the batch's ``sample_id``)
 ``sample.lengths``      (S,) int32         positions stored for the sample
-``sample.token_hash``   (S,) int64         hash of its token ids (checked on every read)
+``sample.token_hash``   (S,) int64         hash of its token ids (checked on first read)
 ``pos.logits``          (P, V) f16/bf16    dense: the teacher's logits
 ``pos.topk_ids``        (P, k) uint         topk: the k most likely ids, most likely first
 ``pos.topk_logprobs``   (P, k) float16     topk: their log-probabilities (temperature 1)

@@ -52,6 +52,7 @@ class SplitReader:
         self.shard_of: Tensor = table["shard"]
         self.row_of: Tensor = table["row"]
         self._shards: OrderedDict[int, LoadedShard] = OrderedDict()
+        self._hash_checked = torch.zeros(len(self.sample_ids), dtype=torch.bool)
 
     def __len__(self) -> int:
         return int(self.sample_ids.numel())
@@ -127,7 +128,7 @@ class SplitReader:
                 without the vocabulary.
             device: where the targets go.
             input_ids: ``(B, T)`` the batch's token ids; when given, each sample's stored token
-                hash is checked against them.
+                hash is checked against them (the first time this reader serves the sample).
 
         Raises:
             CacheMismatchError: a sample id the cache lacks, a sample whose tokens changed, or a
@@ -155,7 +156,9 @@ class SplitReader:
                 f"sample {ids[bad].item()} ({self.split}) has {int(lengths[bad])} cached positions but the batch "
                 f"has {width}; the data's sequence length changed since the cache was built. Rebuild the cache."
             )
-        if input_ids is not None:
+        if input_ids is not None and not bool(self._hash_checked[where].all()):
+            # Each sample's tokens are checked the first time this process reads it (data does not
+            # change under a running job), so later epochs skip the hash and its device sync.
             stored = torch.cat([p["sample.token_hash"] for p in pieces])
             current = token_hash(input_ids.reshape(len(ids), -1), lengths.to(input_ids.device)).cpu()
             changed = (stored != current).nonzero().squeeze(-1)
@@ -165,6 +168,7 @@ class SplitReader:
                     f"teacher cache at {self.storage.url} was built: the data changed under the same ids. "
                     "Rebuild the cache (delete it or pass on_mismatch='rebuild')."
                 )
+            self._hash_checked[where] = True
         return assemble(self.spec, pieces, tuple(position_shape), torch.device(device))
 
     def describe(self) -> dict[str, Any]:

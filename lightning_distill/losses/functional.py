@@ -1308,7 +1308,7 @@ def _fused_chunk(
     labels: Tensor,
     mask: Tensor,
     out: Tensor,
-    saved: tuple[Tensor, Tensor] | None,
+    saved: list[tuple[Tensor, ...]] | None,
     exact_rest: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """One chunk of :func:`fused_forward_kl_and_ce`: ``(kd sum, ce sum)`` at temperature 1.
@@ -1318,7 +1318,8 @@ def _fused_chunk(
     student's coarse distribution comes from q at the ids (a gather) and q_rest, the mass off
     the ids: summed exactly (the ids zeroed for one read pass, then restored) when the teacher
     has a rest bucket (``exact_rest``), else ``1 - sum q_ids`` (it then only matters on rows
-    without ids, where it is exactly 1). ``saved`` receives q at the ids and q_rest.
+    without ids, where it is exactly 1). ``saved`` gets this chunk's per-row (q at the ids,
+    q_rest, p at the ids, p_rest) appended, for backward.
     """
     torch.log_softmax(student.detach().float(), -1, out=out)  # log q, in the buffer
     safe = torch.where(mask, labels, 0).unsqueeze(-1)
@@ -1347,8 +1348,7 @@ def _fused_chunk(
             if teacher.kl_offset is not None:
                 kd_rows = kd_rows + teacher.kl_offset
         if saved is not None:
-            for into, value in zip(saved, (q_ids, q_rest, p_ids, p_rest), strict=True):
-                into.copy_(value)
+            saved.append((q_ids, q_rest, p_ids, p_rest))
     else:
         log_p = teacher.detach().float().log_softmax(-1)
         p = log_p.exp()
@@ -1379,15 +1379,14 @@ class _FusedForwardKLAndCE(torch.autograd.Function):
         buf = torch.empty((n_rows, vocab), dtype=torch.float32, device=student.device)
         kd = torch.zeros((), dtype=torch.float32, device=student.device)
         ce = torch.zeros((), dtype=torch.float32, device=student.device)
-        saved = None
-        if isinstance(teacher, _CoarseTeacher):
-            saved = tuple(torch.empty(shape, dtype=torch.float32, device=student.device)
-                          for shape in (teacher.ids.shape, (n_rows, 1), teacher.ids.shape, (n_rows, 1)))
+        pieces: list[tuple[Tensor, ...]] | None = [] if isinstance(teacher, _CoarseTeacher) else None
         for start, end, s, t, lab, m in _chunks(n_rows, chunk, student, teacher, labels, mask):
-            rows_saved = None if saved is None else tuple(x[start:end] for x in saved)
-            kd_chunk, ce_chunk = _fused_chunk(s, t, lab, m, buf[start:end], rows_saved, exact_rest)
+            kd_chunk, ce_chunk = _fused_chunk(s, t, lab, m, buf[start:end], pieces, exact_rest)
             kd += kd_chunk
             ce += ce_chunk
+        saved = None
+        if pieces is not None:  # per-row (q_ids, q_rest, p_ids, p_rest) of every chunk
+            saved = pieces[0] if len(pieces) == 1 else tuple(torch.cat(x) for x in zip(*pieces, strict=True))
         ctx.buf, ctx.saved, ctx.teacher = buf, saved, teacher
         ctx.labels, ctx.mask, ctx.chunk, ctx.dtype = labels, mask, chunk, student.dtype
         return kd, ce
