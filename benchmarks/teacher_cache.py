@@ -303,7 +303,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["bytes", "step", "epoch", "quality", "temperature"],
                         choices=["bytes", "step", "epoch", "quality", "temperature"])
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per step-cost run")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per step-cost run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quality-steps", type=int, default=300)
     parser.add_argument("--json", type=Path, default=None)

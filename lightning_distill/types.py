@@ -38,6 +38,9 @@ class SparseTargets:
         counts: ``sampled`` only: ``(..., K)`` draws per id (0 at padding).
         num_samples: ``sampled`` only: draws per position ``N``.
         sample_temperature: ``sampled`` only: temperature of the distribution the draws came from.
+        entropy: ``sampled`` only: ``(...)`` the entropy of the distribution the draws came from
+            (the teacher at ``sample_temperature``), which makes the reported KL an unbiased
+            estimate without per-id log-probabilities.
         verified: the ids are known to be distinct per position and below ``vocab_size`` (set by
             the teacher cache, which writes them that way), so the losses skip checking them.
     """
@@ -50,6 +53,7 @@ class SparseTargets:
     counts: Tensor | None = None
     num_samples: int | None = None
     sample_temperature: float = 1.0
+    entropy: Tensor | None = None
     verified: bool = False
 
     @property

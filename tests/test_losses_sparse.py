@@ -1059,3 +1059,31 @@ def test_sampled_targets_without_logprobs_work_at_their_temperature_only():
     torch.testing.assert_close(grads[0], grads[1])
     with pytest.raises(ValueError, match="without log-probabilities.*temperature=2.*store_logprobs=True"):
         LF.sparse_forward_kl(student, without, temperature=2.0)
+
+
+def test_sampled_value_with_the_teacher_entropy_is_unbiased_without_logprobs():
+    """-H(p) - sum counts/N log q averages to the dense KL; the plug-in value does not."""
+    g = torch.Generator().manual_seed(11)
+    teacher = torch.randn(6, 40, generator=g) * 1.5
+    student = torch.randn(6, 40, generator=g)
+    p = teacher.softmax(-1)
+    entropy = -(p * p.log()).sum(-1)
+    dense = float(LF.forward_kl(student, teacher))
+    n, draws = 20, 1000
+    with_h, plug_in = [], []
+    for _ in range(draws):
+        sample = torch.multinomial(p, n, replacement=True, generator=g)
+        ordered = sample.sort(-1).values
+        ids = torch.full((6, n), -1)
+        counts = torch.zeros(6, n)
+        for r in range(6):
+            u, c = ordered[r].unique(return_counts=True)
+            ids[r, : len(u)], counts[r, : len(u)] = u, c.float()
+        base = SparseTargets("sampled", ids, None, 40, counts=counts, num_samples=n)
+        with_h.append(float(LF.sparse_forward_kl(student, SparseTargets(
+            "sampled", ids, None, 40, counts=counts, num_samples=n, entropy=entropy))))
+        plug_in.append(float(LF.sparse_forward_kl(student, base)))
+    mean = sum(with_h) / draws
+    spread = (sum((v - mean) ** 2 for v in with_h) / (draws - 1)) ** 0.5 / draws**0.5
+    assert abs(mean - dense) < 5 * spread + 1e-4
+    assert sum(plug_in) / draws - dense > 10 * spread  # the plug-in value overstates the KL

@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 #: Version of the on-disk layout (file names, tensor names, dtypes). Bump on any change.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 #: The components of a fingerprint, in the order mismatches are reported.
 COMPONENTS = ("teacher", "tokenizer", "data", "kind", "params", "format")

@@ -18,6 +18,7 @@ name                    shape, dtype       what it is
 ``ent.counts``          (E,) uint8/16      sampled: how often each was drawn (sums to N)
 ``ent.logprobs``        (E,) float16       sampled: each id's log-probability (optional)
 ``pos.top1``            (P,) uint          sampled: the teacher's most likely id
+``pos.entropy``         (P,) float16       sampled: entropy of the distribution drawn from
 ``pos.label_logprobs``  (P,) float16       topk/sampled: log-probability of the label (0 if none)
 ``pos.hidden.<layer>``  (P, H) f16/bf16    optional teacher hidden states
 ======================  =================  ===================================================
@@ -190,7 +191,10 @@ def encode_sample(
             out["pos.tail_logprob"] = torch.logsumexp(rest, -1).to(torch.float16).cpu()
         else:
             generator = _sample_generator(spec, split, sample_id, z.device)
-            probs = (z / spec.sample_temperature).softmax(-1)
+            log_probs = (z / spec.sample_temperature).log_softmax(-1)
+            probs = log_probs.exp()
+            entropy = -torch.where(probs > 0, probs * log_probs, 0.0).sum(-1)
+            out["pos.entropy"] = entropy.to(torch.float16).cpu()
             draws = torch.multinomial(probs, int(spec.num_samples), replacement=True, generator=generator)
             ids, counts, per_row = _unique_counts(draws)
             rows = torch.repeat_interleave(torch.arange(z.shape[0], device=z.device), per_row)
@@ -319,6 +323,7 @@ def assemble(
         vocab_size=spec.vocab_size, counts=entries("pos.entry_counts", 0, torch.float32),
         num_samples=int(spec.num_samples),
         sample_temperature=float(spec.sample_temperature), verified=True,
+        entropy=shaped("pos.entropy", 0.0, torch.float32),
     )
     return TeacherTargets(sparse=sparse, label_logprobs=label_logprobs,
                           top1=shaped("pos.top1", 0, torch.int64), hidden_states=hidden)

@@ -1069,9 +1069,15 @@ def _coarse_teacher(
     ids, log_p, log_p_rest, valid = sparse_target_logprobs(targets, temperature)
     offset = None
     if targets.kind == "sampled" and targets.logprobs is not None:
-        # Without stored log-probabilities the value stays the plug-in KL(P~ || Q~) (biased
-        # upward by about (distinct ids - 1) / 2N); the gradient is the same either way.
         offset = _sampled_kl_offset(targets, temperature, valid, log_p).reshape(-1)
+    elif (targets.kind == "sampled" and targets.entropy is not None
+          and temperature == float(targets.sample_temperature)):
+        # KL = -H(p) - sum_i p_i log q_i, unbiased with p~ = counts / N in the second term; the
+        # coarse formula gives sum p~ (log p~ - log q), so add -H(p) - sum p~ log p~.
+        p = log_p.exp()
+        offset = (-targets.entropy.detach().float() - (p * log_p).sum(-1)).reshape(-1)
+    # Otherwise the value stays the plug-in KL(P~ || Q~), which overstates the KL by
+    # H(p) - H(p~) (N draws look less spread than the teacher); the gradient is the same.
     k = ids.shape[-1]
     ids, valid, log_p = ids.reshape(-1, k), valid.reshape(-1, k), log_p.reshape(-1, k)
     log_p_rest = log_p_rest.reshape(-1)
