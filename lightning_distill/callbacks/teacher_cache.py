@@ -26,6 +26,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -293,9 +294,10 @@ class TeacherCache(Callback):
                 continue
             ids = _dataset_sample_ids(loader.dataset, self.sample_id_key)
             reader = self._try_reader(split)
-            if reader is not None and reader.absent_shards():
+            absent = reader.absent_shards() if reader is not None else []
+            if absent:
                 log.warning("Teacher cache %s [%s]: shards %s are gone; building their samples again.",
-                            self.storage.url, split, reader.absent_shards()[:3])
+                            self.storage.url, split, absent[:3])
                 reader = None
             missing = ids if reader is None else reader.missing(ids)
             self.built[split] = 0
@@ -427,7 +429,7 @@ class TeacherCache(Callback):
                         + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else "")
                         + ". Add the id to each dataset item (or set sample_id_key)."
                     )
-                batch = _to_device(batch, device)
+                batch = move_data_to_device(batch, device)
                 inputs, labels = module._split_batch(batch)
                 wants_hidden = bool(spec.hidden_layers)
                 output = call_model(teacher, inputs, **({"output_hidden_states": True} if wants_hidden else {}))
@@ -531,11 +533,11 @@ class TeacherCache(Callback):
         self._prepare_for(trainer, pl_module, list(self.splits))
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking and "val" not in self.readers:
+        if not trainer.sanity_checking and "val" in self.splits and "val" not in self.readers:
             self._prepare_for(trainer, pl_module, ["val"])
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if "test" not in self.readers:
+        if "test" in self.splits and "test" not in self.readers:
             self._prepare_for(trainer, pl_module, ["test"])
 
     def attach(self, split: str, pl_module: L.LightningModule, batch: Any) -> None:
@@ -630,14 +632,10 @@ def _probe_vocab(module: Any, loader: DataLoader) -> int:
     """The width of the teacher's logits, from one forward pass (a teacher without a config)."""
     batch = next(iter(loader))
     device = next((p.device for p in module.teacher.parameters()), torch.device("cpu"))
-    inputs, _ = module._split_batch(_to_device(batch, device) if isinstance(batch, Mapping) else batch)
+    inputs, _ = module._split_batch(move_data_to_device(batch, device))
     logits = logits_from_output(call_model(module.teacher, inputs), getattr(module, "teacher_logits_fn", None),
                                 who="teacher")
     return int(logits.shape[-1])
-
-
-def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 def _positions(batch: Mapping[str, Any], logits: Tensor, n: int, input_key: str | None) -> tuple[str, Tensor]:
