@@ -400,7 +400,7 @@ class DistillationModule(L.LightningModule):
             s, labels = loss_inputs.student_logits.detach(), loss_inputs.labels
             if teacher.logits is None:
                 mask = labels != self.ignore_index
-                agree = ((s.argmax(-1) == teacher.top1) & mask).sum()
+                agree = (LF.is_top1(s, teacher.top1) & mask).sum()
                 if kl is None:
                     kl = LF.sparse_forward_kl(s, teacher.sparse, labels=labels, ignore_index=self.ignore_index,
                                               temperature=_report_temperature(teacher.sparse),
@@ -436,7 +436,7 @@ class DistillationModule(L.LightningModule):
             "tokens": mask.reshape(per_sample).sum(-1),
             "student_nll": LF.cross_entropy(student_logits, labels, ignore_index=self.ignore_index,
                                             reduction="none").reshape(per_sample).sum(-1),
-            "correct": ((student_logits.argmax(-1) == labels) & mask).reshape(per_sample).sum(-1),
+            "correct": (LF.is_top1(student_logits, labels) & mask).reshape(per_sample).sum(-1),
         }
         teacher = self.teacher_targets(batch, inputs)
         if teacher is not None and teacher.logits is not None:
@@ -447,7 +447,7 @@ class DistillationModule(L.LightningModule):
                                                  reduction="none").reshape(per_sample).sum(-1)
             out["kl"] = LF.forward_kl(s, t, labels=labels, ignore_index=self.ignore_index,
                                       reduction="none").reshape(per_sample).sum(-1)
-            out["teacher_correct"] = ((teacher.logits.argmax(-1) == labels) & mask).reshape(per_sample).sum(-1)
+            out["teacher_correct"] = (LF.is_top1(teacher.logits, labels) & mask).reshape(per_sample).sum(-1)
         elif teacher is not None and teacher.sparse is not None:
             # Cached top-k / sampled targets: the teacher's label log-probability and top-1 id
             # were stored at build time; KL is the sparse estimate (see docs/teacher_cache.md).
@@ -455,7 +455,7 @@ class DistillationModule(L.LightningModule):
             if teacher.label_logprobs is not None:
                 out["teacher_nll"] = torch.where(mask, -teacher.label_logprobs, 0.0).reshape(per_sample).sum(-1)
             if teacher.top1 is not None:
-                out["agreement"] = ((s.argmax(-1) == teacher.top1) & mask).reshape(per_sample).sum(-1)
+                out["agreement"] = (LF.is_top1(s, teacher.top1) & mask).reshape(per_sample).sum(-1)
                 out["teacher_correct"] = ((teacher.top1 == labels) & mask).reshape(per_sample).sum(-1)
             out["kl"] = LF.sparse_forward_kl(s, teacher.sparse, labels=labels, ignore_index=self.ignore_index,
                                              temperature=_report_temperature(teacher.sparse),

@@ -725,3 +725,16 @@ def test_gradient_accumulation_sum_and_count(name):
         part, _ = run(acc, sl)
         (part / n_total).backward()
     torch.testing.assert_close(acc.grad, full.grad, rtol=0, atol=1e-6)
+
+
+def test_is_top1_matches_argmax_and_handles_ties_and_padding():
+    torch.manual_seed(7)
+    logits = torch.randn(4, 6, 50)
+    ids = torch.randint(0, 50, (4, 6))
+    ids[0] = logits[0].argmax(-1)  # some hits
+    assert torch.equal(LF.is_top1(logits, ids), logits.argmax(-1) == ids)
+    tied = torch.tensor([[1.0, 3.0, 3.0, 0.0]])
+    assert LF.is_top1(tied, torch.tensor([2])).item()  # every tied class is a top-1
+    assert not LF.is_top1(tied, torch.tensor([0])).item()
+    assert LF.is_top1(tied, torch.tensor([-1])).tolist() == [False]  # padding / ignore_index
+    assert LF.is_top1(tied, torch.tensor([-100])).tolist() == [False]

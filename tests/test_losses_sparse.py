@@ -988,6 +988,73 @@ def test_fused_non_finite_masked_rows(kind):
     torch.testing.assert_close(dirty.grad, clean.grad, rtol=0, atol=1e-7)
 
 
+def cached_sampled_case(seed):
+    """Sampled targets as TeacherCache writes them (``verified``: draws first, count >= 1, then
+    padding; the teacher's entropy, no log-probs), with an empty row that has a label; and the
+    same targets unverified, which take the general path."""
+    s0, t = logits_pair(8, 12, seed=seed)
+    labels = torch.tensor([3, -100, 0, 11, 5, -100, 7, 2])
+    base = sampled_targets(t, 10, seed=seed + 1)
+    ids, counts = base.ids.clone(), base.counts.clone()
+    ids[4], counts[4] = -1, 0.0
+    log_p = t.double().log_softmax(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1).float()
+
+    def make(verified):
+        return SparseTargets("sampled", ids.clone(), None, 12, counts=counts.clone(), num_samples=10,
+                             entropy=entropy, verified=verified)
+
+    return s0, make(True), make(False), labels
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_fused_on_cache_written_sampled_targets(chunk_size):
+    """The fast path (no exp/log of the counts, no student q at the ids) equals the general one."""
+    s0, fast, general, labels = cached_sampled_case(seed=64)
+    a = s0.clone().requires_grad_(True)
+    kd, ce, _ = LF.fused_forward_kl_and_ce(a, fast, labels, chunk_size=chunk_size)
+    (0.7 * kd + 1.3 * ce).backward()
+    b = s0.clone().requires_grad_(True)
+    kd_ref, ce_ref, _ = separate(b, general, labels)
+    (0.7 * kd_ref + 1.3 * ce_ref).backward()
+    assert kd.item() == pytest.approx(kd_ref.item(), rel=1e-5)
+    assert ce.item() == pytest.approx(ce_ref.item(), rel=1e-6)
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-6)
+    # The empty row (4) gets the task gradient only: q - onehot(label).
+    q = s0[4].softmax(-1)
+    torch.testing.assert_close(a.grad[4], 1.3 * (q - F.one_hot(labels[4], 12).float()), rtol=0, atol=1e-6)
+    # The unbiased KL: -H(p) - sum_k (c_k / N) log q_k over the unmasked rows.
+    mask = labels != -100
+    p_hat = torch.zeros(8, 12).scatter_add_(-1, fast.ids.clamp_min(0), fast.counts) / 10
+    expected = (-fast.entropy.double() - (p_hat.double() * s0.double().log_softmax(-1)).sum(-1))[mask].sum()
+    assert kd.item() == pytest.approx(expected.item(), rel=1e-5)
+    # The inputs are left as they were (the counts are float32 already: no in-place division).
+    _, again, _, _ = cached_sampled_case(seed=64)
+    assert torch.equal(fast.counts, again.counts) and torch.equal(fast.ids, again.ids)
+    with torch.no_grad():
+        kd_ng, ce_ng, _ = LF.fused_forward_kl_and_ce(s0, fast, labels, chunk_size=chunk_size)
+    assert kd_ng.item() == pytest.approx(kd.item(), rel=1e-6)
+
+
+def test_fused_on_cache_written_sampled_targets_ignores_masked_rows():
+    s0, fast, _, labels = cached_sampled_case(seed=65)
+    masked = labels == -100
+    s_bad = s0.clone()
+    s_bad[masked] = torch.tensor([float("nan"), -float("inf")]).repeat(6)
+    dirty_targets = SparseTargets("sampled", fast.ids, None, 12, counts=fast.counts.clone(), num_samples=10,
+                                  entropy=fast.entropy.clone(), verified=True)
+    dirty_targets.entropy[masked] = float("nan")
+    clean, dirty = s0.clone().requires_grad_(True), s_bad.clone().requires_grad_(True)
+    out_clean = LF.fused_forward_kl_and_ce(clean, fast, labels, chunk_size=3)
+    out_dirty = LF.fused_forward_kl_and_ce(dirty, dirty_targets, labels, chunk_size=3)
+    (out_clean[0] + out_clean[1]).backward()
+    (out_dirty[0] + out_dirty[1]).backward()
+    for a, b in zip(out_clean, out_dirty):
+        assert b.item() == pytest.approx(a.item(), rel=1e-6)
+    assert torch.isfinite(dirty.grad).all() and (dirty.grad[masked] == 0).all()
+    torch.testing.assert_close(dirty.grad, clean.grad, rtol=0, atol=1e-7)
+
+
 def test_fused_half_precision_and_leading_shape():
     s0, teacher, labels = fused_case("topk", seed=63)
     s_half = s0.to(torch.bfloat16).view(2, 4, 12)

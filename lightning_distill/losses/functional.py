@@ -51,6 +51,7 @@ __all__ = [
     "forward_kl",
     "fused_forward_kl_and_ce",
     "generalized_jsd",
+    "is_top1",
     "logit_mse",
     "reverse_kl",
     "skew_forward_kl",
@@ -262,10 +263,25 @@ def _closed_form_chunk(
     if mask is not None:
         # Masked rows count for nothing, whatever their logits hold (even inf or NaN).
         rows = torch.where(mask, rows, 0.0)
-        buf.masked_fill_(~mask.unsqueeze(-1), 0.0)
+        _zero_rows_(buf, mask)
     if not direct:
         grad_out.copy_(buf)
     return rows.sum()
+
+
+def _zero_rows_(buf: Tensor, mask: Tensor) -> None:
+    """``buf[~mask] = 0`` in place for an ``(n, V)`` buffer and an ``(n,)`` row mask.
+
+    On CPUs ``masked_fill_`` with a broadcast row mask walks all n * V elements (it costs as
+    much as the softmax); ``index_fill_`` touches the masked rows only (finding them is a host
+    read, free there). Accelerators keep the sync-free ``masked_fill_``.
+    """
+    if buf.device.type == "cpu":
+        rows = (~mask).nonzero().squeeze(-1)
+        if rows.numel():
+            buf.index_fill_(0, rows, 0.0)
+    else:
+        buf.masked_fill_(~mask.unsqueeze(-1), 0.0)
 
 
 def _chunks(n_rows: int, chunk: int, student: Tensor, teacher: Tensor | _CoarseTeacher | None,
@@ -614,6 +630,17 @@ def cross_entropy(
 
 
 @torch.no_grad()
+def is_top1(logits: Tensor, ids: Tensor) -> Tensor:
+    """``(...)`` bool: whether class ``ids`` (``(...)``) is a most likely class of ``logits`` ``(..., V)``.
+
+    The same as ``logits.argmax(-1) == ids`` except at exact ties (every tied class counts), and
+    an order of magnitude faster on CPUs: a gather and a max instead of an argmax. A negative id
+    (padding, ``ignore_index``) is never top-1.
+    """
+    picked = logits.gather(-1, ids.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (picked >= logits.amax(-1)) & (ids >= 0)
+
+
 def top1_agreement(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -624,7 +651,7 @@ def top1_agreement(
 ):
     """Share of positions where the student's and the teacher's most likely token agree."""
     _check_inputs(student_logits, teacher_logits, labels, 1.0, reduction)
-    agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float()
+    agree = is_top1(student_logits, teacher_logits.argmax(-1)).float()
     if labels is None:
         mask = torch.ones_like(agree, dtype=torch.bool)
     else:
@@ -693,6 +720,9 @@ class _CoarseTeacher(NamedTuple):
         kl_offset: ``(n,)`` or ``None``: added to forward-KL rows (sampled targets: replaces the
             plug-in teacher entropy by the teacher's own log-probabilities, see
             :func:`sparse_forward_kl`).
+        p: ``(n, K)`` or ``None``: ``exp(log_p)`` (0 at padding and masked rows), when known
+            without an ``exp`` (sampled targets at their draw temperature: count / N).
+        p_log_p: ``(n,)`` or ``None``: ``sum_k p_k log p_k`` per row, known alongside ``p``.
     """
 
     ids: Tensor
@@ -700,6 +730,8 @@ class _CoarseTeacher(NamedTuple):
     log_p: Tensor
     log_p_rest: Tensor
     kl_offset: Tensor | None = None
+    p: Tensor | None = None
+    p_log_p: Tensor | None = None
 
     def rows(self, start: int, end: int) -> _CoarseTeacher:
         return _CoarseTeacher(*(None if x is None else x[start:end] for x in self))
@@ -959,7 +991,7 @@ def sparse_target_logprobs(
     """
     _check_sparse_targets(targets)
     temperature = _check_temperature(temperature)
-    if targets.kind == "sampled" and targets.verified and temperature == float(targets.sample_temperature):
+    if _at_draw_temperature(targets, temperature):
         return _sampled_at_draw_temperature(targets)
     ids = targets.ids.long()
     valid = ids >= 0
@@ -1011,27 +1043,40 @@ def sparse_target_logprobs(
 _LOG_COUNT_TABLES: dict[tuple[int, str], Tensor] = {}
 
 
-def _sampled_at_draw_temperature(targets: SparseTargets) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`sparse_target_logprobs` of cache-written sampled targets at their own temperature.
+def _log_count_table(n: int, device: torch.device) -> Tensor:
+    """log(c / N) for c = 0..N (``_NEG`` at c = 0), float32 on ``device``."""
+    key = (n, str(device))
+    table = _LOG_COUNT_TABLES.get(key)
+    if table is None:
+        table = (torch.arange(n + 1, dtype=torch.float64) / n).log().clamp_min(_NEG).float().to(device)
+        _LOG_COUNT_TABLES[key] = table
+    return table
+
+
+def _sampled_counts(targets: SparseTargets) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(ids, log_p, log_p_rest, valid, p, p_log_p)`` of cache-written sampled targets at their
+    own temperature: :func:`sparse_target_logprobs` plus p = c / N and sum_k p_k log p_k per row.
 
     The same values in a handful of operations (this runs every step): the cache stores every
-    distinct draw of a position first (padding after), so the counts sum to ``num_samples`` and
-    the first entry of a row is real unless the row is empty.
+    distinct draw of a position first with a count >= 1 (padding after, count 0), so the counts
+    sum to ``num_samples`` and the first entry of a row is real unless the row is empty.
+    log(c / N) is a table lookup: CPUs take a slow path of ``log``/``exp`` at 0 and ``_NEG``,
+    which padding is full of.
     """
     ids = targets.ids.long()
     valid = ids >= 0
-    ids = torch.where(valid, ids, ids[..., :1]).clamp_min_(0)
-    # log(count / N) by table lookup: counts are small integers, and log(0) is slow on CPUs.
+    ids = torch.where(valid, ids, ids[..., :1].clamp_min(0))
     n = int(targets.num_samples)
-    key = (n, str(ids.device))
-    table = _LOG_COUNT_TABLES.get(key)
-    if table is None:
-        table = (torch.arange(n + 1, dtype=torch.float64) / n).log().clamp_min(_NEG).float().to(ids.device)
-        _LOG_COUNT_TABLES[key] = table
-    log_p = table[targets.counts.long().clamp_(0, n)]
-    empty = ~valid[..., 0]
-    log_p_rest = torch.where(empty, 0.0, _NEG)
-    return ids, log_p, log_p_rest, valid
+    counts = targets.counts.detach()
+    log_p = _log_count_table(n, ids.device).index_select(0, counts.long().reshape(-1)).reshape(counts.shape)
+    p = torch.div(counts, n).to(torch.float32)  # never in place: counts may be float32 already
+    log_p_rest = torch.where(valid[..., 0], _NEG, 0.0)
+    return ids, log_p, log_p_rest, valid, p, (p * log_p).sum(-1)
+
+
+def _sampled_at_draw_temperature(targets: SparseTargets) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`sparse_target_logprobs` of cache-written sampled targets at their own temperature."""
+    return _sampled_counts(targets)[:4]
 
 
 def _sampled_kl_offset(
@@ -1066,7 +1111,11 @@ def _coarse_teacher(
 ) -> _CoarseTeacher:
     """The targets at ``temperature``, flattened to rows; masked rows hold a neutral, finite
     distribution (all mass in the rest), whatever the cache had there."""
-    ids, log_p, log_p_rest, valid = sparse_target_logprobs(targets, temperature)
+    p = p_log_p = None
+    if _at_draw_temperature(targets, temperature):
+        ids, log_p, log_p_rest, valid, p, p_log_p = _sampled_counts(targets)
+    else:
+        ids, log_p, log_p_rest, valid = sparse_target_logprobs(targets, temperature)
     offset = None
     if targets.kind == "sampled" and targets.logprobs is not None:
         offset = _sampled_kl_offset(targets, temperature, valid, log_p).reshape(-1)
@@ -1074,18 +1123,29 @@ def _coarse_teacher(
           and temperature == float(targets.sample_temperature)):
         # KL = -H(p) - sum_i p_i log q_i, unbiased with p~ = counts / N in the second term; the
         # coarse formula gives sum p~ (log p~ - log q), so add -H(p) - sum p~ log p~.
-        p = log_p.exp()
-        offset = (-targets.entropy.detach().float() - (p * log_p).sum(-1)).reshape(-1)
+        if p_log_p is None:
+            p_log_p = (log_p.exp() * log_p).sum(-1)
+        offset = (-targets.entropy.detach().float() - p_log_p).reshape(-1)
     # Otherwise the value stays the plug-in KL(P~ || Q~), which overstates the KL by
     # H(p) - H(p~) (N draws look less spread than the teacher); the gradient is the same.
     k = ids.shape[-1]
     ids, valid, log_p = ids.reshape(-1, k), valid.reshape(-1, k), log_p.reshape(-1, k)
     log_p_rest = log_p_rest.reshape(-1)
+    if p is not None:
+        p, p_log_p = p.reshape(-1, k), p_log_p.reshape(-1)
     if mask is not None:
         log_p = log_p.masked_fill(~mask.unsqueeze(-1), _NEG)
         log_p_rest = log_p_rest.masked_fill(~mask, 0.0)
         offset = None if offset is None else offset.masked_fill(~mask, 0.0)
-    return _CoarseTeacher(ids, valid, log_p, log_p_rest, offset)
+        if p is not None:
+            p, p_log_p = p.masked_fill(~mask.unsqueeze(-1), 0.0), p_log_p.masked_fill(~mask, 0.0)
+    return _CoarseTeacher(ids, valid, log_p, log_p_rest, offset, p, p_log_p)
+
+
+def _at_draw_temperature(targets: SparseTargets, temperature: float) -> bool:
+    """Cache-written sampled targets used at the temperature they were drawn at (the fast path)."""
+    return (targets.kind == "sampled" and targets.verified and targets.counts is not None
+            and temperature == float(targets.sample_temperature))
 
 
 def _reduce_sparse(
@@ -1324,20 +1384,33 @@ def _fused_chunk(
     student's coarse distribution comes from q at the ids (a gather) and q_rest, the mass off
     the ids: summed exactly (the ids zeroed for one read pass, then restored) when the teacher
     has a rest bucket (``exact_rest``), else ``1 - sum q_ids`` (it then only matters on rows
-    without ids, where it is exactly 1). ``saved`` gets this chunk's per-row (q at the ids,
-    q_rest, p at the ids, p_rest) appended, for backward.
+    without ids, where it is exactly 1). Cache-written sampled targets need neither (see the
+    first branch). ``saved`` gets this chunk's per-row (p at the ids, f = p_rest / q_rest[, q at
+    the ids]) appended, for backward.
     """
     torch.log_softmax(student.detach().float(), -1, out=out)  # log q, in the buffer
     safe = torch.where(mask, labels, 0).unsqueeze(-1)
     ce_rows = out.gather(-1, safe).squeeze(-1).neg_()
-    if isinstance(teacher, _CoarseTeacher):
+    if isinstance(teacher, _CoarseTeacher) and teacher.p is not None:
+        # Cache-written sampled targets (see _sampled_counts): every real id has p > 0 and the
+        # mass sits on the ids, except in an empty row, whose whole mass is the rest (q_rest = 1
+        # there, KL 0, the target P^ = q). So the student's q at the ids is never needed:
+        # kd = sum_k p_k log p_k - sum_k p_k log q_k, and in backward f = p_rest / q_rest = p_rest.
+        log_q_ids = out.gather(-1, teacher.ids).masked_fill_(~teacher.valid, 0.0)  # p = 0 there
+        kd_rows = teacher.p_log_p - (teacher.p * log_q_ids).sum(-1)
+        if teacher.kl_offset is not None:
+            kd_rows = kd_rows + teacher.kl_offset
+        out.exp_()  # q
+        if saved is not None:
+            saved.append((teacher.p, (~teacher.valid[:, :1]).to(out.dtype)))
+    elif isinstance(teacher, _CoarseTeacher):
         ids, valid = teacher.ids, teacher.valid
         log_q_all = out.gather(-1, ids)  # padding repeats a real id of its row: same value
         q_all = log_q_all.exp()
-        log_q_ids = log_q_all.masked_fill_(~valid, _NEG)
         out.exp_()  # q
         q_ids = torch.where(valid, q_all, 0.0)
         if exact_rest:  # a top-k tail bucket: the coarse formula, renormalised as sparse_forward_kl does
+            log_q_ids = log_q_all.masked_fill_(~valid, _NEG)
             out.scatter_(-1, ids, 0.0)
             q_rest = out.sum(-1, keepdim=True)
             out.scatter_(-1, ids, q_all)
@@ -1347,6 +1420,7 @@ def _fused_chunk(
             p = teacher.coarse().softmax(-1)
             p_ids, p_rest = p[:, :-1], p[:, -1:]
         else:  # sampled: the teacher's mass is on the ids (all of it in the rest only in empty rows)
+            log_q_ids = log_q_all.masked_fill_(~valid, _NEG)
             q_rest = (1.0 - q_ids.sum(-1, keepdim=True)).clamp_min_(0.0)
             p_ids = teacher.log_p.exp()  # 0 at padding
             p_rest = teacher.log_p_rest.exp().unsqueeze(-1)
@@ -1354,7 +1428,7 @@ def _fused_chunk(
             if teacher.kl_offset is not None:
                 kd_rows = kd_rows + teacher.kl_offset
         if saved is not None:
-            saved.append((q_ids, q_rest, p_ids, p_rest))
+            saved.append((p_ids, p_rest / q_rest.clamp_min(1e-38), q_ids))
     else:
         log_p = teacher.detach().float().log_softmax(-1)
         p = log_p.exp()
@@ -1374,7 +1448,7 @@ class _FusedForwardKLAndCE(torch.autograd.Function):
       per chunk), then - g_ce at the labels;
     * sparse: P^ is p_k at the ids and q_m p_rest / q_rest off them, so with f = p_rest / q_rest
       B <- q (g_kd + g_ce - g_kd f) (one scaling pass), then + g_kd (f q_k - p_k) at the ids
-      (scatter_add) and - g_ce at the labels (f = 0 for sampled targets: no rest mass);
+      (scatter_add) and - g_ce at the labels (f = 0 for sampled targets, but 1 in an empty row);
 
     masked rows zero. Like :class:`_ChunkedSum`, the buffer is consumed by the first backward.
     """
@@ -1391,7 +1465,7 @@ class _FusedForwardKLAndCE(torch.autograd.Function):
             kd += kd_chunk
             ce += ce_chunk
         saved = None
-        if pieces is not None:  # per-row (q_ids, q_rest, p_ids, p_rest) of every chunk
+        if pieces is not None:  # per-row (p_ids, f[, q_ids]) of every chunk
             saved = pieces[0] if len(pieces) == 1 else tuple(torch.cat(x) for x in zip(*pieces, strict=True))
         ctx.buf, ctx.saved, ctx.teacher = buf, saved, teacher
         ctx.labels, ctx.mask, ctx.chunk, ctx.dtype = labels, mask, chunk, student.dtype
@@ -1411,17 +1485,18 @@ class _FusedForwardKLAndCE(torch.autograd.Function):
         teacher = ctx.teacher
         if ctx.saved is not None:
             # buf holds q. Off the ids the target is q_m p_rest / q_rest (f = p_rest / q_rest):
-            # buf <- q (g_both - g_kd f) everywhere, then at the ids + g_kd (f q_k - p_k).
-            q_ids, q_rest, p_ids, p_rest = ctx.saved  # q_ids, p_ids: 0 at padding
-            f = p_rest / q_rest.clamp_min(1e-38)
+            # buf <- q (g_both - g_kd f) everywhere, then at the ids + g_kd (f q_k - p_k)
+            # (f q_k = 0 for cache-written sampled targets, which save no q_k).
+            p_ids, f, *q_ids = ctx.saved  # p_ids, q_ids: 0 at padding
             buf.mul_(g_both - g_kd * f)
-            buf.scatter_add_(-1, teacher.ids, (f * q_ids - p_ids).mul_(g_kd))
+            at_ids = p_ids * -g_kd if not q_ids else (f * q_ids[0] - p_ids).mul_(g_kd)
+            buf.scatter_add_(-1, teacher.ids, at_ids)
         else:
             for _, _, b, t, _, _ in _chunks(buf.shape[0], ctx.chunk, buf, teacher, None, None):
                 b.mul_(g_both).sub_(t.detach().float().softmax(-1).mul_(g_kd))
         safe = torch.where(ctx.mask, ctx.labels, 0).unsqueeze(-1)
         buf.scatter_add_(-1, safe, (-g_ce).expand(safe.shape))
-        buf.masked_fill_(~ctx.mask.unsqueeze(-1), 0.0)
+        _zero_rows_(buf, ctx.mask)
         grad = buf if ctx.dtype == torch.float32 else buf.to(ctx.dtype)
         return grad, None, None, None, None, None
 
@@ -1467,7 +1542,9 @@ def fused_forward_kl_and_ce(
     flat_labels = labels.reshape(-1)
     mask = flat_labels != ignore_index
     if isinstance(teacher, SparseTargets):
-        flat_teacher: Tensor | _CoarseTeacher = _coarse_teacher(teacher, 1.0, mask)
+        # Unmasked: masked rows are dropped from both sums and zeroed in the gradient, whatever
+        # the targets hold there (every quantity is per row).
+        flat_teacher: Tensor | _CoarseTeacher = _coarse_teacher(teacher, 1.0, None)
     else:
         flat_teacher = teacher.reshape(-1, vocab)
     n_rows = student.shape[0]
