@@ -639,3 +639,56 @@ def test_a_student_vocabulary_smaller_than_the_cached_teacher_is_refused_at_fit_
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     with pytest.raises(ValueError, match="student vocabulary \\(88\\) and teacher vocabulary \\(96\\).*at least as large"):
         trainer.fit(small, Data(Blocks()))
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk", "sampled"])
+def test_batched_reads_equal_sample_by_sample_reads(tmp_path, kind):
+    """A batch read (one index_select per stored tensor and run of same-shard samples) holds
+    exactly what reading each sample alone holds: any order, several shards, samples of
+    different lengths, 16-bit ids (V = 300) and hidden states."""
+    from lightning_distill.cache.format import encode_sample
+    from lightning_distill.cache.writer import ShardWriter, merge_index
+
+    vocab, width = 300, 9
+    spec = CacheSpec(kind=kind, vocab_size=vocab, k=7, num_samples=20, hidden_layers=(1,), compression=None)
+    storage = CacheStorage(str(tmp_path / "c"))
+    g = torch.Generator().manual_seed(3)
+    encoded = []
+    for sample_id in range(12):
+        length = width - sample_id % 3  # 9, 8, 7 positions
+        logits = torch.randn(length, vocab, generator=g) * 3
+        labels = torch.randint(0, vocab, (length,), generator=g)
+        labels[0] = -100
+        hidden = [torch.randn(length, 5, generator=g)]
+        encoded.append(encode_sample(spec, logits, labels, ignore_index=-100, split="train",
+                                     sample_id=100 + sample_id, hidden=hidden))
+    one = sum(t.numel() * t.element_size() for t in encoded[0].values())
+    writer = ShardWriter(storage, "train", shard_bytes=int(3.5 * one))  # about 4 samples a shard
+    for sample_id, tensors in enumerate(encoded):
+        writer.add(100 + sample_id, sample_id, tensors)
+    writer.flush()
+    assert len(writer.written) > 2  # several shards
+    merge_index(storage, "train")
+    reader = SplitReader(storage, "train", spec)
+    order = torch.tensor([107, 102, 100, 103, 101, 111, 110, 104, 105])  # runs out of row order
+    batch = reader.read(order, (len(order), width), "cpu")
+    alone = [reader.read(order[b : b + 1], (1, width), "cpu") for b in range(len(order))]
+
+    def fields(targets):
+        out = {"hidden": targets.hidden_states[0], "logits": targets.logits,
+               "label_logprobs": targets.label_logprobs, "top1": targets.top1}
+        if targets.sparse is not None:
+            out.update(ids=targets.sparse.ids, logprobs=targets.sparse.logprobs, counts=targets.sparse.counts,
+                       tail=targets.sparse.tail_logprob, entropy=targets.sparse.entropy)
+        return {k: v for k, v in out.items() if v is not None}
+
+    got = fields(batch)
+    for name, value in got.items():
+        rows = [fields(a)[name] for a in alone]
+        if name in ("ids", "counts", "logprobs"):  # sampled rows: a batch pads to its widest shard
+            k = value.shape[-1]
+            fill = -1 if name == "ids" else 0
+            rows = [torch.nn.functional.pad(r, (0, k - r.shape[-1]), value=fill) for r in rows]
+        torch.testing.assert_close(value, torch.cat(rows), rtol=0, atol=0, msg=name)
+    if kind != "dense":
+        assert batch.sparse.ids.max() >= 256  # the 16-bit ids came through the batched path

@@ -242,6 +242,33 @@ class LoadedShard:
     def sample_ids(self) -> Tensor:
         return self.tensors["sample.ids"]
 
+    def take(self, rows: list[int]) -> dict[str, Tensor]:
+        """The tensors of several samples (``rows`` of this shard, in that order), batched:
+        ``sample.*`` one entry per sample, ``pos.*`` their positions one after another. One
+        ``index_select`` per tensor, however many samples."""
+        if len(rows) == 1:
+            return self.pieces(rows[0])
+        index = torch.tensor(rows, dtype=torch.int64)
+        offsets = self._offsets_tensor()
+        starts, lengths = offsets[index], offsets[index + 1] - offsets[index]
+        total = int(lengths.sum())
+        # Position p of the batch lies in sample b = row_of_pos[p] at starts[b] + (p - first[b]).
+        first = lengths.cumsum(0) - lengths
+        positions = torch.arange(total) + torch.repeat_interleave(starts - first, lengths, output_size=total)
+        out = {}
+        for name, tensor in self.tensors.items():
+            if name.startswith("sample."):
+                out[name] = _index_select(tensor, index)
+            elif name.startswith("pos."):
+                out[name] = _index_select(tensor, positions)
+        return out
+
+    def _offsets_tensor(self) -> Tensor:
+        offsets = getattr(self, "_offsets", None)
+        if offsets is None:
+            offsets = self._offsets = torch.tensor(self.pos_offsets, dtype=torch.int64)
+        return offsets
+
     def pieces(self, row: int) -> dict[str, Tensor]:
         """Views of one sample's tensors (``sample.*`` as 1-element tensors)."""
         p0, p1 = self.pos_offsets[row], self.pos_offsets[row + 1]
@@ -252,6 +279,18 @@ class LoadedShard:
             elif name.startswith("pos."):
                 out[name] = tensor[p0:p1]
         return out
+
+
+_SIGNED_TWIN = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+
+
+def _index_select(tensor: Tensor, index: Tensor) -> Tensor:
+    """``tensor.index_select(0, index)``, also for the unsigned id types ``index_select`` lacks
+    (selected through a same-width signed view: the bits are copied as they are)."""
+    twin = _SIGNED_TWIN.get(tensor.dtype)
+    if twin is None:
+        return tensor.index_select(0, index)
+    return tensor.view(twin).index_select(0, index).view(tensor.dtype)
 
 
 def _pad_positions(flat: Tensor, lengths: list[int], width: int, fill: float | int) -> Tensor:
@@ -276,16 +315,18 @@ def assemble(
 
     Args:
         spec: the cache's spec.
-        pieces: one :meth:`LoadedShard.pieces` per sample, in batch order.
+        pieces: the B samples in batch order, in parts: each a :meth:`LoadedShard.take` (or
+            :meth:`LoadedShard.pieces`) of consecutive samples of the batch.
         position_shape: the batch's position shape ``(B, T)`` (or ``(B,)`` for one position
             per sample, as a classifier).
         device: where the targets go.
     """
-    lengths = [int(p["sample.lengths"][0]) for p in pieces]
+    lengths = torch.cat([p["sample.lengths"] for p in pieces]).tolist()
     width = math.prod(position_shape[1:]) if len(position_shape) > 1 else 1
 
     def cat(name: str) -> Tensor:
-        return torch.cat([p[name] for p in pieces]).to(device, non_blocking=True)
+        flat = pieces[0][name] if len(pieces) == 1 else torch.cat([p[name] for p in pieces])
+        return flat.to(device, non_blocking=True)
 
     def shaped(name: str, fill: float | int, dtype: torch.dtype) -> Tensor:
         flat = cat(name).to(dtype)
@@ -314,7 +355,7 @@ def assemble(
         parts = [p[name] if p[name].shape[-1] == width_k else
                  torch.nn.functional.pad(p[name].to(dtype), (0, width_k - p[name].shape[-1]), value=fill)
                  for p in pieces]
-        flat = torch.cat(parts).to(device, non_blocking=True).to(dtype)
+        flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(device, non_blocking=True).to(dtype)
         return _pad_positions(flat, lengths, width, fill).reshape(*position_shape, width_k)
 
     logprobs = entries("pos.entry_logprobs", 0.0, torch.float32) if spec.store_logprobs else None

@@ -145,7 +145,12 @@ class SplitReader:
                 "cache for this data: it builds only the missing samples."
             )
         shards, rows = self.shard_of[where].tolist(), self.row_of[where].tolist()
-        pieces = [self._shard(s).pieces(r) for s, r in zip(shards, rows, strict=True)]
+        pieces = []  # one batched read per run of consecutive samples from the same shard
+        start = 0
+        for end in range(1, len(shards) + 1):
+            if end == len(shards) or shards[end] != shards[start]:
+                pieces.append(self._shard(shards[start]).take(rows[start:end]))
+                start = end
         width = 1
         for n in position_shape[1:]:
             width *= n
