@@ -988,10 +988,10 @@ def test_fused_non_finite_masked_rows(kind):
     torch.testing.assert_close(dirty.grad, clean.grad, rtol=0, atol=1e-7)
 
 
-def cached_sampled_case(seed):
+def cached_sampled_case(seed, stored="entropy"):
     """Sampled targets as TeacherCache writes them (``verified``: draws first, count >= 1, then
-    padding; the teacher's entropy, no log-probs), with an empty row that has a label; and the
-    same targets unverified, which take the general path."""
+    padding; with the teacher's entropy, its log-probs at the ids, or neither), with an empty
+    row that has a label; and the same targets unverified, which take the general path."""
     s0, t = logits_pair(8, 12, seed=seed)
     labels = torch.tensor([3, -100, 0, 11, 5, -100, 7, 2])
     base = sampled_targets(t, 10, seed=seed + 1)
@@ -1001,16 +1001,18 @@ def cached_sampled_case(seed):
     entropy = -(log_p.exp() * log_p).sum(-1).float()
 
     def make(verified):
-        return SparseTargets("sampled", ids.clone(), None, 12, counts=counts.clone(), num_samples=10,
-                             entropy=entropy, verified=verified)
+        return SparseTargets("sampled", ids.clone(), base.logprobs.clone() if stored == "logprobs" else None, 12,
+                             counts=counts.clone(), num_samples=10, verified=verified,
+                             entropy=entropy if stored == "entropy" else None)
 
     return s0, make(True), make(False), labels
 
 
+@pytest.mark.parametrize("stored", ["entropy", "logprobs", None])
 @pytest.mark.parametrize("chunk_size", [None, 3])
-def test_fused_on_cache_written_sampled_targets(chunk_size):
+def test_fused_on_cache_written_sampled_targets(chunk_size, stored):
     """The fast path (no exp/log of the counts, no student q at the ids) equals the general one."""
-    s0, fast, general, labels = cached_sampled_case(seed=64)
+    s0, fast, general, labels = cached_sampled_case(seed=64, stored=stored)
     a = s0.clone().requires_grad_(True)
     kd, ce, _ = LF.fused_forward_kl_and_ce(a, fast, labels, chunk_size=chunk_size)
     (0.7 * kd + 1.3 * ce).backward()
@@ -1023,17 +1025,23 @@ def test_fused_on_cache_written_sampled_targets(chunk_size):
     # The empty row (4) gets the task gradient only: q - onehot(label).
     q = s0[4].softmax(-1)
     torch.testing.assert_close(a.grad[4], 1.3 * (q - F.one_hot(labels[4], 12).float()), rtol=0, atol=1e-6)
-    # The unbiased KL: -H(p) - sum_k (c_k / N) log q_k over the unmasked rows.
-    mask = labels != -100
-    p_hat = torch.zeros(8, 12).scatter_add_(-1, fast.ids.clamp_min(0), fast.counts) / 10
-    expected = (-fast.entropy.double() - (p_hat.double() * s0.double().log_softmax(-1)).sum(-1))[mask].sum()
-    assert kd.item() == pytest.approx(expected.item(), rel=1e-5)
+    if stored == "entropy":  # the unbiased KL: -H(p) - sum_k (c_k / N) log q_k over the unmasked rows
+        mask = labels != -100
+        p_hat = torch.zeros(8, 12).scatter_add_(-1, fast.ids.clamp_min(0), fast.counts) / 10
+        expected = (-fast.entropy.double() - (p_hat.double() * s0.double().log_softmax(-1)).sum(-1))[mask].sum()
+        assert kd.item() == pytest.approx(expected.item(), rel=1e-5)
     # The inputs are left as they were (the counts are float32 already: no in-place division).
-    _, again, _, _ = cached_sampled_case(seed=64)
+    _, again, _, _ = cached_sampled_case(seed=64, stored=stored)
     assert torch.equal(fast.counts, again.counts) and torch.equal(fast.ids, again.ids)
     with torch.no_grad():
         kd_ng, ce_ng, _ = LF.fused_forward_kl_and_ce(s0, fast, labels, chunk_size=chunk_size)
     assert kd_ng.item() == pytest.approx(kd.item(), rel=1e-6)
+    # A student that rules out token 0 (logit -inf) in the empty row: still finite (padding
+    # never reads a log q of -inf times p = 0).
+    ruled_out = s0.clone()
+    ruled_out[4, 0] = -float("inf")
+    kd_inf, ce_inf, _ = LF.fused_forward_kl_and_ce(ruled_out, fast, labels, chunk_size=chunk_size)
+    assert torch.isfinite(kd_inf) and torch.isfinite(ce_inf)
 
 
 def test_fused_on_cache_written_sampled_targets_ignores_masked_rows():

@@ -641,8 +641,9 @@ def test_a_student_vocabulary_smaller_than_the_cached_teacher_is_refused_at_fit_
         trainer.fit(small, Data(Blocks()))
 
 
+@pytest.mark.parametrize("uniform", [True, False])
 @pytest.mark.parametrize("kind", ["dense", "topk", "sampled"])
-def test_batched_reads_equal_sample_by_sample_reads(tmp_path, kind):
+def test_batched_reads_equal_sample_by_sample_reads(tmp_path, kind, uniform):
     """A batch read (one index_select per stored tensor and run of same-shard samples) holds
     exactly what reading each sample alone holds: any order, several shards, samples of
     different lengths, 16-bit ids (V = 300) and hidden states."""
@@ -655,7 +656,7 @@ def test_batched_reads_equal_sample_by_sample_reads(tmp_path, kind):
     g = torch.Generator().manual_seed(3)
     encoded = []
     for sample_id in range(12):
-        length = width - sample_id % 3  # 9, 8, 7 positions
+        length = width if uniform else width - sample_id % 3  # 9, 8, 7 positions
         logits = torch.randn(length, vocab, generator=g) * 3
         labels = torch.randint(0, vocab, (length,), generator=g)
         labels[0] = -100

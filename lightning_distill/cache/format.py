@@ -215,7 +215,10 @@ class LoadedShard:
     def __init__(self, tensors: dict[str, Tensor]) -> None:
         self.tensors = tensors
         lengths = tensors["sample.lengths"].to(torch.int64)
-        self.pos_offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).tolist()
+        self._offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        self.pos_offsets = self._offsets.tolist()
+        # Every sample as long as the first (fixed-length blocks): positions by arithmetic.
+        self._length = int(lengths[0]) if lengths.numel() and bool((lengths == lengths[0]).all()) else None
         if "pos.num_entries" in tensors:
             self._pad_entries(tensors)
 
@@ -249,12 +252,14 @@ class LoadedShard:
         if len(rows) == 1:
             return self.pieces(rows[0])
         index = torch.tensor(rows, dtype=torch.int64)
-        offsets = self._offsets_tensor()
-        starts, lengths = offsets[index], offsets[index + 1] - offsets[index]
-        total = int(lengths.sum())
-        # Position p of the batch lies in sample b = row_of_pos[p] at starts[b] + (p - first[b]).
-        first = lengths.cumsum(0) - lengths
-        positions = torch.arange(total) + torch.repeat_interleave(starts - first, lengths, output_size=total)
+        if self._length is not None:
+            positions = (index.unsqueeze(1) * self._length + torch.arange(self._length)).reshape(-1)
+        else:
+            starts, lengths = self._offsets[index], self._offsets[index + 1] - self._offsets[index]
+            total = int(lengths.sum())
+            # Position p of the batch lies in sample b at starts[b] + (p - first[b]).
+            first = lengths.cumsum(0) - lengths
+            positions = torch.arange(total) + torch.repeat_interleave(starts - first, lengths, output_size=total)
         out = {}
         for name, tensor in self.tensors.items():
             if name.startswith("sample."):
@@ -262,12 +267,6 @@ class LoadedShard:
             elif name.startswith("pos."):
                 out[name] = _index_select(tensor, positions)
         return out
-
-    def _offsets_tensor(self) -> Tensor:
-        offsets = getattr(self, "_offsets", None)
-        if offsets is None:
-            offsets = self._offsets = torch.tensor(self.pos_offsets, dtype=torch.int64)
-        return offsets
 
     def pieces(self, row: int) -> dict[str, Tensor]:
         """Views of one sample's tensors (``sample.*`` as 1-element tensors)."""

@@ -720,18 +720,20 @@ class _CoarseTeacher(NamedTuple):
         kl_offset: ``(n,)`` or ``None``: added to forward-KL rows (sampled targets: replaces the
             plug-in teacher entropy by the teacher's own log-probabilities, see
             :func:`sparse_forward_kl`).
-        p: ``(n, K)`` or ``None``: ``exp(log_p)`` (0 at padding and masked rows), when known
-            without an ``exp`` (sampled targets at their draw temperature: count / N).
-        p_log_p: ``(n,)`` or ``None``: ``sum_k p_k log p_k`` per row, known alongside ``p``.
+        p: ``(n, K)`` or ``None``: the teacher's probabilities of the ids (0 at padding); set,
+            with ``kd_const``, only by :func:`_cached_sampled_rows` (then ``log_p`` and
+            ``log_p_rest`` are ``None``).
+        kd_const: ``(n,)`` or ``None``: the teacher's part of each forward-KL row,
+            KL = kd_const - sum_k p_k log q_k.
     """
 
     ids: Tensor
     valid: Tensor
-    log_p: Tensor
-    log_p_rest: Tensor
+    log_p: Tensor | None
+    log_p_rest: Tensor | None
     kl_offset: Tensor | None = None
     p: Tensor | None = None
-    p_log_p: Tensor | None = None
+    kd_const: Tensor | None = None
 
     def rows(self, start: int, end: int) -> _CoarseTeacher:
         return _CoarseTeacher(*(None if x is None else x[start:end] for x in self))
@@ -1074,6 +1076,36 @@ def _sampled_counts(targets: SparseTargets) -> tuple[Tensor, Tensor, Tensor, Ten
     return ids, log_p, log_p_rest, valid, p, (p * log_p).sum(-1)
 
 
+def _cached_sampled_rows(targets: SparseTargets, pad_ids: Tensor) -> _CoarseTeacher:
+    """Cache-written sampled targets at their draw temperature, as the fused loss reads them.
+
+    Rows of ``ids`` (padding pointed at ``pad_ids``, ``(...)``), ``valid``, ``p = c / N`` and
+    ``kd_const``, the teacher's part of forward KL, so that KL = kd_const - sum_k p_k log q_k:
+
+    * with the teacher's entropy H: -H (the unbiased estimate, see :func:`sparse_forward_kl`);
+    * with stored log-probabilities l_k (and the draw temperature 1): sum_k p_k l_k;
+    * else sum_k p_k log p_k (the plug-in KL).
+
+    A few operations on (n, K), no ``exp``/``log`` (see :func:`_sampled_counts`).
+    """
+    ids = targets.ids.long()
+    valid = ids >= 0
+    ids = torch.where(valid, ids, pad_ids.unsqueeze(-1))
+    n = int(targets.num_samples)
+    p = torch.div(targets.counts.detach(), n).to(torch.float32)
+    if targets.logprobs is not None:
+        kd_const = (p * torch.where(valid, targets.logprobs.detach().float(), 0.0)).sum(-1)
+    elif targets.entropy is not None:
+        kd_const = targets.entropy.detach().float().neg()
+    else:
+        counts = targets.counts.detach().long().reshape(-1)
+        log_p = _log_count_table(n, ids.device).index_select(0, counts).reshape(p.shape)
+        kd_const = (p * log_p).sum(-1)
+    k = ids.shape[-1]
+    return _CoarseTeacher(ids.reshape(-1, k), valid.reshape(-1, k), None, None,
+                          p=p.reshape(-1, k), kd_const=kd_const.reshape(-1))
+
+
 def _sampled_at_draw_temperature(targets: SparseTargets) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`sparse_target_logprobs` of cache-written sampled targets at their own temperature."""
     return _sampled_counts(targets)[:4]
@@ -1111,9 +1143,9 @@ def _coarse_teacher(
 ) -> _CoarseTeacher:
     """The targets at ``temperature``, flattened to rows; masked rows hold a neutral, finite
     distribution (all mass in the rest), whatever the cache had there."""
-    p = p_log_p = None
+    p_log_p = None
     if _at_draw_temperature(targets, temperature):
-        ids, log_p, log_p_rest, valid, p, p_log_p = _sampled_counts(targets)
+        ids, log_p, log_p_rest, valid, _, p_log_p = _sampled_counts(targets)
     else:
         ids, log_p, log_p_rest, valid = sparse_target_logprobs(targets, temperature)
     offset = None
@@ -1131,15 +1163,11 @@ def _coarse_teacher(
     k = ids.shape[-1]
     ids, valid, log_p = ids.reshape(-1, k), valid.reshape(-1, k), log_p.reshape(-1, k)
     log_p_rest = log_p_rest.reshape(-1)
-    if p is not None:
-        p, p_log_p = p.reshape(-1, k), p_log_p.reshape(-1)
     if mask is not None:
         log_p = log_p.masked_fill(~mask.unsqueeze(-1), _NEG)
         log_p_rest = log_p_rest.masked_fill(~mask, 0.0)
         offset = None if offset is None else offset.masked_fill(~mask, 0.0)
-        if p is not None:
-            p, p_log_p = p.masked_fill(~mask.unsqueeze(-1), 0.0), p_log_p.masked_fill(~mask, 0.0)
-    return _CoarseTeacher(ids, valid, log_p, log_p_rest, offset, p, p_log_p)
+    return _CoarseTeacher(ids, valid, log_p, log_p_rest, offset)
 
 
 def _at_draw_temperature(targets: SparseTargets, temperature: float) -> bool:
@@ -1391,15 +1419,14 @@ def _fused_chunk(
     torch.log_softmax(student.detach().float(), -1, out=out)  # log q, in the buffer
     safe = torch.where(mask, labels, 0).unsqueeze(-1)
     ce_rows = out.gather(-1, safe).squeeze(-1).neg_()
-    if isinstance(teacher, _CoarseTeacher) and teacher.p is not None:
-        # Cache-written sampled targets (see _sampled_counts): every real id has p > 0 and the
+    if isinstance(teacher, _CoarseTeacher) and teacher.kd_const is not None:
+        # Cache-written sampled targets (_cached_sampled_rows): every real id has p > 0 and the
         # mass sits on the ids, except in an empty row, whose whole mass is the rest (q_rest = 1
         # there, KL 0, the target P^ = q). So the student's q at the ids is never needed:
         # kd = sum_k p_k log p_k - sum_k p_k log q_k, and in backward f = p_rest / q_rest = p_rest.
-        log_q_ids = out.gather(-1, teacher.ids).masked_fill_(~teacher.valid, 0.0)  # p = 0 there
-        kd_rows = teacher.p_log_p - (teacher.p * log_q_ids).sum(-1)
-        if teacher.kl_offset is not None:
-            kd_rows = kd_rows + teacher.kl_offset
+        # Padding (p = 0) points at the row's label, whose log q is finite unless the
+        # cross-entropy is infinite anyway.
+        kd_rows = teacher.kd_const - (teacher.p * out.gather(-1, teacher.ids)).sum(-1)
         out.exp_()  # q
         if saved is not None:
             saved.append((teacher.p, (~teacher.valid[:, :1]).to(out.dtype)))
@@ -1544,7 +1571,12 @@ def fused_forward_kl_and_ce(
     if isinstance(teacher, SparseTargets):
         # Unmasked: masked rows are dropped from both sums and zeroed in the gradient, whatever
         # the targets hold there (every quantity is per row).
-        flat_teacher: Tensor | _CoarseTeacher = _coarse_teacher(teacher, 1.0, None)
+        flat_teacher: Tensor | _CoarseTeacher
+        if _at_draw_temperature(teacher, 1.0):
+            safe = torch.where(mask, flat_labels, 0).reshape(teacher.ids.shape[:-1])
+            flat_teacher = _cached_sampled_rows(teacher, safe)
+        else:
+            flat_teacher = _coarse_teacher(teacher, 1.0, None)
     else:
         flat_teacher = teacher.reshape(-1, vocab)
     n_rows = student.shape[0]
