@@ -276,8 +276,9 @@ def part_temperature(demo: Demo, student_dir: str | None, batches: int = 4) -> l
                                         sample_id=int(batch["sample_id"][b]))
                     shard = LoadedShard({"sample.ids": torch.tensor([0]), "sample.token_hash": torch.tensor([0]),
                                          "sample.lengths": torch.tensor([ids.shape[1]], dtype=torch.int32), **enc})
-                    pieces.append(shard.pieces(0))
-                sparse = assemble(spec, pieces, tuple(ids.shape), torch.device("cpu")).sparse
+                    pieces.append(shard.take([0]))
+                lengths = [ids.shape[1]] * ids.shape[0]
+                sparse = assemble(spec, pieces, lengths, tuple(ids.shape), torch.device("cpu")).sparse
                 zd = s_logits.clone().requires_grad_(True)
                 dense = LF.forward_kl(zd, t_logits, temperature=temperature, labels=labels)
                 dense.backward()

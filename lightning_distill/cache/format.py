@@ -245,12 +245,17 @@ class LoadedShard:
     def sample_ids(self) -> Tensor:
         return self.tensors["sample.ids"]
 
+    def lengths_of(self, rows: list[int]) -> list[int]:
+        """The number of stored positions of each of ``rows``."""
+        offsets = self.pos_offsets
+        return [offsets[r + 1] - offsets[r] for r in rows]
+
     def take(self, rows: list[int]) -> dict[str, Tensor]:
-        """The tensors of several samples (``rows`` of this shard, in that order), batched:
-        ``sample.*`` one entry per sample, ``pos.*`` their positions one after another. One
-        ``index_select`` per tensor, however many samples."""
+        """The ``pos.*`` tensors of several samples (``rows`` of this shard, in that order), their
+        positions one after another: one ``index_select`` per tensor, however many samples."""
         if len(rows) == 1:
-            return self.pieces(rows[0])
+            p0, p1 = self.pos_offsets[rows[0]], self.pos_offsets[rows[0] + 1]
+            return {name: t[p0:p1] for name, t in self.tensors.items() if name.startswith("pos.")}
         index = torch.tensor(rows, dtype=torch.int64)
         if self._length is not None:
             positions = (index.unsqueeze(1) * self._length + torch.arange(self._length)).reshape(-1)
@@ -260,24 +265,7 @@ class LoadedShard:
             # Position p of the batch lies in sample b at starts[b] + (p - first[b]).
             first = lengths.cumsum(0) - lengths
             positions = torch.arange(total) + torch.repeat_interleave(starts - first, lengths, output_size=total)
-        out = {}
-        for name, tensor in self.tensors.items():
-            if name.startswith("sample."):
-                out[name] = _index_select(tensor, index)
-            elif name.startswith("pos."):
-                out[name] = _index_select(tensor, positions)
-        return out
-
-    def pieces(self, row: int) -> dict[str, Tensor]:
-        """Views of one sample's tensors (``sample.*`` as 1-element tensors)."""
-        p0, p1 = self.pos_offsets[row], self.pos_offsets[row + 1]
-        out = {}
-        for name, tensor in self.tensors.items():
-            if name.startswith("sample."):
-                out[name] = tensor[row : row + 1]
-            elif name.startswith("pos."):
-                out[name] = tensor[p0:p1]
-        return out
+        return {name: _index_select(t, positions) for name, t in self.tensors.items() if name.startswith("pos.")}
 
 
 _SIGNED_TWIN = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
@@ -307,20 +295,21 @@ def _pad_positions(flat: Tensor, lengths: list[int], width: int, fill: float | i
 def assemble(
     spec: CacheSpec,
     pieces: list[dict[str, Tensor]],
+    lengths: list[int],
     position_shape: tuple[int, ...],
     device: torch.device,
 ) -> TeacherTargets:
-    """Batch the pieces of B samples into :class:`TeacherTargets` shaped like the batch.
+    """Batch the stored positions of B samples into :class:`TeacherTargets` shaped like the batch.
 
     Args:
         spec: the cache's spec.
-        pieces: the B samples in batch order, in parts: each a :meth:`LoadedShard.take` (or
-            :meth:`LoadedShard.pieces`) of consecutive samples of the batch.
+        pieces: the B samples in batch order, in parts: each a :meth:`LoadedShard.take` of
+            consecutive samples of the batch.
+        lengths: the stored positions of each of the B samples.
         position_shape: the batch's position shape ``(B, T)`` (or ``(B,)`` for one position
             per sample, as a classifier).
         device: where the targets go.
     """
-    lengths = torch.cat([p["sample.lengths"] for p in pieces]).tolist()
     width = math.prod(position_shape[1:]) if len(position_shape) > 1 else 1
 
     def cat(name: str) -> Tensor:

@@ -52,7 +52,7 @@ class SplitReader:
         self.shard_of: Tensor = table["shard"]
         self.row_of: Tensor = table["row"]
         self._shards: OrderedDict[int, LoadedShard] = OrderedDict()
-        self._hash_checked = torch.zeros(len(self.sample_ids), dtype=torch.bool)
+        self._hash_checked = bytearray(len(self.sample_ids))  # 1: this sample's tokens were checked
 
     def __len__(self) -> int:
         return int(self.sample_ids.numel())
@@ -144,28 +144,32 @@ class SplitReader:
                 f"{self.split!r}; the data serves samples the cache was not built for. Rebuild (resume) the "
                 "cache for this data: it builds only the missing samples."
             )
+        where_list = where.tolist()
         shards, rows = self.shard_of[where].tolist(), self.row_of[where].tolist()
-        pieces = []  # one batched read per run of consecutive samples from the same shard
+        pieces, lengths, runs = [], [], []  # one batched read per run of consecutive same-shard samples
         start = 0
         for end in range(1, len(shards) + 1):
             if end == len(shards) or shards[end] != shards[start]:
-                pieces.append(self._shard(shards[start]).take(rows[start:end]))
+                shard = self._shard(shards[start])
+                pieces.append(shard.take(rows[start:end]))
+                lengths += shard.lengths_of(rows[start:end])
+                runs.append((shard, rows[start:end]))
                 start = end
         width = 1
         for n in position_shape[1:]:
             width *= n
-        lengths = torch.cat([p["sample.lengths"] for p in pieces]).to(torch.int64)
-        if int(lengths.max()) > width:
-            bad = int(lengths.argmax())
+        if max(lengths) > width:
+            bad = lengths.index(max(lengths))
             raise CacheMismatchError(
-                f"sample {ids[bad].item()} ({self.split}) has {int(lengths[bad])} cached positions but the batch "
+                f"sample {ids[bad].item()} ({self.split}) has {lengths[bad]} cached positions but the batch "
                 f"has {width}; the data's sequence length changed since the cache was built. Rebuild the cache."
             )
-        if input_ids is not None and not bool(self._hash_checked[where].all()):
+        if input_ids is not None and not all(self._hash_checked[w] for w in where_list):
             # Each sample's tokens are checked the first time this process reads it (data does not
             # change under a running job), so later epochs skip the hash and its device sync.
-            stored = torch.cat([p["sample.token_hash"] for p in pieces])
-            current = token_hash(input_ids.reshape(len(ids), -1), lengths.to(input_ids.device)).cpu()
+            stored = torch.cat([shard.tensors["sample.token_hash"][torch.tensor(r)] for shard, r in runs])
+            current = token_hash(input_ids.reshape(len(ids), -1),
+                                 torch.tensor(lengths, device=input_ids.device)).cpu()
             changed = (stored != current).nonzero().squeeze(-1)
             if changed.numel():
                 raise CacheMismatchError(
@@ -173,8 +177,9 @@ class SplitReader:
                     f"teacher cache at {self.storage.url} was built: the data changed under the same ids. "
                     "Rebuild the cache (delete it or pass on_mismatch='rebuild')."
                 )
-            self._hash_checked[where] = True
-        return assemble(self.spec, pieces, tuple(position_shape), torch.device(device))
+            for w in where_list:
+                self._hash_checked[w] = 1
+        return assemble(self.spec, pieces, lengths, tuple(position_shape), torch.device(device))
 
     def describe(self) -> dict[str, Any]:
         positions = max(self.positions, 1)

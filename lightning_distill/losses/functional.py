@@ -720,11 +720,12 @@ class _CoarseTeacher(NamedTuple):
         kl_offset: ``(n,)`` or ``None``: added to forward-KL rows (sampled targets: replaces the
             plug-in teacher entropy by the teacher's own log-probabilities, see
             :func:`sparse_forward_kl`).
-        p: ``(n, K)`` or ``None``: the teacher's probabilities of the ids (0 at padding); set,
-            with ``kd_const``, only by :func:`_cached_sampled_rows` (then ``log_p`` and
-            ``log_p_rest`` are ``None``).
+        p: ``(n, K)`` or ``None``: the teacher's probabilities of the ids (0 at padding) divided
+            by ``p_scale`` (the draw counts); set, with ``kd_const``, only by
+            :func:`_cached_sampled_rows` (then ``log_p`` and ``log_p_rest`` are ``None``).
         kd_const: ``(n,)`` or ``None``: the teacher's part of each forward-KL row,
-            KL = kd_const - sum_k p_k log q_k.
+            KL = kd_const - p_scale sum_k p_k log q_k.
+        p_scale: see ``p``.
     """
 
     ids: Tensor
@@ -734,9 +735,10 @@ class _CoarseTeacher(NamedTuple):
     kl_offset: Tensor | None = None
     p: Tensor | None = None
     kd_const: Tensor | None = None
+    p_scale: float = 1.0
 
     def rows(self, start: int, end: int) -> _CoarseTeacher:
-        return _CoarseTeacher(*(None if x is None else x[start:end] for x in self))
+        return _CoarseTeacher(*(x[start:end] if isinstance(x, Tensor) else x for x in self))
 
     def coarse(self) -> Tensor:
         """``(n, K + 1)`` log-probabilities: the ids, then the rest bucket."""
@@ -1079,31 +1081,32 @@ def _sampled_counts(targets: SparseTargets) -> tuple[Tensor, Tensor, Tensor, Ten
 def _cached_sampled_rows(targets: SparseTargets, pad_ids: Tensor) -> _CoarseTeacher:
     """Cache-written sampled targets at their draw temperature, as the fused loss reads them.
 
-    Rows of ``ids`` (padding pointed at ``pad_ids``, ``(...)``), ``valid``, ``p = c / N`` and
-    ``kd_const``, the teacher's part of forward KL, so that KL = kd_const - sum_k p_k log q_k:
+    Rows of int64 ``ids`` (padding pointed at ``pad_ids``, ``(...)``), ``valid``, the counts
+    as ``p`` with ``p_scale = 1 / N``, and ``kd_const``, the teacher's part of forward KL, so
+    that KL = kd_const - sum_k (c_k / N) log q_k:
 
     * with the teacher's entropy H: -H (the unbiased estimate, see :func:`sparse_forward_kl`);
-    * with stored log-probabilities l_k (and the draw temperature 1): sum_k p_k l_k;
-    * else sum_k p_k log p_k (the plug-in KL).
+    * with stored log-probabilities l_k (and the draw temperature 1): sum_k (c_k / N) l_k;
+    * else sum_k (c_k / N) log(c_k / N) (the plug-in KL).
 
-    A few operations on (n, K), no ``exp``/``log`` (see :func:`_sampled_counts`).
+    Two operations on (n, K) (the mask and the padded ids), no ``exp``/``log`` (see
+    :func:`_sampled_counts`), no division (the losses scale their row sums instead).
     """
     ids = targets.ids.long()
     valid = ids >= 0
-    ids = torch.where(valid, ids, pad_ids.unsqueeze(-1))
+    ids = torch.where(valid, ids, pad_ids.unsqueeze(-1).to(torch.int64))
     n = int(targets.num_samples)
-    p = torch.div(targets.counts.detach(), n).to(torch.float32)
+    counts = targets.counts.detach().float()
     if targets.logprobs is not None:
-        kd_const = (p * torch.where(valid, targets.logprobs.detach().float(), 0.0)).sum(-1)
+        kd_const = (counts * torch.where(valid, targets.logprobs.detach().float(), 0.0)).sum(-1) / n
     elif targets.entropy is not None:
         kd_const = targets.entropy.detach().float().neg()
     else:
-        counts = targets.counts.detach().long().reshape(-1)
-        log_p = _log_count_table(n, ids.device).index_select(0, counts).reshape(p.shape)
-        kd_const = (p * log_p).sum(-1)
+        log_p = _log_count_table(n, ids.device).index_select(0, counts.long().reshape(-1)).reshape(counts.shape)
+        kd_const = (counts * log_p).sum(-1) / n
     k = ids.shape[-1]
     return _CoarseTeacher(ids.reshape(-1, k), valid.reshape(-1, k), None, None,
-                          p=p.reshape(-1, k), kd_const=kd_const.reshape(-1))
+                          p=counts.reshape(-1, k), kd_const=kd_const.reshape(-1), p_scale=1.0 / n)
 
 
 def _sampled_at_draw_temperature(targets: SparseTargets) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -1426,7 +1429,8 @@ def _fused_chunk(
         # kd = sum_k p_k log p_k - sum_k p_k log q_k, and in backward f = p_rest / q_rest = p_rest.
         # Padding (p = 0) points at the row's label, whose log q is finite unless the
         # cross-entropy is infinite anyway.
-        kd_rows = teacher.kd_const - (teacher.p * out.gather(-1, teacher.ids)).sum(-1)
+        cross = (teacher.p * out.gather(-1, teacher.ids)).sum(-1)
+        kd_rows = teacher.kd_const - cross * teacher.p_scale
         out.exp_()  # q
         if saved is not None:
             saved.append((teacher.p, (~teacher.valid[:, :1]).to(out.dtype)))
@@ -1516,7 +1520,10 @@ class _FusedForwardKLAndCE(torch.autograd.Function):
             # (f q_k = 0 for cache-written sampled targets, which save no q_k).
             p_ids, f, *q_ids = ctx.saved  # p_ids, q_ids: 0 at padding
             buf.mul_(g_both - g_kd * f)
-            at_ids = p_ids * -g_kd if not q_ids else (f * q_ids[0] - p_ids).mul_(g_kd)
+            if q_ids:
+                at_ids = (f * q_ids[0] - p_ids).mul_(g_kd)
+            else:  # cache-written sampled targets: p_ids are counts, p = counts * p_scale
+                at_ids = p_ids * (-g_kd * teacher.p_scale)
             buf.scatter_add_(-1, teacher.ids, at_ids)
         else:
             for _, _, b, t, _, _ in _chunks(buf.shape[0], ctx.chunk, buf, teacher, None, None):
