@@ -117,7 +117,7 @@ def _weights(length: int, seed: int, device: torch.device) -> Tensor:
     return torch.randint(1, _PRIME, (length,), generator=g, dtype=torch.int64).to(device)
 
 
-_WEIGHT_CACHE: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+_WEIGHT_CACHE: dict[tuple[int, str], Tensor] = {}
 
 
 def token_hash(ids: Tensor, lengths: Tensor) -> Tensor:
@@ -128,18 +128,18 @@ def token_hash(ids: Tensor, lengths: Tensor) -> Tensor:
     tokens it named when the cache was built.
     """
     ids = ids.reshape(ids.shape[0], -1).to(torch.int64)
-    batch, width = ids.shape
+    width = ids.shape[1]
     key = (width, str(ids.device))
-    if key not in _WEIGHT_CACHE:
-        _WEIGHT_CACHE[key] = (_weights(width, 1, ids.device), _weights(width, 2, ids.device))
-    w1, w2 = _WEIGHT_CACHE[key]
-    keep = torch.arange(width, device=ids.device) < lengths.to(ids.device).unsqueeze(-1)
+    if key not in _WEIGHT_CACHE:  # both hashes' weights, (2, T)
+        _WEIGHT_CACHE[key] = torch.stack([_weights(width, 1, ids.device), _weights(width, 2, ids.device)])
+    weights = _WEIGHT_CACHE[key]
+    lengths = lengths.to(ids.device, torch.int64)
+    keep = torch.arange(width, device=ids.device) < lengths.unsqueeze(-1)
     values = torch.where(keep, torch.remainder(ids + 1, _PRIME), 0)
     # Products stay below 2**62 and sums of up to 2**32 of them are reduced as we go.
-    h1 = torch.remainder(values * w1, _PRIME).sum(-1).remainder(_PRIME)
-    h2 = torch.remainder(values * w2, _PRIME).sum(-1).remainder(_PRIME)
-    h2 = torch.remainder(h2 + lengths.to(ids.device).to(torch.int64), _PRIME)
-    return (h1 << 31) | h2
+    h = torch.remainder(values.unsqueeze(1) * weights, _PRIME).sum(-1).remainder_(_PRIME)  # (B, 2)
+    h2 = torch.remainder(h[:, 1] + lengths, _PRIME)
+    return (h[:, 0] << 31) | h2
 
 
 def _short(value: Any) -> str:

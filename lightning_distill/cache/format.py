@@ -36,6 +36,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -252,14 +253,13 @@ class LoadedShard:
 
     def take(self, rows: list[int]) -> dict[str, Tensor]:
         """The ``pos.*`` tensors of several samples (``rows`` of this shard, in that order), their
-        positions one after another: one ``index_select`` per tensor, however many samples."""
-        if len(rows) == 1:
-            p0, p1 = self.pos_offsets[rows[0]], self.pos_offsets[rows[0] + 1]
-            return {name: t[p0:p1] for name, t in self.tensors.items() if name.startswith("pos.")}
-        index = torch.tensor(rows, dtype=torch.int64)
-        if self._length is not None:
-            positions = (index.unsqueeze(1) * self._length + torch.arange(self._length)).reshape(-1)
+        positions one after another: one ``index_select`` per tensor, however many samples.
+        Always copies (a batch's targets never alias the loaded shard)."""
+        if self._length is not None:  # NumPy arithmetic: microseconds, not tensor dispatches
+            index = np.asarray(rows, dtype=np.int64)
+            positions = torch.from_numpy((index[:, None] * self._length + np.arange(self._length)).reshape(-1))
         else:
+            index = torch.tensor(rows, dtype=torch.int64)
             starts, lengths = self._offsets[index], self._offsets[index + 1] - self._offsets[index]
             total = int(lengths.sum())
             # Position p of the batch lies in sample b at starts[b] + (p - first[b]).

@@ -6,6 +6,7 @@ import zlib
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 from torch import Tensor
@@ -51,6 +52,8 @@ class SplitReader:
         self.sample_ids: Tensor = table["sample_id"]
         self.shard_of: Tensor = table["shard"]
         self.row_of: Tensor = table["row"]
+        # NumPy views of the table for the per-batch lookup.
+        self._table, self._shard_np, self._row_np = (t.numpy() for t in (self.sample_ids, self.shard_of, self.row_of))
         self._shards: OrderedDict[int, LoadedShard] = OrderedDict()
         self._hash_checked = bytearray(len(self.sample_ids))  # 1: this sample's tokens were checked
 
@@ -65,12 +68,15 @@ class SplitReader:
     def bytes(self) -> int:
         return int(self.index["bytes"])
 
-    def _locate(self, sample_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """``searchsorted`` into the id table; returns (where, found)."""
-        ids = sample_ids.to("cpu", torch.int64).reshape(-1)
-        where = torch.searchsorted(self.sample_ids, ids).clamp_max(max(len(self) - 1, 0))
-        found = (self.sample_ids[where] == ids) if len(self) else torch.zeros_like(ids, dtype=torch.bool)
-        return where, found
+    def _locate(self, sample_ids: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """``searchsorted`` into the id table; returns (where, found) as NumPy arrays (a batch's
+        lookup is a few microseconds of NumPy, not a dozen tensor operations)."""
+        ids = sample_ids.to("cpu", torch.int64).reshape(-1).numpy()
+        table = self._table
+        if not len(table):
+            return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
+        where = np.minimum(np.searchsorted(table, ids), len(table) - 1)
+        return where, table[where] == ids
 
     def absent_shards(self) -> list[str]:
         """Shards the index lists that are not in storage (deleted after damage): rebuilt by a build."""
@@ -81,7 +87,7 @@ class SplitReader:
         """The ids among ``sample_ids`` the cache does not hold."""
         ids = sample_ids.to("cpu", torch.int64).reshape(-1)
         _, found = self._locate(ids)
-        return ids[~found]
+        return ids[torch.from_numpy(~found)]
 
     def _shard(self, number: int) -> LoadedShard:
         shard = self._shards.get(number)
@@ -137,15 +143,15 @@ class SplitReader:
         """
         ids = sample_ids.to("cpu", torch.int64).reshape(-1)
         where, found = self._locate(ids)
-        if not bool(found.all()):
-            absent = ids[~found][:5].tolist()
+        if not found.all():
+            absent = ids[torch.from_numpy(~found)][:5].tolist()
             raise CacheMismatchError(
                 f"the teacher cache at {self.storage.url} has no targets for sample ids {absent} of split "
                 f"{self.split!r}; the data serves samples the cache was not built for. Rebuild (resume) the "
                 "cache for this data: it builds only the missing samples."
             )
         where_list = where.tolist()
-        shards, rows = self.shard_of[where].tolist(), self.row_of[where].tolist()
+        shards, rows = self._shard_np[where].tolist(), self._row_np[where].tolist()
         pieces, lengths, runs = [], [], []  # one batched read per run of consecutive same-shard samples
         start = 0
         for end in range(1, len(shards) + 1):
@@ -167,13 +173,13 @@ class SplitReader:
         if input_ids is not None and not all(self._hash_checked[w] for w in where_list):
             # Each sample's tokens are checked the first time this process reads it (data does not
             # change under a running job), so later epochs skip the hash and its device sync.
-            stored = torch.cat([shard.tensors["sample.token_hash"][torch.tensor(r)] for shard, r in runs])
+            stored = np.concatenate([shard.tensors["sample.token_hash"].numpy()[r] for shard, r in runs])
             current = token_hash(input_ids.reshape(len(ids), -1),
-                                 torch.tensor(lengths, device=input_ids.device)).cpu()
-            changed = (stored != current).nonzero().squeeze(-1)
-            if changed.numel():
+                                 torch.tensor(lengths, device=input_ids.device)).cpu().numpy()
+            changed = np.flatnonzero(stored != current)
+            if len(changed):
                 raise CacheMismatchError(
-                    f"sample ids {ids[changed][:5].tolist()} ({self.split}) now hold other tokens than when the "
+                    f"sample ids {ids.numpy()[changed][:5].tolist()} ({self.split}) now hold other tokens than when the "
                     f"teacher cache at {self.storage.url} was built: the data changed under the same ids. "
                     "Rebuild the cache (delete it or pass on_mismatch='rebuild')."
                 )

@@ -1078,34 +1078,34 @@ def _sampled_counts(targets: SparseTargets) -> tuple[Tensor, Tensor, Tensor, Ten
     return ids, log_p, log_p_rest, valid, p, (p * log_p).sum(-1)
 
 
-def _cached_sampled_rows(targets: SparseTargets, pad_ids: Tensor) -> _CoarseTeacher:
+def _cached_sampled_rows(targets: SparseTargets) -> _CoarseTeacher:
     """Cache-written sampled targets at their draw temperature, as the fused loss reads them.
 
-    Rows of int64 ``ids`` (padding pointed at ``pad_ids``, ``(...)``), ``valid``, the counts
-    as ``p`` with ``p_scale = 1 / N``, and ``kd_const``, the teacher's part of forward KL, so
-    that KL = kd_const - sum_k (c_k / N) log q_k:
+    Rows of int64 ``ids`` (padding pointed at id 0), the counts as ``p`` with ``p_scale = 1 /
+    N`` (0 at padding) and ``kd_const``, the teacher's part of forward KL, so that
+    KL = kd_const - sum_k (c_k / N) log q_k:
 
     * with the teacher's entropy H: -H (the unbiased estimate, see :func:`sparse_forward_kl`);
     * with stored log-probabilities l_k (and the draw temperature 1): sum_k (c_k / N) l_k;
     * else sum_k (c_k / N) log(c_k / N) (the plug-in KL).
 
-    Two operations on (n, K) (the mask and the padded ids), no ``exp``/``log`` (see
-    :func:`_sampled_counts`), no division (the losses scale their row sums instead).
+    One operation on (n, K) (the padding's ids), no ``exp``/``log`` (see
+    :func:`_sampled_counts`), no division (the loss scales its row sums). ``valid`` holds the
+    empty rows only ``(n, 1)``: the cache writes a row's draws first.
     """
-    ids = targets.ids.long()
-    valid = ids >= 0
-    ids = torch.where(valid, ids, pad_ids.unsqueeze(-1).to(torch.int64))
+    ids = targets.ids.long().clamp_min(0)
     n = int(targets.num_samples)
     counts = targets.counts.detach().float()
     if targets.logprobs is not None:
-        kd_const = (counts * torch.where(valid, targets.logprobs.detach().float(), 0.0)).sum(-1) / n
+        kd_const = (counts * torch.where(counts > 0, targets.logprobs.detach().float(), 0.0)).sum(-1) / n
     elif targets.entropy is not None:
         kd_const = targets.entropy.detach().float().neg()
     else:
         log_p = _log_count_table(n, ids.device).index_select(0, counts.long().reshape(-1)).reshape(counts.shape)
         kd_const = (counts * log_p).sum(-1) / n
     k = ids.shape[-1]
-    return _CoarseTeacher(ids.reshape(-1, k), valid.reshape(-1, k), None, None,
+    first_real = targets.ids[..., :1] >= 0
+    return _CoarseTeacher(ids.reshape(-1, k), first_real.reshape(-1, 1), None, None,
                           p=counts.reshape(-1, k), kd_const=kd_const.reshape(-1), p_scale=1.0 / n)
 
 
@@ -1426,14 +1426,15 @@ def _fused_chunk(
         # Cache-written sampled targets (_cached_sampled_rows): every real id has p > 0 and the
         # mass sits on the ids, except in an empty row, whose whole mass is the rest (q_rest = 1
         # there, KL 0, the target P^ = q). So the student's q at the ids is never needed:
-        # kd = sum_k p_k log p_k - sum_k p_k log q_k, and in backward f = p_rest / q_rest = p_rest.
-        # Padding (p = 0) points at the row's label, whose log q is finite unless the
-        # cross-entropy is infinite anyway.
-        cross = (teacher.p * out.gather(-1, teacher.ids)).sum(-1)
-        kd_rows = teacher.kd_const - cross * teacher.p_scale
+        # kd = kd_const - sum_k p_k log q_k, and in backward f = p_rest / q_rest = p_rest.
+        # Padding (p = 0) reads id 0: its log q is floored so that a student ruling that id
+        # out (-inf) gives 0 * finite there, not NaN (a drawn id the student rules out gives a
+        # huge KL, ~1e37, instead of inf; its gradient q - p is exact either way).
+        log_q_ids = out.gather(-1, teacher.ids).clamp_min_(_LOG_FLOOR)
+        kd_rows = teacher.kd_const - (teacher.p * log_q_ids).sum(-1) * teacher.p_scale
         out.exp_()  # q
         if saved is not None:
-            saved.append((teacher.p, (~teacher.valid[:, :1]).to(out.dtype)))
+            saved.append((teacher.p, (~teacher.valid).to(out.dtype)))
     elif isinstance(teacher, _CoarseTeacher):
         ids, valid = teacher.ids, teacher.valid
         log_q_all = out.gather(-1, ids)  # padding repeats a real id of its row: same value
@@ -1580,8 +1581,7 @@ def fused_forward_kl_and_ce(
         # the targets hold there (every quantity is per row).
         flat_teacher: Tensor | _CoarseTeacher
         if _at_draw_temperature(teacher, 1.0):
-            safe = torch.where(mask, flat_labels, 0).reshape(teacher.ids.shape[:-1])
-            flat_teacher = _cached_sampled_rows(teacher, safe)
+            flat_teacher = _cached_sampled_rows(teacher)
         else:
             flat_teacher = _coarse_teacher(teacher, 1.0, None)
     else:
