@@ -297,6 +297,27 @@ def test_token_hash_sees_every_token_and_the_length():
     assert torch.equal(token_hash(ids, full), base)
 
 
+def test_token_hash_matches_its_definition():
+    """The stored hash is part of the cache format: h1 << 31 | h2 with h_i = sum_t (x_t + 1) w_i[t]
+    mod (2^31 - 1) over the first L tokens (h2 + L), weights from torch.randint(seed i).
+    Checked against Python integers (no overflow anywhere)."""
+    prime = 2**31 - 1
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 60_000, (4, 37), generator=g)
+    lengths = torch.tensor([37, 1, 20, 36])
+
+    def weights(seed):
+        return torch.randint(1, prime, (37,), generator=torch.Generator().manual_seed(seed), dtype=torch.int64).tolist()
+
+    w1, w2 = weights(1), weights(2)
+    expected = []
+    for row, n in zip(ids.tolist(), lengths.tolist()):
+        h1 = sum((x + 1) * w for x, w in zip(row[:n], w1)) % prime
+        h2 = (sum((x + 1) * w for x, w in zip(row[:n], w2)) % prime + n) % prime
+        expected.append(h1 << 31 | h2)
+    assert token_hash(ids, lengths).tolist() == expected
+
+
 def test_unknown_sample_id_is_an_error(tmp_path):
     cache, _, _ = prepare(tmp_path, "topk", k=2)
     with pytest.raises(CacheMismatchError, match=r"no targets for sample ids \[7\]"):

@@ -20,6 +20,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -112,34 +113,35 @@ def check_fingerprint(stored: Mapping[str, Any], current: Mapping[str, Any], *, 
 _PRIME = 2**31 - 1
 
 
-def _weights(length: int, seed: int, device: torch.device) -> Tensor:
+def _weights(length: int, seed: int) -> np.ndarray:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, _PRIME, (length,), generator=g, dtype=torch.int64).to(device)
+    return torch.randint(1, _PRIME, (length,), generator=g, dtype=torch.int64).numpy()
 
 
-_WEIGHT_CACHE: dict[tuple[int, str], Tensor] = {}
+_WEIGHT_CACHE: dict[int, np.ndarray] = {}
 
 
 def token_hash(ids: Tensor, lengths: Tensor) -> Tensor:
-    """A 62-bit hash of each row's first ``lengths[b]`` token ids: ``(B, T)`` -> ``(B,)`` int64.
+    """A 62-bit hash of each row's first ``lengths[b]`` token ids: ``(B, T)`` -> ``(B,)`` int64 (CPU).
 
     Equal rows hash equal; a changed, added or removed token changes the hash (collision
     chance about 2**-62 for unrelated rows). Used to check that a sample id still names the
-    tokens it named when the cache was built.
+    tokens it named when the cache was built. Computed with NumPy on the host: a batch is a
+    few kilobytes, and a dozen NumPy operations cost microseconds where tensor operations
+    cost tens of them.
     """
-    ids = ids.reshape(ids.shape[0], -1).to(torch.int64)
-    width = ids.shape[1]
-    key = (width, str(ids.device))
-    if key not in _WEIGHT_CACHE:  # both hashes' weights, (2, T)
-        _WEIGHT_CACHE[key] = torch.stack([_weights(width, 1, ids.device), _weights(width, 2, ids.device)])
-    weights = _WEIGHT_CACHE[key]
-    lengths = lengths.to(ids.device, torch.int64)
-    keep = torch.arange(width, device=ids.device) < lengths.unsqueeze(-1)
-    values = torch.where(keep, torch.remainder(ids + 1, _PRIME), 0)
+    x = ids.detach().reshape(ids.shape[0], -1).to("cpu", torch.int64).numpy()
+    n = lengths.detach().to("cpu", torch.int64).reshape(-1).numpy()
+    width = x.shape[1]
+    weights = _WEIGHT_CACHE.get(width)
+    if weights is None:  # both hashes' weights, (2, T)
+        weights = _WEIGHT_CACHE[width] = np.stack([_weights(width, 1), _weights(width, 2)])
+    keep = np.arange(width) < n[:, None]
+    values = np.where(keep, np.remainder(x + 1, _PRIME), 0)
     # Products stay below 2**62 and sums of up to 2**32 of them are reduced as we go.
-    h = torch.remainder(values.unsqueeze(1) * weights, _PRIME).sum(-1).remainder_(_PRIME)  # (B, 2)
-    h2 = torch.remainder(h[:, 1] + lengths, _PRIME)
-    return (h[:, 0] << 31) | h2
+    h = np.remainder(np.remainder(values[:, None, :] * weights, _PRIME).sum(-1), _PRIME)  # (B, 2)
+    h2 = np.remainder(h[:, 1] + n, _PRIME)
+    return torch.from_numpy((h[:, 0] << 31) | h2)
 
 
 def _short(value: Any) -> str:

@@ -174,8 +174,7 @@ class SplitReader:
             # Each sample's tokens are checked the first time this process reads it (data does not
             # change under a running job), so later epochs skip the hash and its device sync.
             stored = np.concatenate([shard.tensors["sample.token_hash"].numpy()[r] for shard, r in runs])
-            current = token_hash(input_ids.reshape(len(ids), -1),
-                                 torch.tensor(lengths, device=input_ids.device)).cpu().numpy()
+            current = token_hash(input_ids.reshape(len(ids), -1), torch.tensor(lengths)).numpy()
             changed = np.flatnonzero(stored != current)
             if len(changed):
                 raise CacheMismatchError(
