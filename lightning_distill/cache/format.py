@@ -222,6 +222,13 @@ class LoadedShard:
         self._length = int(lengths[0]) if lengths.numel() and bool((lengths == lengths[0]).all()) else None
         if "pos.num_entries" in tensors:
             self._pad_entries(tensors)
+        # One value per position: widened once here (a few bytes a position next to the padded
+        # entries), so a batch read copies them without a conversion pass.
+        for name in ("pos.label_logprobs", "pos.entropy", "pos.tail_logprob"):
+            if name in tensors:
+                tensors[name] = tensors[name].float()
+        if "pos.top1" in tensors:
+            tensors["pos.top1"] = tensors["pos.top1"].to(torch.int64)
 
     def _pad_entries(self, tensors: dict[str, Tensor]) -> None:
         """Ragged sampled entries -> ``(P, K_max)`` rows (id -1, count 0 at padding), once per load,

@@ -291,6 +291,9 @@ def _chunks(n_rows: int, chunk: int, student: Tensor, teacher: Tensor | _CoarseT
     ``teacher`` is dense logits ``(N, V)`` or sparse targets (:class:`_CoarseTeacher`, whose
     tensors are sliced together).
     """
+    if chunk >= n_rows:  # one chunk: the tensors themselves, no slicing
+        yield 0, n_rows, student, teacher, labels, mask
+        return
     for start in range(0, n_rows, chunk):
         end = start + chunk
         if teacher is None or isinstance(teacher, Tensor):
@@ -1489,13 +1492,11 @@ class _FusedForwardKLAndCE(torch.autograd.Function):
     def forward(ctx, student, teacher, labels, mask, chunk, exact_rest):  # type: ignore[override]
         n_rows, vocab = student.shape
         buf = torch.empty((n_rows, vocab), dtype=torch.float32, device=student.device)
-        kd = torch.zeros((), dtype=torch.float32, device=student.device)
-        ce = torch.zeros((), dtype=torch.float32, device=student.device)
         pieces: list[tuple[Tensor, ...]] | None = [] if isinstance(teacher, _CoarseTeacher) else None
-        for start, end, s, t, lab, m in _chunks(n_rows, chunk, student, teacher, labels, mask):
-            kd_chunk, ce_chunk = _fused_chunk(s, t, lab, m, buf[start:end], pieces, exact_rest)
-            kd += kd_chunk
-            ce += ce_chunk
+        sums = [_fused_chunk(s, t, lab, m, buf[start:end], pieces, exact_rest)
+                for start, end, s, t, lab, m in _chunks(n_rows, chunk, student, teacher, labels, mask)]
+        kd, ce = sums[0] if len(sums) == 1 else (torch.stack([x[0] for x in sums]).sum(),
+                                                 torch.stack([x[1] for x in sums]).sum())
         saved = None
         if pieces is not None:  # per-row (p_ids, f[, q_ids]) of every chunk
             saved = pieces[0] if len(pieces) == 1 else tuple(torch.cat(x) for x in zip(*pieces, strict=True))
