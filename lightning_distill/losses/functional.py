@@ -1434,7 +1434,7 @@ def _fused_chunk(
         # out (-inf) gives 0 * finite there, not NaN (a drawn id the student rules out gives a
         # huge KL, ~1e37, instead of inf; its gradient q - p is exact either way).
         log_q_ids = out.gather(-1, teacher.ids).clamp_min_(_LOG_FLOOR)
-        kd_rows = teacher.kd_const - (teacher.p * log_q_ids).sum(-1) * teacher.p_scale
+        kd_rows = teacher.kd_const - torch.linalg.vecdot(teacher.p, log_q_ids) * teacher.p_scale
         out.exp_()  # q
         if saved is not None:
             saved.append((teacher.p, (~teacher.valid).to(out.dtype)))
