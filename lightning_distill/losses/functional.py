@@ -644,6 +644,7 @@ def is_top1(logits: Tensor, ids: Tensor) -> Tensor:
     return (picked >= logits.amax(-1)) & (ids >= 0)
 
 
+@torch.no_grad()
 def top1_agreement(
     student_logits: Tensor,
     teacher_logits: Tensor,
