@@ -22,8 +22,8 @@ same run:
 
 Keep the machine otherwise idle (two processes on two cores slow each other down).
 
-    python benchmarks/teacher_cache.py                         # everything, ~15 minutes
-    python benchmarks/teacher_cache.py --parts bytes step      # ~3 minutes
+    python benchmarks/teacher_cache.py                         # everything, ~18 minutes
+    python benchmarks/teacher_cache.py --parts bytes step      # ~7 minutes
 """
 
 from __future__ import annotations
