@@ -441,6 +441,15 @@ class DistillationModule(L.LightningModule):
         teacher = self.teacher_targets(batch, inputs)
         if teacher is not None and teacher.logits is not None:
             s, t = self._match_vocab(student_logits, teacher.logits)
+            vt = teacher.logits.shape[-1]
+            if vt < student_logits.shape[-1] and bool(((labels >= vt) & mask).any()):
+                bad = int(torch.where(mask, labels, -1).max())
+                raise ValueError(
+                    f"label id {bad} is outside the teacher's {vt} output classes (vocab_mismatch='slice', student "
+                    f"vocabulary {student_logits.shape[-1]}), so the teacher's perplexity is undefined there; mark "
+                    f"such positions with ignore_index ({self.ignore_index}) in the evaluation labels, or evaluate "
+                    "without the teacher."
+                )
             out["teacher_nll"] = LF.cross_entropy(teacher.logits, labels, ignore_index=self.ignore_index,
                                                   reduction="none").reshape(per_sample).sum(-1)
             out["agreement"] = LF.top1_agreement(s, t, labels=labels, ignore_index=self.ignore_index,

@@ -738,3 +738,4 @@ def test_is_top1_matches_argmax_and_handles_ties_and_padding():
     assert not LF.is_top1(tied, torch.tensor([0])).item()
     assert LF.is_top1(tied, torch.tensor([-1])).tolist() == [False]  # padding / ignore_index
     assert LF.is_top1(tied, torch.tensor([-100])).tolist() == [False]
+    assert LF.is_top1(tied, torch.tensor([4])).tolist() == [False]  # past the vocabulary (a smaller teacher's)

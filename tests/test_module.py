@@ -879,3 +879,16 @@ def test_per_term_values_and_metrics_are_logged_on_logging_steps(tmp_path):
     steps_with_kd = sorted(int(r["step"]) for r in logged if r.get("train/kd"))
     steps_with_agreement = sorted(int(r["step"]) for r in logged if r.get("train/agreement"))
     assert steps_with_kd == steps_with_agreement == [2, 5]
+
+
+def test_evaluate_batch_refuses_labels_a_smaller_teacher_cannot_score():
+    """Under vocab_mismatch="slice" a label past the teacher's vocabulary has no teacher perplexity:
+    one clear error naming the label, not an index error."""
+    student, teacher = tiny_llama(seed=0, vocab_size=72), tiny_teacher(seed=1, vocab_size=64)
+    batch = collate(lm_items(4, seed=6, vocab=64))  # inputs both models embed
+    module = DistillationModule(student, teacher, vocab_mismatch="slice")
+    module.evaluate_batch(dict(batch))  # labels the teacher covers: fine
+    labels = batch["labels"].clone()
+    labels[1, 5] = 70  # an id only the student has
+    with pytest.raises(ValueError, match=r"label id 70 is outside the teacher's 64 output classes.*ignore_index"):
+        module.evaluate_batch({**batch, "labels": labels})

@@ -719,3 +719,15 @@ def test_batched_reads_equal_sample_by_sample_reads(tmp_path, kind, uniform):
         value.fill_(7)
     for name, value in fields(reader.read(order[:1], (1, width), "cpu")).items():
         torch.testing.assert_close(value, fields(alone[0])[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+def test_a_label_the_teacher_cannot_score_is_refused_when_building(kind):
+    from lightning_distill.cache.format import encode_sample
+
+    spec = CacheSpec(kind=kind, vocab_size=10, k=3, num_samples=5)
+    logits = torch.randn(4, 10)
+    labels = torch.tensor([1, -100, 12, 3])  # 12: past the teacher's 10 classes
+    with pytest.raises(ValueError, match=r"sample 7 \(train\) has label id 12 outside the teacher's 10"):
+        encode_sample(spec, logits, labels, ignore_index=-100, split="train", sample_id=7)
+    encode_sample(spec, logits, torch.tensor([1, -100, 9, 3]), ignore_index=-100, split="train", sample_id=7)

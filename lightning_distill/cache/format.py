@@ -179,6 +179,14 @@ def encode_sample(
         if labels is not None:
             valid = labels != ignore_index
             safe = torch.where(valid, labels, 0).long()
+            low, high = (int(safe.min()), int(safe.max())) if safe.numel() else (0, 0)
+            if low < 0 or high >= z.shape[-1]:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"sample {sample_id} ({split}) has label id {bad} outside the teacher's {z.shape[-1]} output "
+                    f"classes, so the teacher cannot score it; mark such positions with ignore_index "
+                    f"({ignore_index}) or use a teacher whose vocabulary covers the labels."
+                )
             label_lp = log_p.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
             out["pos.label_logprobs"] = torch.where(valid, label_lp, 0.0).to(torch.float16).cpu()
         else:

@@ -637,11 +637,13 @@ def is_top1(logits: Tensor, ids: Tensor) -> Tensor:
     """``(...)`` bool: whether class ``ids`` (``(...)``) is a most likely class of ``logits`` ``(..., V)``.
 
     The same as ``logits.argmax(-1) == ids`` except at exact ties (every tied class counts), and
-    an order of magnitude faster on CPUs: a gather and a max instead of an argmax. A negative id
-    (padding, ``ignore_index``) is never top-1.
+    an order of magnitude faster on CPUs: a gather and a max instead of an argmax. An id outside
+    ``[0, V)`` (padding, ``ignore_index``, a label the teacher's smaller vocabulary lacks) is never
+    top-1.
     """
-    picked = logits.gather(-1, ids.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return (picked >= logits.amax(-1)) & (ids >= 0)
+    vocab = logits.shape[-1]
+    picked = logits.gather(-1, ids.clamp(0, vocab - 1).unsqueeze(-1)).squeeze(-1)
+    return (picked >= logits.amax(-1)) & (ids >= 0) & (ids < vocab)
 
 
 @torch.no_grad()
