@@ -49,16 +49,13 @@ class SplitReader:
                 f"the cache at {storage.url} has no complete index for split {split!r} ({error}); "
                 "run the build again (it resumes)."
             ) from None
-        self.sample_ids: Tensor = table["sample_id"]
-        self.shard_of: Tensor = table["shard"]
-        self.row_of: Tensor = table["row"]
-        # NumPy views of the table for the per-batch lookup.
-        self._table, self._shard_np, self._row_np = (t.numpy() for t in (self.sample_ids, self.shard_of, self.row_of))
+        # The sorted id table and each id's shard and row, as NumPy (a batch's lookup is NumPy).
+        self._table, self._shard_of, self._row_of = (table[k].numpy() for k in ("sample_id", "shard", "row"))
         self._shards: OrderedDict[int, LoadedShard] = OrderedDict()
-        self._hash_checked = bytearray(len(self.sample_ids))  # 1: this sample's tokens were checked
+        self._hash_checked = bytearray(len(self._table))  # 1: this sample's tokens were checked
 
     def __len__(self) -> int:
-        return int(self.sample_ids.numel())
+        return len(self._table)
 
     @property
     def positions(self) -> int:
@@ -151,7 +148,7 @@ class SplitReader:
                 "cache for this data: it builds only the missing samples."
             )
         where_list = where.tolist()
-        shards, rows = self._shard_np[where].tolist(), self._row_np[where].tolist()
+        shards, rows = self._shard_of[where].tolist(), self._row_of[where].tolist()
         pieces, lengths, runs = [], [], []  # one batched read per run of consecutive same-shard samples
         start = 0
         for end in range(1, len(shards) + 1):

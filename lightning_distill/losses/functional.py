@@ -1063,27 +1063,6 @@ def _log_count_table(n: int, device: torch.device) -> Tensor:
     return table
 
 
-def _sampled_counts(targets: SparseTargets) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(ids, log_p, log_p_rest, valid, p, p_log_p)`` of cache-written sampled targets at their
-    own temperature: :func:`sparse_target_logprobs` plus p = c / N and sum_k p_k log p_k per row.
-
-    The same values in a handful of operations (this runs every step): the cache stores every
-    distinct draw of a position first with a count >= 1 (padding after, count 0), so the counts
-    sum to ``num_samples`` and the first entry of a row is real unless the row is empty.
-    log(c / N) is a table lookup: CPUs take a slow path of ``log``/``exp`` at 0 and ``_NEG``,
-    which padding is full of.
-    """
-    ids = targets.ids.long()
-    valid = ids >= 0
-    ids = torch.where(valid, ids, ids[..., :1].clamp_min(0))
-    n = int(targets.num_samples)
-    counts = targets.counts.detach()
-    log_p = _log_count_table(n, ids.device).index_select(0, counts.long().reshape(-1)).reshape(counts.shape)
-    p = torch.div(counts, n).to(torch.float32)  # never in place: counts may be float32 already
-    log_p_rest = torch.where(valid[..., 0], _NEG, 0.0)
-    return ids, log_p, log_p_rest, valid, p, (p * log_p).sum(-1)
-
-
 def _cached_sampled_rows(targets: SparseTargets) -> _CoarseTeacher:
     """Cache-written sampled targets at their draw temperature, as the fused loss reads them.
 
@@ -1096,7 +1075,7 @@ def _cached_sampled_rows(targets: SparseTargets) -> _CoarseTeacher:
     * else sum_k (c_k / N) log(c_k / N) (the plug-in KL).
 
     One operation on (n, K) (the padding's ids), no ``exp``/``log`` (see
-    :func:`_sampled_counts`), no division (the loss scales its row sums). ``valid`` holds the
+    :func:`_sampled_at_draw_temperature`), no division (the loss scales its row sums). ``valid`` holds the
     empty rows only ``(n, 1)``: the cache writes a row's draws first.
     """
     ids = targets.ids.long().clamp_min(0)
@@ -1107,17 +1086,34 @@ def _cached_sampled_rows(targets: SparseTargets) -> _CoarseTeacher:
     elif targets.entropy is not None:
         kd_const = targets.entropy.detach().float().neg()
     else:
-        log_p = _log_count_table(n, ids.device).index_select(0, counts.long().reshape(-1)).reshape(counts.shape)
-        kd_const = (counts * log_p).sum(-1) / n
+        kd_const = (counts * _log_counts(targets)).sum(-1) / n
     k = ids.shape[-1]
     first_real = targets.ids[..., :1] >= 0
     return _CoarseTeacher(ids.reshape(-1, k), first_real.reshape(-1, 1), None, None,
                           p=counts.reshape(-1, k), kd_const=kd_const.reshape(-1), p_scale=1.0 / n)
 
 
+def _log_counts(targets: SparseTargets) -> Tensor:
+    """log(c / N) of the counts (``_NEG`` at c = 0) by table lookup: counts are small integers."""
+    n, counts = int(targets.num_samples), targets.counts.detach()
+    table = _log_count_table(n, counts.device)
+    return table.index_select(0, counts.long().reshape(-1)).reshape(counts.shape)
+
+
 def _sampled_at_draw_temperature(targets: SparseTargets) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`sparse_target_logprobs` of cache-written sampled targets at their own temperature."""
-    return _sampled_counts(targets)[:4]
+    """:func:`sparse_target_logprobs` of cache-written sampled targets at their own temperature.
+
+    The same values in a handful of operations (this runs every step): the cache stores every
+    distinct draw of a position first with a count >= 1 (padding after, count 0), so the counts
+    sum to ``num_samples`` and the first entry of a row is real unless the row is empty.
+    log(c / N) is a table lookup: CPUs take a slow path of ``log``/``exp`` at 0 and ``_NEG``,
+    which padding is full of.
+    """
+    ids = targets.ids.long()
+    valid = ids >= 0
+    ids = torch.where(valid, ids, ids[..., :1].clamp_min(0))
+    log_p_rest = torch.where(valid[..., 0], _NEG, 0.0)
+    return ids, _log_counts(targets), log_p_rest, valid
 
 
 def _sampled_kl_offset(
@@ -1152,11 +1148,7 @@ def _coarse_teacher(
 ) -> _CoarseTeacher:
     """The targets at ``temperature``, flattened to rows; masked rows hold a neutral, finite
     distribution (all mass in the rest), whatever the cache had there."""
-    p_log_p = None
-    if _at_draw_temperature(targets, temperature):
-        ids, log_p, log_p_rest, valid, _, p_log_p = _sampled_counts(targets)
-    else:
-        ids, log_p, log_p_rest, valid = sparse_target_logprobs(targets, temperature)
+    ids, log_p, log_p_rest, valid = sparse_target_logprobs(targets, temperature)
     offset = None
     if targets.kind == "sampled" and targets.logprobs is not None:
         offset = _sampled_kl_offset(targets, temperature, valid, log_p).reshape(-1)
@@ -1164,9 +1156,10 @@ def _coarse_teacher(
           and temperature == float(targets.sample_temperature)):
         # KL = -H(p) - sum_i p_i log q_i, unbiased with p~ = counts / N in the second term; the
         # coarse formula gives sum p~ (log p~ - log q), so add -H(p) - sum p~ log p~.
-        if p_log_p is None:
-            p_log_p = (log_p.exp() * log_p).sum(-1)
-        offset = (-targets.entropy.detach().float() - p_log_p).reshape(-1)
+        # p = c / N straight from the counts for cache-written targets (no exp of the padding's log 0).
+        p = (torch.div(targets.counts.detach(), int(targets.num_samples)).float()
+             if _at_draw_temperature(targets, temperature) else log_p.exp())
+        offset = (-targets.entropy.detach().float() - (p * log_p).sum(-1)).reshape(-1)
     # Otherwise the value stays the plug-in KL(P~ || Q~), which overstates the KL by
     # H(p) - H(p~) (N draws look less spread than the teacher); the gradient is the same.
     k = ids.shape[-1]
