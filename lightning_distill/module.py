@@ -32,6 +32,7 @@ from lightning_distill.models.adapters import (
     is_classifier,
     logits_from_output,
     output_vocab_size,
+    unwrap_model,
     wrapper_prefix,
 )
 from lightning_distill.models.hf import freeze
@@ -134,7 +135,7 @@ class DistillationModule(L.LightningModule):
             raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}.")
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}.")
-        if teacher is student:
+        if teacher is not None and unwrap_model(teacher) is unwrap_model(student):
             raise ValueError("teacher and student are the same object; pass a separate (copied) teacher.")
         if vocab_mismatch not in _VOCAB_POLICIES:
             raise ValueError(f"vocab_mismatch must be one of {_VOCAB_POLICIES}, got {vocab_mismatch!r}.")

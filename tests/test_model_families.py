@@ -281,6 +281,8 @@ def test_compiled_student_is_seen_as_its_model():
     assert is_causal_lm(nn.DataParallel(student)) and output_vocab_size(compiled) == VOCAB
     assert describe_model(compiled) == describe_model(student)
     assert weights_fingerprint(compiled) == weights_fingerprint(student)
+    with pytest.raises(ValueError, match="the same object"):
+        DistillationModule(compiled, student)
 
 
 def test_compiled_student_loss_equals_the_uncompiled_one_and_checkpoints_are_interchangeable(tmp_path):
