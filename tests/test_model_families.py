@@ -19,6 +19,7 @@ from transformers import (
     BartConfig,
     BartForConditionalGeneration,
     BertConfig,
+    BertForMultipleChoice,
     BertForSequenceClassification,
     T5Config,
     T5ForConditionalGeneration,
@@ -226,6 +227,8 @@ def test_classifier_output_width_is_its_number_of_labels():
     model = bert(0, vocab=100, num_labels=3)
     assert is_classifier(model) and output_vocab_size(model) == 3
     assert output_vocab_size(t5(0)) == VOCAB and output_vocab_size(llama(0)) == VOCAB
+    choices = BertForMultipleChoice(bert(0).config)  # one logit per choice: no fixed width
+    assert not is_classifier(choices) and output_vocab_size(choices) is None
 
 
 def test_classifiers_with_different_token_vocabularies_distil_live(tmp_path):

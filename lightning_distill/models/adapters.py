@@ -142,6 +142,8 @@ def output_vocab_size(model: nn.Module) -> int | None:
 
     A classifier's width is its number of labels (``config.num_labels``), not its token
     vocabulary; a language model's is the rows of its output head (else ``config.vocab_size``).
+    ``None`` for anything else (multiple choice, question answering, plain modules): the width
+    is then read from the first batch's logits.
     """
     if not is_hf_model(model):
         return None
@@ -152,6 +154,8 @@ def output_vocab_size(model: nn.Module) -> int | None:
     head = base.get_output_embeddings()
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
+    if not (is_causal_lm(base) or is_seq2seq(base) or type(base).__name__.endswith("ForMaskedLM")):
+        return None  # its outputs are not over the token vocabulary
     size = getattr(base.config, "vocab_size", None)
     return int(size) if size else None
 
