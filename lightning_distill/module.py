@@ -64,6 +64,9 @@ class DistillationModule(L.LightningModule):
 
     For Hugging Face causal LMs the labels are shifted once, the way transformers does it
     (logits at ``t`` score token ``t + 1``), and the same alignment feeds every term.
+    Encoder-decoders (T5, BART) take ordinary ``{input_ids, attention_mask, labels}`` batches:
+    both models get ``decoder_input_ids`` from the labels by their own shift, and the labels are
+    not shifted. Wrapped models (``torch.compile``, DDP, peft) are treated as the model inside.
     Positions whose label is ``ignore_index`` count nowhere.
 
     Every term returns a sum over valid positions; the total is divided by the number of valid
