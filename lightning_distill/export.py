@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from lightning_distill import __version__
-from lightning_distill.models.adapters import is_hf_model
+from lightning_distill.models.adapters import is_hf_model, unwrap_model
 from lightning_distill.models.identity import describe_model
 
 __all__ = ["CARD_NAME", "RECORD_NAME", "card_markdown", "distillation_card", "export_student", "versions", "write_card"]
@@ -44,9 +44,13 @@ def export_student(student: nn.Module, directory: str | Path, *, tokenizer: Any 
     With ``card`` (see :func:`distillation_card`), also writes ``distillation_card.json`` and
     ``distillation_card.md``.
 
+    A compiled or DDP-wrapped student is saved as the model behind the wrapper, so the files
+    load into the plain model class (a peft model is saved by peft, as its adapter).
+
     Returns:
         The directory.
     """
+    student = unwrap_model(student, peft=False)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if is_hf_model(student):

@@ -29,8 +29,11 @@ from lightning_distill.losses.terms import LogitKD, LossTerm, TaskLoss
 from lightning_distill.models.adapters import (
     call_model,
     is_causal_lm,
+    is_classifier,
     logits_from_output,
     output_vocab_size,
+    unwrap_model,
+    wrapper_prefix,
 )
 from lightning_distill.models.hf import freeze
 from lightning_distill.models.identity import describe_model
@@ -61,6 +64,9 @@ class DistillationModule(L.LightningModule):
 
     For Hugging Face causal LMs the labels are shifted once, the way transformers does it
     (logits at ``t`` score token ``t + 1``), and the same alignment feeds every term.
+    Encoder-decoders (T5, BART) take ordinary ``{input_ids, attention_mask, labels}`` batches:
+    both models get ``decoder_input_ids`` from the labels by their own shift, and the labels are
+    not shifted. Wrapped models (``torch.compile``, DDP, peft) are treated as the model inside.
     Positions whose label is ``ignore_index`` count nowhere.
 
     Every term returns a sum over valid positions; the total is divided by the number of valid
@@ -132,7 +138,7 @@ class DistillationModule(L.LightningModule):
             raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}.")
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}.")
-        if teacher is student:
+        if teacher is not None and unwrap_model(teacher) is unwrap_model(student):
             raise ValueError("teacher and student are the same object; pass a separate (copied) teacher.")
         if vocab_mismatch not in _VOCAB_POLICIES:
             raise ValueError(f"vocab_mismatch must be one of {_VOCAB_POLICIES}, got {vocab_mismatch!r}.")
@@ -556,6 +562,12 @@ class DistillationModule(L.LightningModule):
             self.teacher.eval()
             vs, vt = output_vocab_size(self.student), output_vocab_size(self.teacher)
             if vs is not None and vt is not None and vs != vt and self.vocab_mismatch == "error":
+                if is_classifier(self.student) or is_classifier(self.teacher):
+                    raise ValueError(
+                        f"the student classifies into {vs} labels and the teacher into {vt} (config.num_labels); "
+                        "distillation compares their label distributions, so both need the same label set in the "
+                        "same order (their token vocabularies may differ)."
+                    )
                 raise ValueError(self._vocab_message(vs, vt))
         if self._uses_deepspeed():
             warnings.warn("DeepSpeed manages gradients itself; the loss is normalised per micro-batch "
@@ -566,11 +578,26 @@ class DistillationModule(L.LightningModule):
         return self._trainer is not None and "DeepSpeed" in type(self.trainer.strategy).__name__
 
     # ------------------------------------------------------------------ checkpoints
+    def _wrapper_prefixes(self) -> dict[str, str]:
+        """``{"student.": "student._orig_mod.", ...}`` for the models that are wrapped (compiled, peft)."""
+        out = {}
+        for name in ("student", "teacher"):
+            model = getattr(self, name, None)
+            prefix = wrapper_prefix(model) if isinstance(model, nn.Module) else ""
+            if prefix:
+                out[f"{name}."] = f"{name}.{prefix}"
+        return out
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
         if not self.save_teacher_weights:
-            state = checkpoint.get("state_dict", {})
             for key in [k for k in state if k.startswith("teacher.")]:
                 del state[key]
+        # Keys name the unwrapped models, so a compiled run's checkpoint loads into a plain
+        # student and the other way round.
+        for plain, wrapped in self._wrapper_prefixes().items():
+            for key in [k for k in state if k.startswith(wrapped)]:
+                state[plain + key[len(wrapped):]] = state.pop(key)
         checkpoint["lightning_distill"] = {
             "version": __version__,
             "teacher": self.teacher_identity,
@@ -579,6 +606,9 @@ class DistillationModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
+        for plain, wrapped in self._wrapper_prefixes().items():
+            for key in [k for k in (state or {}) if k.startswith(plain) and not k.startswith(wrapped)]:
+                state[wrapped + key[len(plain):]] = state.pop(key)
         if self.teacher is not None and state is not None and not any(k.startswith("teacher.") for k in state):
             # The checkpoint left the teacher out on purpose; keep the live one.
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})

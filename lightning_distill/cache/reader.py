@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -122,6 +123,7 @@ class SplitReader:
         device: torch.device | str,
         *,
         input_ids: Tensor | None = None,
+        token_hashes: Callable[[Tensor], Tensor] | None = None,
     ) -> TeacherTargets:
         """The targets of a batch, shaped like its positions ``(B, T)``.
 
@@ -132,6 +134,9 @@ class SplitReader:
             device: where the targets go.
             input_ids: ``(B, T)`` the batch's token ids; when given, each sample's stored token
                 hash is checked against them (the first time this reader serves the sample).
+            token_hashes: instead of ``input_ids``: ``lengths -> (B,)`` hashes, called with each
+                sample's stored positions when a sample is checked (encoder-decoder and
+                classifier caches hash the whole model input).
 
         Raises:
             CacheMismatchError: a sample id the cache lacks, a sample whose tokens changed, or a
@@ -167,11 +172,12 @@ class SplitReader:
                 f"sample {ids[bad].item()} ({self.split}) has {lengths[bad]} cached positions but the batch "
                 f"has {width}; the data's sequence length changed since the cache was built. Rebuild the cache."
             )
-        if input_ids is not None and not all(self._hash_checked[w] for w in where_list):
+        if (input_ids is not None or token_hashes is not None) and not all(self._hash_checked[w] for w in where_list):
             # Each sample's tokens are checked the first time this process reads it (data does not
             # change under a running job), so later epochs skip the hash and its device sync.
             stored = np.concatenate([shard.tensors["sample.token_hash"].numpy()[r] for shard, r in runs])
-            current = token_hash(input_ids.reshape(len(ids), -1), torch.tensor(lengths)).numpy()
+            current = (token_hashes(torch.tensor(lengths)) if token_hashes is not None
+                       else token_hash(input_ids.reshape(len(ids), -1), torch.tensor(lengths))).numpy()
             changed = np.flatnonzero(stored != current)
             if len(changed):
                 raise CacheMismatchError(

@@ -50,7 +50,12 @@ from lightning_distill.cache.writer import (
     merge_index,
     write_manifest,
 )
-from lightning_distill.models.adapters import call_model, logits_from_output, output_vocab_size
+from lightning_distill.models.adapters import (
+    call_model,
+    is_seq2seq,
+    logits_from_output,
+    output_vocab_size,
+)
 
 __all__ = ["TeacherCache"]
 
@@ -209,7 +214,7 @@ class TeacherCache(Callback):
         self.fingerprint: dict[str, Any] | None = None
         self.readers: dict[str, SplitReader] = {}
         self.built: dict[str, int] = {}  # samples this process's build wrote, per split
-        self._layout: dict[str, str] = {}
+        self._layout: dict[str, dict[str, str]] = {}  # per split: layout.json (positions, token hash scheme)
 
     # ------------------------------------------------------------------ identity
     def config(self) -> dict[str, Any]:
@@ -394,11 +399,11 @@ class TeacherCache(Callback):
             return None
         return SplitReader(self.storage, split, self.spec, max_shards_in_memory=self.max_shards_in_memory)
 
-    def _manifest_layout(self, split: str) -> str:
+    def _manifest_layout(self, split: str) -> dict[str, str]:
         assert self.storage is not None
         if self.storage.exists(split, "layout.json"):
-            return self.storage.read_json(split, "layout.json")["layout"]
-        return "tokens"
+            return self.storage.read_json(split, "layout.json")
+        return {"layout": "tokens"}
 
     @torch.no_grad()
     def _build(self, module: Any, split: str, loader: DataLoader, indices: list[int], rank: int) -> int:
@@ -420,6 +425,7 @@ class TeacherCache(Callback):
             bar = tqdm(total=len(indices), desc=f"Caching teacher targets [{split}, {self.kind}]", unit="sample",
                        dynamic_ncols=True)
         layout = None
+        seq2seq = is_seq2seq(teacher)
         try:
             for batch in subset:
                 if not isinstance(batch, Mapping) or self.sample_id_key not in batch:
@@ -440,10 +446,15 @@ class TeacherCache(Callback):
                 aligned = module._aligned_labels(labels, inputs, logits) if labels is not None else None
                 sample_ids = torch.as_tensor(batch[self.sample_id_key]).reshape(-1)
                 n = sample_ids.numel()
-                lay, lengths = _positions(batch, logits, n, self.input_key)
+                if seq2seq:  # targets at the decoder's positions
+                    lay, lengths = "decoder", _decoder_lengths(batch, logits, n, module.ignore_index)
+                else:
+                    lay, lengths = _positions(batch, logits, n, self.input_key)
                 if layout is None:
-                    layout = lay
-                    self.storage.write_json({"layout": lay}, split, "layout.json")
+                    # "tokens": the hash covers the stored positions' input ids (as it always did);
+                    # "sample"/"decoder": it covers the whole model input (and the decoder's labels).
+                    layout = {"layout": lay, **({"hash": "inputs"} if lay != "tokens" else {})}
+                    self.storage.write_json(layout, split, "layout.json")
                 flat = logits.reshape(n, -1, logits.shape[-1])
                 flat_labels = None if aligned is None else aligned.reshape(n, -1)
                 hidden = None
@@ -453,7 +464,7 @@ class TeacherCache(Callback):
                         raise ValueError("hidden_layers were requested but the teacher returned no hidden_states; "
                                          "use a Hugging Face model or drop hidden_layers.")
                     hidden = [states[i].reshape(n, -1, states[i].shape[-1]) for i in spec.hidden_layers]
-                hashes = (token_hash(batch[self.input_key], lengths)
+                hashes = (_sample_hashes(batch, self.input_key, layout, lengths)
                           if self.input_key and self.input_key in batch else torch.zeros(n, dtype=torch.int64))
                 for b in range(n):
                     length = int(lengths[b])
@@ -555,12 +566,22 @@ class TeacherCache(Callback):
                              f"got {type(batch).__name__}.")
         ids = torch.as_tensor(batch[self.sample_id_key])
         tokens = batch.get(self.input_key) if self.input_key else None
-        if self._layout.get(split, "tokens") == "tokens" and isinstance(tokens, Tensor):
+        layout = self._layout.get(split, {"layout": "tokens"})
+        if layout["layout"] == "decoder":  # an encoder-decoder: one target per decoder position
+            decoder = _decoder_tokens(batch)
+            shape = tuple(decoder.shape[:2]) if decoder is not None else (ids.numel(),)
+        elif layout["layout"] == "tokens" and isinstance(tokens, Tensor):
             shape = tuple(tokens.shape[:2]) if tokens.dim() >= 2 else (ids.numel(),)
         else:
             shape = (ids.numel(),)
-        batch["teacher_targets"] = reader.read(ids, shape, pl_module.device,
-                                               input_ids=tokens if isinstance(tokens, Tensor) else None)
+        if not isinstance(tokens, Tensor):
+            batch["teacher_targets"] = reader.read(ids, shape, pl_module.device)
+        elif layout.get("hash") == "inputs":
+            batch["teacher_targets"] = reader.read(
+                ids, shape, pl_module.device,
+                token_hashes=lambda lengths: _sample_hashes(batch, self.input_key, layout, lengths))
+        else:
+            batch["teacher_targets"] = reader.read(ids, shape, pl_module.device, input_ids=tokens)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -636,6 +657,60 @@ def _probe_vocab(module: Any, loader: DataLoader) -> int:
     logits = logits_from_output(call_model(module.teacher, inputs), getattr(module, "teacher_logits_fn", None),
                                 who="teacher")
     return int(logits.shape[-1])
+
+
+def _decoder_tokens(batch: Mapping[str, Any]) -> Tensor | None:
+    """An encoder-decoder batch's decoder-side tokens: its labels, else its ``decoder_input_ids``."""
+    for key in ("labels", "decoder_input_ids"):
+        value = batch.get(key)
+        if isinstance(value, Tensor) and value.dim() >= 2:
+            return value
+    return None
+
+
+def _decoder_lengths(batch: Mapping[str, Any], logits: Tensor, n: int, ignore_index: int) -> Tensor:
+    """Decoder positions to store per sample: up to the last scored label (labels padded with
+    ``ignore_index``), else the ``decoder_attention_mask``'s length, else every position."""
+    width = logits.shape[1] if logits.dim() >= 3 else 1
+    labels = batch.get("labels")
+    if isinstance(labels, Tensor) and labels.dim() == 2 and labels.shape[1] == width:
+        scored = torch.arange(1, width + 1, device=labels.device) * (labels != ignore_index)
+        return scored.max(-1).values.clamp_min(1).to("cpu", torch.int64)
+    mask = batch.get("decoder_attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[1] == width:
+        return mask.sum(-1).clamp_min(1).to("cpu", torch.int64)
+    return torch.full((n,), width, dtype=torch.int64)
+
+
+def _kept_tokens(ids: Tensor, mask: Any) -> tuple[Tensor, Tensor]:
+    """Each row's tokens where ``mask`` is set, moved to the front, and how many there are
+    (so padding, left or right, and the padded width do not change a sample's hash)."""
+    ids = ids.reshape(ids.shape[0], -1)
+    if not isinstance(mask, Tensor) or mask.shape != ids.shape:
+        return ids, torch.full((ids.shape[0],), ids.shape[1], dtype=torch.int64)
+    pad = (mask == 0).to(torch.int8)
+    order = torch.sort(pad, dim=-1, stable=True).indices
+    return ids.gather(-1, order), (pad == 0).sum(-1)
+
+
+def _sample_hashes(batch: Mapping[str, Any], input_key: str, layout: Mapping[str, str], lengths: Tensor) -> Tensor:
+    """Each sample's token hash, as its cache split stores it (``layout.json``'s ``hash``).
+
+    ``tokens`` layout: the input ids of the stored positions. ``hash: inputs``: the whole model
+    input (the ids its attention mask keeps), and for an encoder-decoder also the decoder's
+    labels up to the stored positions, so a changed source *or* target is caught.
+    """
+    ids = batch[input_key]
+    if layout.get("hash") != "inputs":
+        return token_hash(ids, lengths)
+    kept, count = _kept_tokens(ids, batch.get("attention_mask"))
+    hashes = token_hash(kept, count)
+    decoder = _decoder_tokens(batch) if layout.get("layout") == "decoder" else None
+    if decoder is not None:
+        second = token_hash(decoder, lengths)
+        halves = [hashes >> 31, hashes & (2**31 - 1), second >> 31, second & (2**31 - 1)]
+        hashes = token_hash(torch.stack(halves, -1), torch.full_like(hashes, 4))
+    return hashes
 
 
 def _positions(batch: Mapping[str, Any], logits: Tensor, n: int, input_key: str | None) -> tuple[str, Tensor]:

@@ -16,10 +16,15 @@ from torch import Tensor, nn
 __all__ = [
     "RESERVED_BATCH_KEYS",
     "call_model",
+    "decoder_input_ids_from_labels",
     "is_causal_lm",
+    "is_classifier",
     "is_hf_model",
+    "is_seq2seq",
     "logits_from_output",
     "output_vocab_size",
+    "unwrap_model",
+    "wrapper_prefix",
 ]
 
 #: Batch keys that describe the sample rather than feed the model.
@@ -28,20 +33,68 @@ RESERVED_BATCH_KEYS = frozenset({"labels", "slice", "sample_id", "teacher_target
 LogitsFn = Callable[[Any], Tensor]
 
 
+def _inner(model: nn.Module, peft: bool = True) -> nn.Module | None:
+    """The module one wrapper layer stands for, or ``None`` when ``model`` is no known wrapper."""
+    compiled = model.__dict__.get("_modules", {}).get("_orig_mod")  # torch.compile's OptimizedModule
+    if isinstance(compiled, nn.Module):
+        return compiled
+    if type(model).__name__ in _PARALLEL_WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
+        return model.module  # DistributedDataParallel, DataParallel, FullyShardedDataParallel
+    get_base_model = getattr(model, "get_base_model", None) if peft else None  # peft's PeftModel
+    if callable(get_base_model):
+        base = get_base_model()
+        if isinstance(base, nn.Module) and base is not model:
+            return base
+    return None
+
+
+_PARALLEL_WRAPPERS = frozenset({"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"})
+
+
+def unwrap_model(model: nn.Module, *, peft: bool = True) -> nn.Module:
+    """The model behind its wrappers: ``torch.compile`` (``_orig_mod``), DDP/FSDP/DataParallel
+    (``.module``) and peft (``get_base_model()``), any number of layers deep.
+
+    Whatever decides *what* a model is (its family, its output width, its identity, its
+    ``forward`` signature) looks at this; the wrapper is what runs.
+
+    Args:
+        model: the model, wrapped or not.
+        peft: also look through peft wrappers (``False``: stop at one, e.g. to save the adapter
+            with peft's own ``save_pretrained``).
+    """
+    for _ in range(16):
+        inner = _inner(model, peft)
+        if inner is None:
+            break
+        model = inner
+    return model
+
+
+def wrapper_prefix(model: nn.Module) -> str:
+    """The state-dict prefix the wrappers add in front of the unwrapped model's keys
+    (``"_orig_mod."`` for a compiled model, ``""`` for a bare one)."""
+    base = unwrap_model(model)
+    if base is model:
+        return ""
+    name = next((n for n, m in model.named_modules(remove_duplicate=False) if m is base), "")
+    return f"{name}." if name else ""
+
+
 def is_hf_model(model: nn.Module) -> bool:
-    """Whether ``model`` is a transformers ``PreTrainedModel``."""
+    """Whether ``model`` (behind any wrapper) is a transformers ``PreTrainedModel``."""
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
-    return isinstance(model, PreTrainedModel)
+    return isinstance(unwrap_model(model), PreTrainedModel)
 
 
 def is_causal_lm(model: nn.Module) -> bool:
     """Whether ``model`` is a Hugging Face causal LM (logits at t score token t + 1)."""
     if not is_hf_model(model):
         return False
-    name = type(model).__name__
+    name = type(unwrap_model(model)).__name__
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return True
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -49,27 +102,77 @@ def is_causal_lm(model: nn.Module) -> bool:
     return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
+def is_seq2seq(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face encoder-decoder (T5, BART, ...): its logits sit at the
+    decoder's positions and its decoder inputs are the labels shifted right."""
+    if not is_hf_model(model):
+        return False
+    return bool(getattr(unwrap_model(model).config, "is_encoder_decoder", False))
+
+
+def is_classifier(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face classifier (``*ForSequenceClassification``,
+    ``*ForTokenClassification``, ...): its outputs are ``config.num_labels`` classes."""
+    return is_hf_model(model) and type(unwrap_model(model)).__name__.endswith("Classification")
+
+
+def decoder_input_ids_from_labels(model: nn.Module, labels: Tensor) -> Tensor:
+    """The decoder inputs an encoder-decoder derives from ``labels``, by its own shift.
+
+    The same as transformers does inside ``forward(labels=...)`` (``prepare_decoder_input_ids_from_labels``
+    or T5's ``_shift_right``: the decoder start token first, ``-100`` replaced by the pad id), without
+    handing it the labels, so it computes no loss of its own.
+
+    Raises:
+        ValueError: the model has no such shift (pass ``decoder_input_ids`` in the batch).
+    """
+    base = unwrap_model(model)
+    shift = getattr(base, "prepare_decoder_input_ids_from_labels", None)
+    if callable(shift):
+        return shift(labels=labels)
+    shift = getattr(base, "_shift_right", None)
+    if callable(shift):
+        return shift(labels)
+    raise ValueError(f"{type(base).__name__} cannot build its decoder inputs from labels; put "
+                     "'decoder_input_ids' into the batch.")
+
+
 def output_vocab_size(model: nn.Module) -> int | None:
-    """The width of the model's logits when it can be read without a forward pass."""
-    if is_hf_model(model):
-        head = model.get_output_embeddings()
-        if head is not None and getattr(head, "weight", None) is not None:
-            return int(head.weight.shape[0])
-        size = getattr(model.config, "vocab_size", None) or getattr(model.config, "num_labels", None)
-        return int(size) if size else None
-    return None
+    """The width of the model's logits when it can be read without a forward pass.
+
+    A classifier's width is its number of labels (``config.num_labels``), not its token
+    vocabulary; a language model's is the rows of its output head (else ``config.vocab_size``).
+    ``None`` for anything else (multiple choice, question answering, plain modules): the width
+    is then read from the first batch's logits.
+    """
+    if not is_hf_model(model):
+        return None
+    base = unwrap_model(model)
+    if is_classifier(base):
+        labels = getattr(base.config, "num_labels", None)
+        return int(labels) if labels else None
+    head = base.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    if not (is_causal_lm(base) or is_seq2seq(base) or type(base).__name__.endswith("ForMaskedLM")):
+        return None  # its outputs are not over the token vocabulary
+    size = getattr(base.config, "vocab_size", None)
+    return int(size) if size else None
 
 
-def _forward_parameters(model: nn.Module) -> tuple[frozenset[str], bool]:
+def _forward_parameters(model: nn.Module) -> tuple[frozenset[str], bool, bool, bool]:
+    """(named inputs, takes ``**kwargs``, is a Hugging Face model, is an encoder-decoder), read
+    once per model from the unwrapped model (a compiled model's own ``forward`` takes only
+    ``*args, **kwargs``)."""
     cached = model.__dict__.get("_ld_forward_params")
     if cached is None:
-        params = inspect.signature(model.forward).parameters.values()
+        params = inspect.signature(unwrap_model(model).forward).parameters.values()
         named = frozenset(
             p.name for p in params
             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         )
         var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-        cached = (named, var_kw)
+        cached = (named, var_kw, is_hf_model(model), is_seq2seq(model))
         model.__dict__["_ld_forward_params"] = cached
     return cached
 
@@ -80,11 +183,19 @@ def call_model(model: nn.Module, inputs: Any, **extra: Any) -> Any:
     For a mapping, only the keys that ``model.forward`` names are passed (a forward that takes
     nothing but ``**kwargs`` gets every non-reserved key), so batches may carry extra keys
     such as ``slice`` or ``sample_id``. Hugging Face models are called with ``use_cache=False``
-    (no key/value cache is built during training) and ``return_dict=True``. ``extra`` keyword
-    arguments (e.g. ``output_hidden_states=True``) are always passed.
+    (no key/value cache is built during training) and ``return_dict=True``. An encoder-decoder
+    (T5, BART) without ``decoder_input_ids`` in the batch gets them from ``labels`` by its own
+    shift (:func:`decoder_input_ids_from_labels`); the labels themselves are never passed, so no
+    model computes a loss that would be thrown away. ``extra`` keyword arguments (e.g.
+    ``output_hidden_states=True``) are always passed. Wrapped models (``torch.compile``, DDP,
+    peft) are called as they are, with the inputs their unwrapped model names.
+
+    Raises:
+        ValueError: no batch key is an input of the model, or an encoder-decoder batch has
+            neither ``labels`` nor ``decoder_input_ids``.
     """
     if isinstance(inputs, Mapping):
-        named, var_kw = _forward_parameters(model)
+        named, var_kw, hf, seq2seq = _forward_parameters(model)
         if named - {"self"}:
             kwargs = {k: v for k, v in inputs.items() if k in named and k not in RESERVED_BATCH_KEYS}
         elif var_kw:
@@ -97,7 +208,16 @@ def call_model(model: nn.Module, inputs: Any, **extra: Any) -> Any:
                 f"(it takes {sorted(named) or 'only positional arguments'}); rename the keys or pass "
                 "(inputs, target) tuples."
             )
-        if is_hf_model(model):
+        if seq2seq and kwargs.get("decoder_input_ids") is None and kwargs.get("decoder_inputs_embeds") is None:
+            labels = inputs.get("labels")
+            if not isinstance(labels, Tensor):
+                raise ValueError(
+                    f"{type(unwrap_model(model)).__name__} is an encoder-decoder: its batches need 'labels' (the "
+                    "target tokens; the decoder inputs are built from them) or 'decoder_input_ids'; got keys "
+                    f"{sorted(inputs)}."
+                )
+            kwargs["decoder_input_ids"] = decoder_input_ids_from_labels(model, labels)
+        if hf:
             if "use_cache" in named or var_kw:
                 kwargs.setdefault("use_cache", False)
             if "return_dict" in named or var_kw:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_distill.models.adapters import is_hf_model
+from lightning_distill.models.adapters import is_hf_model, unwrap_model
 
 __all__ = ["describe_model", "weights_fingerprint"]
 
@@ -20,9 +20,10 @@ def weights_fingerprint(model: nn.Module, max_bytes: int = MAX_HASH_BYTES) -> st
     """sha256 (16 hex digits) over parameter names, shapes, dtypes and values, or ``None``.
 
     Returns ``None`` when the parameters take more than ``max_bytes`` (hashing them would cost
-    more than the fingerprint is worth; name and revision identify such models).
+    more than the fingerprint is worth; name and revision identify such models). Wrappers
+    (``torch.compile``, DDP, peft) are looked through: a compiled model has its model's fingerprint.
     """
-    state = model.state_dict()
+    state = unwrap_model(model).state_dict()
     size = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
     if size > max_bytes:
         return None
@@ -38,7 +39,11 @@ def weights_fingerprint(model: nn.Module, max_bytes: int = MAX_HASH_BYTES) -> st
 
 
 def describe_model(model: nn.Module, *, fingerprint: bool = True) -> dict[str, Any]:
-    """Plain values that identify a model: class, size, HF name/revision, weight fingerprint."""
+    """Plain values that identify a model: class, size, HF name/revision, weight fingerprint.
+
+    The model behind its wrappers is described (:func:`~lightning_distill.models.adapters.unwrap_model`).
+    """
+    model = unwrap_model(model)
     info: dict[str, Any] = {
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "num_parameters": int(sum(p.numel() for p in model.parameters())),
