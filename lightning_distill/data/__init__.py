@@ -36,6 +36,7 @@ from __future__ import annotations
 from .corpus import Document, corpus_fingerprint, demo_corpus
 from .datamodule import SliceCount, SlicedTextDataModule, TokenBlockDataset, assign_splits
 from .paths import cache_root
+from .text import TextDataModule
 from .tokenizer import EOS_TOKEN, tokenizer_fingerprint, train_bpe_tokenizer
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "Document",
     "SliceCount",
     "SlicedTextDataModule",
+    "TextDataModule",
     "TokenBlockDataset",
     "assign_splits",
     "cache_root",
