@@ -783,7 +783,7 @@ class TextDataModule(L.LightningDataModule):
             "documents": len(docs), "duplicates_dropped": duplicates,
             "empty_documents": self.stats.get("empty_documents", 0),
             "truncated_rows": 0, "truncated_tokens": 0, "rows_without_labels": 0,
-            "tail_tokens_dropped": 0, "tokens_in": int(sum(len(x) for x in ids)),
+            "tail_tokens_dropped": 0, "tokens_in": int(sum(len(x) for x in ids)), "empty_slices": [],
         }  # fmt: skip
         for split in SPLITS:
             rows_tok, rows_lab, row_slice, row_ids = [], [], [], []
@@ -795,6 +795,8 @@ class TextDataModule(L.LightningDataModule):
                     made = self._pack(chosen, ids, labels, name, stats)
                 else:
                     made = self._one_row_each(chosen, docs, ids, labels, stats)
+                if chosen and not made:
+                    stats["empty_slices"].append(f"{split}/{name}")
                 for tok, lab, sid in made:
                     rows_tok.append(tok)
                     rows_lab.append(lab)
@@ -948,6 +950,13 @@ class TextDataModule(L.LightningDataModule):
                 f"{stats['truncated_rows']} of {stats['documents']} rows were longer than "
                 f"seq_len={self.seq_len} and were truncated ({stats['truncated_tokens']} tokens cut); "
                 "raise data.seq_len, use data.packing=true, or data.truncation=error to refuse them.",
+                stacklevel=2,
+            )
+        if stats.get("empty_slices"):
+            warnings.warn(
+                f"{stats['empty_slices']} (split/slice) have documents but no sample: their text is "
+                f"shorter than one seq_len={self.seq_len} block; raise data.val_fraction / "
+                "data.test_fraction, lower data.seq_len, or use data.packing=false.",
                 stacklevel=2,
             )
         if stats.get("rows_without_labels"):
