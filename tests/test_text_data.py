@@ -379,3 +379,23 @@ def test_cli_without_a_tokenizer_fails_with_one_message(tmp_path):
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "data.tokenizer, which is not set" in result.stderr + result.stdout
+
+
+def test_data_configs_compose_with_a_pretrained_teacher(tok_dir, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lightning_distill.cli import CONFIG_DIR, _instantiate
+
+    teacher = _teacher(tok_dir, tmp_path / "teacher")
+    data = _jsonl(tmp_path / "a.jsonl", _rows(30))
+    for name in ("files", "instruct"):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name="distill", overrides=[
+                f"data={name}", f"data.files={data}", "teacher=hf_pretrained", f"teacher.path={teacher}",
+                "student=hf_config", f"output_dir={tmp_path}"])  # fmt: skip
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        assert resolved["data"]["tokenizer"] == str(teacher)
+        assert resolved["student"]["vocab_size"] == resolved["data"]["vocab_size"] == 300
+        dm = _instantiate(cfg.data)
+        assert dm.instruct == (name == "instruct") and len(dm.documents()) == 30
