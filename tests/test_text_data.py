@@ -399,3 +399,52 @@ def test_data_configs_compose_with_a_pretrained_teacher(tok_dir, tmp_path):
         assert resolved["student"]["vocab_size"] == resolved["data"]["vocab_size"] == 300
         dm = _instantiate(cfg.data)
         assert dm.instruct == (name == "instruct") and len(dm.documents()) == 30
+
+
+def _lm(vocab: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
+
+
+@pytest.mark.slow
+def test_teacher_cache_and_coverage_work_unchanged_on_padded_rows(tok_dir, tmp_path):
+    import functools
+
+    import lightning as L
+
+    from lightning_distill import DistillationModule
+    from lightning_distill.callbacks import CoverageSlices, TeacherCache
+    from lightning_distill.losses import LogitKD, TaskLoss
+
+    path = str(_jsonl(tmp_path / "a.jsonl", _rows()))
+    built = []
+    for attempt in range(
+        2
+    ):  # the second run, with a new data module, reads the teacher cache by id
+        dm = _dm(tok_dir, files=path, slice_field="kind", packing=False, seq_len=48, batch_size=4,
+                 val_fraction=0.2, test_fraction=0.1)  # fmt: skip
+        module = DistillationModule(_lm(300, 0), _lm(300, 1), {"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)},
+                                    optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))  # fmt: skip
+        cache = TeacherCache(
+            str(tmp_path / "tcache"), kind="topk", k=4, splits=["train", "val"], progress=False
+        )
+        coverage = CoverageSlices(dirpath=str(tmp_path / f"cov{attempt}"))
+        trainer = L.Trainer(max_steps=3, val_check_interval=3, limit_val_batches=2, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[cache, coverage], accelerator="cpu")  # fmt: skip
+        trainer.fit(module, datamodule=dm)
+        built.append(dict(cache.built))
+        assert {row["slice"] for row in coverage.last_rows} == {"code", "prose"}
+    assert built[0]["train"] == len(dm.dataset("train")) and built[1] == {"train": 0, "val": 0}
