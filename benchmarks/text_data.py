@@ -78,8 +78,13 @@ def main() -> None:
     sample = [json.loads(line)["text"] for line in data.read_text().splitlines()[::20]]
     tok = train_bpe_tokenizer(sample[: max(1, len(sample))], args.vocab)
     tok.save_pretrained(root / "tok")
-    common = {"files": str(data), "tokenizer": str(root / "tok"), "slice_field": "kind",
-              "seq_len": args.seq_len, "progress": False}  # fmt: skip
+    common = {
+        "files": str(data),
+        "tokenizer": str(root / "tok"),
+        "slice_field": "kind",
+        "seq_len": args.seq_len,
+        "progress": False,
+    }
 
     start = time.perf_counter()
     docs = TextDataModule(**common).documents()

@@ -43,10 +43,14 @@ def _text(i: int) -> str:
 
 def _rows(n: int = 60) -> list[dict]:
     return [
-        {"text": _text(i), "kind": "code" if i % 3 == 0 else "prose", "prompt": f"question {i}?",
-         "response": f"answer {i} " + _text(i)}
+        {
+            "text": _text(i),
+            "kind": "code" if i % 3 == 0 else "prose",
+            "prompt": f"question {i}?",
+            "response": f"answer {i} " + _text(i),
+        }
         for i in range(n)
-    ]  # fmt: skip
+    ]
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -55,8 +59,14 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def _dm(tok_dir: Path, **kwargs) -> TextDataModule:
-    defaults = {"tokenizer": str(tok_dir), "seq_len": 16, "batch_size": 2, "progress": False,
-                "val_fraction": 0.1, "test_fraction": 0.1}  # fmt: skip
+    defaults = {
+        "tokenizer": str(tok_dir),
+        "seq_len": 16,
+        "batch_size": 2,
+        "progress": False,
+        "val_fraction": 0.1,
+        "test_fraction": 0.1,
+    }
     return TextDataModule(**{**defaults, **kwargs})
 
 
@@ -118,14 +128,22 @@ def test_saved_hf_dataset_folder_and_own_splits(tok_dir, tmp_path):
     import datasets
 
     rows = _rows(40)
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:30]),
-                               "validation": datasets.Dataset.from_list(rows[30:35]),
-                               "test": datasets.Dataset.from_list(rows[35:])})  # fmt: skip
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(rows[:30]),
+            "validation": datasets.Dataset.from_list(rows[30:35]),
+            "test": datasets.Dataset.from_list(rows[35:]),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "ds"))
     split_by_doc = _dm(tok_dir, dataset=str(tmp_path / "ds"), slice_field="kind")
     assert len(split_by_doc.documents()) == 30  # the train split, then split by document
-    own = _dm(tok_dir, dataset=str(tmp_path / "ds"), packing=False,
-              splits={"train": "train", "val": "validation", "test": "test"})  # fmt: skip
+    own = _dm(
+        tok_dir,
+        dataset=str(tmp_path / "ds"),
+        packing=False,
+        splits={"train": "train", "val": "validation", "test": "test"},
+    )
     assert [len(own.dataset(s)) for s in ("train", "val", "test")] == [30, 5, 5]
     with pytest.raises(
         ValueError, match=r"'valid' is not a split .* \['train', 'validation', 'test'\]"
@@ -204,15 +222,26 @@ def test_packing_fills_blocks_rows_pad_and_count_truncation(tok_dir, tmp_path, c
 
 def test_truncation_error_names_the_row(tok_dir, tmp_path):
     rows = _rows(10) + [{"text": "alpha " * 200, "kind": "x", "prompt": "", "response": ""}]
-    dm = _dm(tok_dir, files=str(_jsonl(tmp_path / "a.jsonl", rows)), packing=False, seq_len=128,
-             truncation="error")  # fmt: skip
+    dm = _dm(
+        tok_dir,
+        files=str(_jsonl(tmp_path / "a.jsonl", rows)),
+        packing=False,
+        seq_len=128,
+        truncation="error",
+    )
     with pytest.raises(ValueError, match=r"a.jsonl row 10 has \d+ tokens, more than seq_len=128"):
         dm.setup()
 
 
 def test_instruct_masks_prompt_with_minus_100(tok_dir, tmp_path):
-    dm = _dm(tok_dir, files=str(_jsonl(tmp_path / "a.jsonl", _rows(20))), prompt_field="prompt",
-             response_field="response", packing=False, seq_len=256)  # fmt: skip
+    dm = _dm(
+        tok_dir,
+        files=str(_jsonl(tmp_path / "a.jsonl", _rows(20))),
+        prompt_field="prompt",
+        response_field="response",
+        packing=False,
+        seq_len=256,
+    )
     dm.setup()
     item = dm.dataset("train")[0]
     labels, ids = item["labels"], item["input_ids"]
@@ -228,8 +257,12 @@ def test_instruct_masks_prompt_with_minus_100(tok_dir, tmp_path):
 def test_instruct_without_chat_template_says_so(tmp_path):
     tok = train_bpe_tokenizer(["alpha beta"], 260)
     tok.save_pretrained(tmp_path / "plain")
-    dm = _dm(tmp_path / "plain", files=str(_jsonl(tmp_path / "a.jsonl", _rows(5))),
-             prompt_field="prompt", response_field="response")  # fmt: skip
+    dm = _dm(
+        tmp_path / "plain",
+        files=str(_jsonl(tmp_path / "a.jsonl", _rows(5))),
+        prompt_field="prompt",
+        response_field="response",
+    )
     with pytest.raises(ValueError, match="need a chat template"):
         dm.setup()
 
@@ -301,8 +334,13 @@ def test_second_instance_reads_the_cache(tok_dir, tmp_path):
 
 
 def test_num_workers_loader_and_train_slices(tok_dir, tmp_path):
-    dm = _dm(tok_dir, files=str(_jsonl(tmp_path / "a.jsonl", _rows())), slice_field="kind", num_workers=2,
-             train_slices="prose")  # fmt: skip
+    dm = _dm(
+        tok_dir,
+        files=str(_jsonl(tmp_path / "a.jsonl", _rows())),
+        slice_field="kind",
+        num_workers=2,
+        train_slices="prose",
+    )
     dm.setup()
     batches = list(dm.train_dataloader())
     assert batches and all(s == "prose" for b in batches for s in b["slice"])
@@ -332,8 +370,15 @@ def _teacher(tok_dir: Path, where: Path) -> Path:
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     LlamaForCausalLM(config).save_pretrained(where)
     tok.save_pretrained(where)
     return where
@@ -344,12 +389,33 @@ def test_cli_distils_on_a_jsonl_file_with_slices(tok_dir, tmp_path):
     data = _jsonl(tmp_path / "data.jsonl", _rows(120))
     teacher = _teacher(tok_dir, tmp_path / "teacher")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lightning_distill", "data=files", f"data.files={data}", "data.slice_field=kind",
-           "data.seq_len=32", "data.batch_size=4", "data.val_fraction=0.2", "data.test_fraction=0.2", "data.progress=false", "teacher=hf_pretrained",
-           f"teacher.path={teacher}", "student=hf_config", "trainer=smoke", "baseline=false",
-           f"output_dir={out}"]  # fmt: skip
-    env = {**os.environ, "LIGHTNING_DISTILL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_distill",
+        "data=files",
+        f"data.files={data}",
+        "data.slice_field=kind",
+        "data.seq_len=32",
+        "data.batch_size=4",
+        "data.val_fraction=0.2",
+        "data.test_fraction=0.2",
+        "data.progress=false",
+        "teacher=hf_pretrained",
+        f"teacher.path={teacher}",
+        "student=hf_config",
+        "trainer=smoke",
+        "baseline=false",
+        f"output_dir={out}",
+    ]
+    env = {
+        **os.environ,
+        "LIGHTNING_DISTILL_CACHE": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO),
+        "PYTHONWARNINGS": "ignore",
+    }
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     report = json.loads((out / "report.json").read_text())
@@ -369,8 +435,17 @@ def test_cli_distils_on_a_jsonl_file_with_slices(tok_dir, tmp_path):
 @pytest.mark.slow
 def test_cli_without_a_tokenizer_fails_with_one_message(tmp_path):
     data = _jsonl(tmp_path / "data.jsonl", _rows(10))
-    cmd = [sys.executable, "-m", "lightning_distill", "data=files", f"data.files={data}", "teacher=hf_config",
-           "student=hf_config", "trainer=smoke", f"output_dir={tmp_path / 'run'}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_distill",
+        "data=files",
+        f"data.files={data}",
+        "teacher=hf_config",
+        "student=hf_config",
+        "trainer=smoke",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     env = {
         **os.environ,
         "LIGHTNING_DISTILL_CACHE": str(tmp_path / "cache"),
@@ -391,9 +466,17 @@ def test_data_configs_compose_with_a_pretrained_teacher(tok_dir, tmp_path):
     data = _jsonl(tmp_path / "a.jsonl", _rows(30))
     for name in ("files", "instruct"):
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name="distill", overrides=[
-                f"data={name}", f"data.files={data}", "teacher=hf_pretrained", f"teacher.path={teacher}",
-                "student=hf_config", f"output_dir={tmp_path}"])  # fmt: skip
+            cfg = compose(
+                config_name="distill",
+                overrides=[
+                    f"data={name}",
+                    f"data.files={data}",
+                    "teacher=hf_pretrained",
+                    f"teacher.path={teacher}",
+                    "student=hf_config",
+                    f"output_dir={tmp_path}",
+                ],
+            )
         resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         assert resolved["data"]["tokenizer"] == str(teacher)
         assert resolved["student"]["vocab_size"] == resolved["data"]["vocab_size"] == 300
@@ -433,17 +516,37 @@ def test_teacher_cache_and_coverage_work_unchanged_on_padded_rows(tok_dir, tmp_p
     for attempt in range(
         2
     ):  # the second run, with a new data module, reads the teacher cache by id
-        dm = _dm(tok_dir, files=path, slice_field="kind", packing=False, seq_len=48, batch_size=4,
-                 val_fraction=0.2, test_fraction=0.1)  # fmt: skip
-        module = DistillationModule(_lm(300, 0), _lm(300, 1), {"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)},
-                                    optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))  # fmt: skip
+        dm = _dm(
+            tok_dir,
+            files=path,
+            slice_field="kind",
+            packing=False,
+            seq_len=48,
+            batch_size=4,
+            val_fraction=0.2,
+            test_fraction=0.1,
+        )
+        module = DistillationModule(
+            _lm(300, 0),
+            _lm(300, 1),
+            {"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)},
+            optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        )
         cache = TeacherCache(
             str(tmp_path / "tcache"), kind="topk", k=4, splits=["train", "val"], progress=False
         )
         coverage = CoverageSlices(dirpath=str(tmp_path / f"cov{attempt}"))
-        trainer = L.Trainer(max_steps=3, val_check_interval=3, limit_val_batches=2, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            callbacks=[cache, coverage], accelerator="cpu")  # fmt: skip
+        trainer = L.Trainer(
+            max_steps=3,
+            val_check_interval=3,
+            limit_val_batches=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[cache, coverage],
+            accelerator="cpu",
+        )
         trainer.fit(module, datamodule=dm)
         built.append(dict(cache.built))
         assert {row["slice"] for row in coverage.last_rows} == {"code", "prose"}

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 from .datamodule import SPLITS, SliceCount
 from .paths import cache_root
 
-__all__ = ["TextDataModule", "TextRowDataset", "collate_rows", "vocab_size_of"]
+__all__ = ["TextDataModule", "TextDocument", "TextRowDataset", "collate_rows", "vocab_size_of"]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ _ID_MASK = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
-class _Doc:
+class TextDocument:
     """One document before tokenization."""
 
     text: str | None  # plain text, or None for an instruction pair
@@ -192,9 +192,13 @@ class TextRowDataset(Dataset):
         flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
         return TextRowDataset(
-            self.tokens[flat], self.labels[flat], offsets, self.slice_index[keep].numpy(),
-            self.sample_ids[keep].numpy(), self.slice_names,
-        )  # fmt: skip
+            self.tokens[flat],
+            self.labels[flat],
+            offsets,
+            self.slice_index[keep].numpy(),
+            self.sample_ids[keep].numpy(),
+            self.slice_names,
+        )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
@@ -350,8 +354,10 @@ class TextDataModule(L.LightningDataModule):
         if truncation not in ("truncate", "error"):
             raise ValueError(f"truncation={truncation!r}; use 'truncate' or 'error'.")
         for name, value, minimum in (
-            ("seq_len", seq_len, 2), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-        ):  # fmt: skip
+            ("seq_len", seq_len, 2),
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+        ):
             _check_int(name, value, minimum)
         if eval_batch_size is not None:
             _check_int("eval_batch_size", eval_batch_size, 1)
@@ -398,7 +404,7 @@ class TextDataModule(L.LightningDataModule):
         self.revision, self.trust_remote_code = revision, trust_remote_code
 
         self._tokenizer: Any = None
-        self._docs: list[_Doc] | None = None
+        self._docs: list[TextDocument] | None = None
         self._slices: list[str] | None = None
         self._settings: dict[str, Any] | None = None
         self._datasets: dict[str, TextRowDataset] | None = None
@@ -503,9 +509,13 @@ class TextDataModule(L.LightningDataModule):
         for split in SPLITS:
             arrays = load_file(str(folder / f"{split}.safetensors"))
             dataset = TextRowDataset(
-                arrays["tokens"], arrays["labels"], arrays["offsets"], arrays["slice_index"],
-                arrays["sample_ids"], meta["slices"],
-            )  # fmt: skip
+                arrays["tokens"],
+                arrays["labels"],
+                arrays["offsets"],
+                arrays["slice_index"],
+                arrays["sample_ids"],
+                meta["slices"],
+            )
             if split == "train":
                 self._full_train = dataset
                 dataset = self._train_subset(self.train_slices)
@@ -578,7 +588,7 @@ class TextDataModule(L.LightningDataModule):
             for name, c, t in zip(dataset.slice_names, counts, tokens, strict=True)
         }
 
-    def documents(self) -> list[_Doc]:
+    def documents(self) -> list[TextDocument]:
         """The documents after reading, checking and dropping empty ones (before dedupe)."""
         self._load_documents()
         assert self._docs is not None
@@ -618,18 +628,18 @@ class TextDataModule(L.LightningDataModule):
             return f"files={_plain(self.files)!r}"
         return f"dataset={self.dataset_name!r}" + (f" (split {self.split!r})" if self.split else "")
 
-    def _read_files(self) -> list[_Doc]:
+    def _read_files(self) -> list[TextDocument]:
         if isinstance(self.files, Mapping):
             groups = {str(name): _as_list(patterns) for name, patterns in self.files.items()}
         else:
             groups = {None: _as_list(self.files)}
-        docs: list[_Doc] = []
+        docs: list[TextDocument] = []
         for slice_name, patterns in groups.items():
             for path in _expand(patterns):
                 docs.extend(self._read_file(path, slice_name))
         return docs
 
-    def _read_file(self, path: Path, slice_name: str | None) -> list[_Doc]:
+    def _read_file(self, path: Path, slice_name: str | None) -> list[TextDocument]:
         builder = STRUCTURED.get(path.suffix.lower())
         if builder is None:
             if self.instruct or self.slice_field is not None:
@@ -641,16 +651,19 @@ class TextDataModule(L.LightningDataModule):
                 text = path.read_text(encoding="utf-8")
             except UnicodeDecodeError as err:
                 raise ValueError(f"{path} is not UTF-8 text; convert it or leave it out.") from err
-            return [_Doc(text, None, None, slice_name or DEFAULT_SLICE, str(path))]
+            return [TextDocument(text, None, None, slice_name or DEFAULT_SLICE, str(path))]
         datasets = _import_datasets()
         kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
         table = datasets.load_dataset(
-            builder, data_files=[str(path)], split="train",
-            cache_dir=str(self.cache_dir / "hf"), **kwargs,
-        )  # fmt: skip
+            builder,
+            data_files=[str(path)],
+            split="train",
+            cache_dir=str(self.cache_dir / "hf"),
+            **kwargs,
+        )
         return self._rows(table, str(path), slice_name)
 
-    def _read_dataset(self) -> list[_Doc]:
+    def _read_dataset(self) -> list[TextDocument]:
         datasets = _import_datasets()
         name = str(self.dataset_name)
         local = Path(name).expanduser()
@@ -702,11 +715,14 @@ class TextDataModule(L.LightningDataModule):
 
     def _rows(
         self, table: Any, where: str, slice_name: str | None, split: str | None = None
-    ) -> list[_Doc]:
+    ) -> list[TextDocument]:
         """Documents from a ``datasets.Dataset``'s columns, after checking the fields exist."""
         columns = list(table.column_names)
-        needed = {"text_field": self.text_field} if not self.instruct else {
-            "prompt_field": self.prompt_field, "response_field": self.response_field}  # fmt: skip
+        needed = (
+            {"text_field": self.text_field}
+            if not self.instruct
+            else {"prompt_field": self.prompt_field, "response_field": self.response_field}
+        )
         if self.slice_field is not None:
             needed["slice_field"] = self.slice_field
         for setting, field in needed.items():
@@ -725,12 +741,12 @@ class TextDataModule(L.LightningDataModule):
             prompts = _strings(table[self.prompt_field], self.prompt_field, where)
             responses = _strings(table[self.response_field], self.response_field, where)
             return [
-                _Doc(None, p, r, s, f"{where} row {i}", split)
+                TextDocument(None, p, r, s, f"{where} row {i}", split)
                 for i, (p, r, s) in enumerate(zip(prompts, responses, slices))
             ]
         texts = _strings(table[self.text_field], self.text_field, where)
         return [
-            _Doc(t, None, None, s, f"{where} row {i}", split)
+            TextDocument(t, None, None, s, f"{where} row {i}", split)
             for i, (t, s) in enumerate(zip(texts, slices))
         ]
 
@@ -768,7 +784,7 @@ class TextDataModule(L.LightningDataModule):
         docs = sorted(self.documents(), key=_order)
         duplicates = 0
         if self.dedupe:
-            unique: dict[bytes, _Doc] = {}
+            unique: dict[bytes, TextDocument] = {}
             for doc in docs:
                 if doc.key in unique:
                     duplicates += 1
@@ -780,17 +796,23 @@ class TextDataModule(L.LightningDataModule):
         slices = self.slices
         arrays: dict[str, dict[str, np.ndarray]] = {}
         stats: dict[str, Any] = {
-            "documents": len(docs), "duplicates_dropped": duplicates,
+            "documents": len(docs),
+            "duplicates_dropped": duplicates,
             "empty_documents": self.stats.get("empty_documents", 0),
-            "truncated_rows": 0, "truncated_tokens": 0, "rows_without_labels": 0,
-            "tail_tokens_dropped": 0, "tokens_in": int(sum(len(x) for x in ids)), "empty_slices": [],
-        }  # fmt: skip
+            "truncated_rows": 0,
+            "truncated_tokens": 0,
+            "rows_without_labels": 0,
+            "tail_tokens_dropped": 0,
+            "tokens_in": int(sum(len(x) for x in ids)),
+            "empty_slices": [],
+        }
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, doc in enumerate(docs):
+            groups.setdefault((assignment[i], doc.slice), []).append(i)
         for split in SPLITS:
             rows_tok, rows_lab, row_slice, row_ids = [], [], [], []
             for s_index, name in enumerate(slices):
-                chosen = [
-                    i for i, d in enumerate(docs) if assignment[i] == split and d.slice == name
-                ]
+                chosen = groups.get((split, name), [])
                 if self.packing:
                     made = self._pack(chosen, ids, labels, name, stats)
                 else:
@@ -807,18 +829,31 @@ class TextDataModule(L.LightningDataModule):
         stats["documents_per_split"] = {
             s: sum(1 for i in range(len(docs)) if assignment[i] == s) for s in SPLITS
         }
-        meta = {"format": TEXT_FORMAT_VERSION, "slices": slices, "stats": stats,
-                "settings": self._data_settings(), "source": _plain(self.files) if self.files is not None
-                else {"dataset": self.dataset_name, "config": self.config, "split": self.split,
-                      "splits": self.splits}}  # fmt: skip
+        meta = {
+            "format": TEXT_FORMAT_VERSION,
+            "slices": slices,
+            "stats": stats,
+            "settings": self._data_settings(),
+            "source": _plain(self.files)
+            if self.files is not None
+            else {
+                "dataset": self.dataset_name,
+                "config": self.config,
+                "split": self.split,
+                "splits": self.splits,
+            },
+        }
         _write_cache(folder, arrays, meta)
         self.cache_status = "built"
         log.info(
             "Tokenized %d documents (%d tokens) in %.2f s; cached in %s",
-            len(docs), stats["tokens_in"], stats["seconds"], folder,
-        )  # fmt: skip
+            len(docs),
+            stats["tokens_in"],
+            stats["seconds"],
+            folder,
+        )
 
-    def _assign(self, docs: list[_Doc]) -> list[str]:
+    def _assign(self, docs: list[TextDocument]) -> list[str]:
         """Each document's split: its own, or by a salted hash of its content."""
         if self.splits is not None:
             return [d.split or "train" for d in docs]
@@ -826,8 +861,13 @@ class TextDataModule(L.LightningDataModule):
         where = []
         for doc in docs:
             u = int.from_bytes(hashlib.sha256(salt + doc.key).digest()[:8], "little") / 2**64
-            where.append("val" if u < self.val_fraction else
-                         "test" if u < self.val_fraction + self.test_fraction else "train")  # fmt: skip
+            where.append(
+                "val"
+                if u < self.val_fraction
+                else "test"
+                if u < self.val_fraction + self.test_fraction
+                else "train"
+            )
         # A slice's split asked for but left empty by the draw takes one of the slice's train
         # documents (if train keeps one): the first in content-hash order, a stable choice.
         for name in {d.slice for d in docs}:
@@ -838,7 +878,7 @@ class TextDataModule(L.LightningDataModule):
                     where[train[0]] = split
         return where
 
-    def _tokenize(self, docs: list[_Doc]) -> tuple[list[list[int]], list[list[int]]]:
+    def _tokenize(self, docs: list[TextDocument]) -> tuple[list[list[int]], list[list[int]]]:
         """Token ids and labels per document, in chunks, with a progress bar."""
         from tqdm.auto import tqdm
 
@@ -869,7 +909,7 @@ class TextDataModule(L.LightningDataModule):
             bar.close()
         return ids, labels
 
-    def _encode_pair(self, doc: _Doc) -> tuple[list[int], list[int]]:
+    def _encode_pair(self, doc: TextDocument) -> tuple[list[int], list[int]]:
         tok = self.tokenizer
         if not getattr(tok, "chat_template", None):
             raise ValueError(
@@ -893,8 +933,14 @@ class TextDataModule(L.LightningDataModule):
             r_ids.append(eos)  # the student learns where an answer ends
         return p_ids + r_ids, [-100] * len(p_ids) + r_ids
 
-    def _pack(self, chosen: list[int], ids: list[list[int]], labels: list[list[int]], name: str,
-              stats: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray, int]]:  # fmt: skip
+    def _pack(
+        self,
+        chosen: list[int],
+        ids: list[list[int]],
+        labels: list[list[int]],
+        name: str,
+        stats: dict[str, Any],
+    ) -> list[tuple[np.ndarray, np.ndarray, int]]:
         if not chosen:
             return []
         stream = np.concatenate([np.asarray(ids[i], dtype=np.int32) for i in chosen])
@@ -909,14 +955,20 @@ class TextDataModule(L.LightningDataModule):
             k = seen.get(content, 0)  # a block repeated verbatim gets its own id
             seen[content] = k + 1
             sid = _sample_id(b"block", name.encode(), content, str(k).encode())
-            if (lab_blocks[b] == -100).all():
+            if self.instruct and (lab_blocks[b] == -100).all():
                 stats["rows_without_labels"] += 1
                 continue
             out.append((blocks[b], lab_blocks[b], sid))
         return out
 
-    def _one_row_each(self, chosen: list[int], docs: list[_Doc], ids: list[list[int]],
-                      labels: list[list[int]], stats: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray, int]]:  # fmt: skip
+    def _one_row_each(
+        self,
+        chosen: list[int],
+        docs: list[TextDocument],
+        ids: list[list[int]],
+        labels: list[list[int]],
+        stats: dict[str, Any],
+    ) -> list[tuple[np.ndarray, np.ndarray, int]]:
         out = []
         for i in chosen:
             x, y = ids[i], labels[i]
@@ -930,7 +982,7 @@ class TextDataModule(L.LightningDataModule):
                 stats["truncated_rows"] += 1
                 stats["truncated_tokens"] += len(x) - self.seq_len
                 x, y = x[: self.seq_len], y[: self.seq_len]
-            if all(v == -100 for v in y):
+            if self.instruct and all(v == -100 for v in y):
                 stats["rows_without_labels"] += 1  # the prompt fills the whole row
                 continue
             out.append(
@@ -1125,11 +1177,11 @@ def _slice_value(value: Any, where: str, row: int) -> str:
     return str(value)
 
 
-def _order(doc: _Doc) -> tuple[bytes, str, str]:
+def _order(doc: TextDocument) -> tuple[bytes, str, str]:
     return doc.key, doc.slice, doc.split or ""
 
 
-def _is_empty(doc: _Doc) -> bool:
+def _is_empty(doc: TextDocument) -> bool:
     if doc.text is not None:
         return not doc.text.strip()
     return not (doc.response or "").strip()
