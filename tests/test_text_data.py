@@ -122,6 +122,14 @@ def test_text_files_glob_and_slice_mapping(tok_dir, tmp_path):
     assert len(dm.documents()) == 16
     one = _dm(tok_dir, files=str(tmp_path / "docs/*.md"))
     assert one.slices == ["all"] and len(one.documents()) == 8
+    _jsonl(tmp_path / "docs" / "x.jsonl", _rows(5))
+    _jsonl(tmp_path / "docs" / "y.jsonl", _rows(7)[2:])
+    mixed = _dm(tok_dir, files=[str(tmp_path / "docs/*.jsonl"), str(tmp_path / "docs/d1.md")])
+    assert (
+        len(mixed.documents()) == 11
+    )  # 5 + 5 rows (3 repeat, dropped only when tokenizing) + 1 file
+    mixed.setup()
+    assert mixed.stats["duplicates_dropped"] == 3
 
 
 def test_saved_hf_dataset_folder_and_own_splits(tok_dir, tmp_path):
@@ -432,28 +440,25 @@ def test_cli_distils_on_a_jsonl_file_with_slices(tok_dir, tmp_path):
     )  # from the teacher's config (ld.vocab_size)
 
 
-@pytest.mark.slow
-def test_cli_without_a_tokenizer_fails_with_one_message(tmp_path):
-    data = _jsonl(tmp_path / "data.jsonl", _rows(10))
-    cmd = [
-        sys.executable,
-        "-m",
-        "lightning_distill",
-        "data=files",
-        f"data.files={data}",
-        "teacher=hf_config",
-        "student=hf_config",
-        "trainer=smoke",
-        f"output_dir={tmp_path / 'run'}",
-    ]
-    env = {
-        **os.environ,
-        "LIGHTNING_DISTILL_CACHE": str(tmp_path / "cache"),
-        "PYTHONPATH": str(REPO),
-    }
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "data.tokenizer, which is not set" in result.stderr + result.stdout
+def test_user_data_without_a_tokenizer_fails_with_one_message(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
+
+    from lightning_distill.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="distill",
+            overrides=[
+                "data=files",
+                "data.files=a.jsonl",
+                "teacher=hf_config",
+                "student=hf_config",
+            ],
+        )
+    with pytest.raises(InterpolationResolutionError, match="data.tokenizer, which is not set"):
+        OmegaConf.to_container(cfg.student, resolve=True)
 
 
 def test_data_configs_compose_with_a_pretrained_teacher(tok_dir, tmp_path):

@@ -635,33 +635,46 @@ class TextDataModule(L.LightningDataModule):
             groups = {None: _as_list(self.files)}
         docs: list[TextDocument] = []
         for slice_name, patterns in groups.items():
+            structured: dict[str, list[Path]] = {}
             for path in _expand(patterns):
-                docs.extend(self._read_file(path, slice_name))
+                suffix = path.suffix.lower()
+                if suffix in STRUCTURED:
+                    structured.setdefault(suffix, []).append(path)
+                else:
+                    docs.append(self._read_text_file(path, slice_name))
+            for suffix, paths in structured.items():
+                docs.extend(self._read_table(suffix, paths, slice_name))
         return docs
 
-    def _read_file(self, path: Path, slice_name: str | None) -> list[TextDocument]:
-        builder = STRUCTURED.get(path.suffix.lower())
-        if builder is None:
-            if self.instruct or self.slice_field is not None:
-                raise ValueError(
-                    f"{path} is plain text (one file = one document), which has no fields for "
-                    "prompt_field/response_field/slice_field; use JSONL, Parquet or CSV files."
-                )
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path} is not UTF-8 text; convert it or leave it out.") from err
-            return [TextDocument(text, None, None, slice_name or DEFAULT_SLICE, str(path))]
+    def _read_text_file(self, path: Path, slice_name: str | None) -> TextDocument:
+        if self.instruct or self.slice_field is not None:
+            raise ValueError(
+                f"{path} is plain text (one file = one document), which has no fields for "
+                "prompt_field/response_field/slice_field; use JSONL, Parquet or CSV files."
+            )
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text; convert it or leave it out.") from err
+        return TextDocument(text, None, None, slice_name or DEFAULT_SLICE, str(path))
+
+    def _read_table(
+        self, suffix: str, paths: list[Path], slice_name: str | None
+    ) -> list[TextDocument]:
+        """All files of one format in one ``load_dataset`` call (one call per file is ~50x slower)."""
         datasets = _import_datasets()
-        kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        kwargs: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
         table = datasets.load_dataset(
-            builder,
-            data_files=[str(path)],
+            STRUCTURED[suffix],
+            data_files=[str(p) for p in paths],
             split="train",
             cache_dir=str(self.cache_dir / "hf"),
             **kwargs,
         )
-        return self._rows(table, str(path), slice_name)
+        where = (
+            str(paths[0]) if len(paths) == 1 else f"the {len(paths)} {suffix} files {paths[0]}..."
+        )
+        return self._rows(table, where, slice_name)
 
     def _read_dataset(self) -> list[TextDocument]:
         datasets = _import_datasets()
