@@ -26,6 +26,7 @@ under ``<cache_root>/data/text/<data_fingerprint>/``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -36,7 +37,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -664,13 +665,14 @@ class TextDataModule(L.LightningDataModule):
         """All files of one format in one ``load_dataset`` call (one call per file is ~50x slower)."""
         datasets = _import_datasets()
         kwargs: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
-        table = datasets.load_dataset(
-            STRUCTURED[suffix],
-            data_files=[str(p) for p in paths],
-            split="train",
-            cache_dir=str(self.cache_dir / "hf"),
-            **kwargs,
-        )
+        with _quiet_datasets(not self.progress):
+            table = datasets.load_dataset(
+                STRUCTURED[suffix],
+                data_files=[str(p) for p in paths],
+                split="train",
+                cache_dir=str(self.cache_dir / "hf"),
+                **kwargs,
+            )
         where = (
             str(paths[0]) if len(paths) == 1 else f"the {len(paths)} {suffix} files {paths[0]}..."
         )
@@ -1076,6 +1078,21 @@ class TextDataModule(L.LightningDataModule):
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _quiet_datasets(quiet: bool) -> Iterator[None]:
+    """Hide ``datasets``' own progress bars while reading, when ours are off."""
+    from datasets.utils import logging as ds_logging
+
+    turn_off = quiet and ds_logging.is_progress_bar_enabled()
+    if turn_off:
+        ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if turn_off:
+            ds_logging.enable_progress_bar()
 
 
 def _encode(tok: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
