@@ -435,9 +435,10 @@ def test_cli_distils_on_a_jsonl_file_with_slices(tok_dir, tmp_path):
         and (out / "student" / "tokenizer.json").is_file()
     )
     record = json.loads((out / "student" / "distillation.json").read_text())
-    assert (
-        record["config"]["student"]["vocab_size"] == 300
-    )  # from the teacher's config (ld.vocab_size)
+    # The student's vocabulary came from the teacher's config (the ld.vocab_size resolver).
+    assert record["config"]["student"]["vocab_size"] == 300
+    checkpoint = torch.load(next(out.rglob("last.ckpt")), weights_only=True)  # plain values only
+    assert checkpoint["datamodule_hyper_parameters"]["slice_field"] == "kind"
 
 
 def test_user_data_without_a_tokenizer_fails_with_one_message(tmp_path):
@@ -487,6 +488,17 @@ def test_data_configs_compose_with_a_pretrained_teacher(tok_dir, tmp_path):
         assert resolved["student"]["vocab_size"] == resolved["data"]["vocab_size"] == 300
         dm = _instantiate(cfg.data)
         assert dm.instruct == (name == "instruct") and len(dm.documents()) == 30
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="distill",
+            overrides=[
+                "data=files",
+                f"data.files={{a: {data}, b: [{data}]}}",
+                f"data.tokenizer={tok_dir}",
+            ],
+        )
+    dm = _instantiate(cfg.data)
+    assert dm.hparams.files == {"a": str(data), "b": [str(data)]} and type(dm.hparams.files) is dict
 
 
 def _lm(vocab: int, seed: int):

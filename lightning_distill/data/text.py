@@ -328,6 +328,11 @@ class TextDataModule(L.LightningDataModule):
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
+        # Plain values only (no DictConfig, no Path): they go into checkpoints as hyperparameters.
+        files = _plain(files) if files is not None else None
+        splits = _plain(splits) if splits is not None else None
+        tokenizer = str(tokenizer) if isinstance(tokenizer, os.PathLike) else tokenizer
+        cache_dir = str(cache_dir) if cache_dir is not None else None
         if (files is None) == (dataset is None):
             raise ValueError(
                 "TextDataModule needs exactly one source: files=... (paths, globs, or a mapping "
@@ -375,11 +380,13 @@ class TextDataModule(L.LightningDataModule):
         if isinstance(train_slices, str):
             train_slices = [train_slices]
         if train_slices is not None:
-            train_slices = list(train_slices)
+            train_slices = [str(name) for name in train_slices]
             if not train_slices:
                 raise ValueError("train_slices=[] selects no training data; pass None for all.")
 
-        self.save_hyperparameters(ignore=["tokenizer"])
+        self.save_hyperparameters(
+            ignore=[] if tokenizer is None or isinstance(tokenizer, str) else ["tokenizer"]
+        )
         self.files = files
         self.dataset_name = dataset
         self.config, self.split, self.splits = config, split, dict(splits) if splits else None
