@@ -337,6 +337,10 @@ def test_second_instance_reads_the_cache(tok_dir, tmp_path):
         ".safetensors",
         ".safetensors",
     ]
+    (folder / "val.safetensors").write_bytes(b"damaged")  # a damaged cache is rebuilt, not trusted
+    third = _dm(tok_dir, files=path)
+    third.setup()
+    assert third.cache_status == "built" and len(third.dataset("val")) == len(first.dataset("val"))
     changed = _dm(tok_dir, files=path, seq_len=32)
     assert changed.data_fingerprint != first.data_fingerprint
 

@@ -1,4 +1,9 @@
-"""Offline data for the demo: a two-slice corpus, a tokenizer trained on it, token blocks.
+"""Data: the offline demo corpus (below), and :class:`TextDataModule` for your own text.
+
+:class:`TextDataModule` (``text.py``, ``docs/data.md``) reads JSONL/Parquet/CSV/text files or a
+Hugging Face dataset and serves the same batches as the demo's data module.
+
+Offline data for the demo: a two-slice corpus, a tokenizer trained on it, token blocks.
 
 Nothing here touches the network. Every Python installation carries the text the demo needs:
 

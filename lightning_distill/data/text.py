@@ -508,22 +508,20 @@ class TextDataModule(L.LightningDataModule):
         elif self.cache_status is None:
             self.cache_status = "loaded"
             log.info("Tokenized data read from the cache %s", folder)
-        meta = json.loads((folder / "meta.json").read_text())
+        try:
+            meta, loaded = _read_cache(folder)
+        except Exception as err:  # a damaged cache folder: it is only a cache, rebuild it
+            log.warning(
+                "The tokenized-data cache %s is unreadable (%s); rebuilding it.", folder, err
+            )
+            shutil.rmtree(folder, ignore_errors=True)
+            self._build(folder)
+            meta, loaded = _read_cache(folder)
         self.stats = meta["stats"]
         self._report(self.stats)
-        from safetensors.numpy import load_file
-
         self._datasets = {}
         for split in SPLITS:
-            arrays = load_file(str(folder / f"{split}.safetensors"))
-            dataset = TextRowDataset(
-                arrays["tokens"],
-                arrays["labels"],
-                arrays["offsets"],
-                arrays["slice_index"],
-                arrays["sample_ids"],
-                meta["slices"],
-            )
+            dataset = loaded[split]
             if split == "train":
                 self._full_train = dataset
                 dataset = self._train_subset(self.train_slices)
@@ -1158,6 +1156,18 @@ def _write_cache(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_cache(folder: Path) -> tuple[dict[str, Any], dict[str, TextRowDataset]]:
+    from safetensors.numpy import load_file
+
+    meta = json.loads((folder / "meta.json").read_text())
+    loaded = {}
+    for split in SPLITS:
+        arrays = load_file(str(folder / f"{split}.safetensors"))
+        keys = ("tokens", "labels", "offsets", "slice_index", "sample_ids")
+        loaded[split] = TextRowDataset(*(arrays[k] for k in keys), meta["slices"])
+    return meta, loaded
 
 
 def _as_list(patterns: Any) -> list[str]:
