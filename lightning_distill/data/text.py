@@ -936,7 +936,7 @@ class TextDataModule(L.LightningDataModule):
                 "prompt_field/response_field need a chat template, and this tokenizer has none; "
                 "pass data.chat_template='<jinja template>' or use a tokenizer that has one."
             )
-        user = [{"role": "user", "content": doc.prompt}]
+        user = [{"role": "user", "content": doc.prompt or ""}]
         prompt = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         full = tok.apply_chat_template(
             [*user, {"role": "assistant", "content": doc.response}], tokenize=False
