@@ -48,6 +48,17 @@ def _config_dir() -> Path:
 CONFIG_DIR = _config_dir()
 
 
+def _vocab_size_resolver(path: Any) -> int:
+    """``${ld.vocab_size:<tokenizer or model path>}``: what ``student=hf_config`` needs with your data."""
+    from lightning_distill.data.text import vocab_size_of
+
+    return vocab_size_of(None if path is None else str(path))
+
+
+if not OmegaConf.has_resolver("ld.vocab_size"):
+    OmegaConf.register_new_resolver("ld.vocab_size", _vocab_size_resolver, use_cache=True)
+
+
 def _accepts(target: str, name: str) -> bool:
     try:
         fn = hydra.utils.get_object(target)

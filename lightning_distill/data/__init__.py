@@ -1,4 +1,9 @@
-"""Offline data for the demo: a two-slice corpus, a tokenizer trained on it, token blocks.
+"""Data: the offline demo corpus (below), and :class:`TextDataModule` for your own text.
+
+:class:`TextDataModule` (``text.py``, ``docs/data.md``) reads JSONL/Parquet/CSV/text files or a
+Hugging Face dataset and serves the same batches as the demo's data module.
+
+Offline data for the demo: a two-slice corpus, a tokenizer trained on it, token blocks.
 
 Nothing here touches the network. Every Python installation carries the text the demo needs:
 
@@ -36,6 +41,7 @@ from __future__ import annotations
 from .corpus import Document, corpus_fingerprint, demo_corpus
 from .datamodule import SliceCount, SlicedTextDataModule, TokenBlockDataset, assign_splits
 from .paths import cache_root
+from .text import TextDataModule
 from .tokenizer import EOS_TOKEN, tokenizer_fingerprint, train_bpe_tokenizer
 
 __all__ = [
@@ -43,6 +49,7 @@ __all__ = [
     "Document",
     "SliceCount",
     "SlicedTextDataModule",
+    "TextDataModule",
     "TokenBlockDataset",
     "assign_splits",
     "cache_root",
