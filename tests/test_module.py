@@ -892,3 +892,67 @@ def test_evaluate_batch_refuses_labels_a_smaller_teacher_cannot_score():
     labels[1, 5] = 70  # an id only the student has
     with pytest.raises(ValueError, match=r"label id 70 is outside the teacher's 64 output classes.*ignore_index"):
         module.evaluate_batch({**batch, "labels": labels})
+
+
+# ------------------------------------------------------------------------------------------
+# Several eval dataloaders; a live teacher's non-finite outputs
+# ------------------------------------------------------------------------------------------
+def test_each_val_dataloader_keeps_its_own_metrics():
+    torch.manual_seed(0)
+    module = DistillationModule(tiny_llama(), tiny_teacher(), kd_losses())
+    first, second = loader(lm_items(8, seed=1)), loader(lm_items(8, seed=2))
+    both = validate(module, [first, second])
+    alone = [validate(module, data) for data in (first, second)]
+    for term in ("kd", "task", "loss", "agreement", "kl"):
+        for k in (0, 1):
+            assert both[f"val/{term}/dataloader_idx_{k}"] == pytest.approx(alone[k][f"val/{term}"], rel=1e-5)
+    # The two loaders differ, so a shared (averaged) metric would fail the checks above.
+    assert alone[0]["val/loss"] != pytest.approx(alone[1]["val/loss"], rel=1e-3)
+
+
+class _NaNForSample(nn.Module):
+    """Wraps a teacher; returns NaN logits for the sample whose first token is ``token``."""
+
+    def __init__(self, inner: nn.Module, token: int, value: float = float("nan"), row: bool = False):
+        super().__init__()
+        self.inner, self.token, self.value, self.row = inner, token, value, row
+        self.config = inner.config
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = self.inner(input_ids=input_ids, attention_mask=attention_mask).logits.clone()
+        hit = input_ids[:, 0] == self.token
+        if self.row:
+            logits[hit, 3, :] = self.value
+        else:
+            logits[hit, 3, 5] = self.value
+        return logits
+
+
+def _items_with_ids(n: int = 8):
+    return [item | {"sample_id": torch.tensor(100 + i)} for i, item in enumerate(lm_items(n, seed=3))]
+
+
+@pytest.mark.parametrize(("value", "row", "divergence", "refused"), [
+    (float("nan"), False, "forward_kl", True),
+    (float("inf"), False, "forward_kl", True),
+    (float("-inf"), True, "forward_kl", True),       # a row of only -inf: no distribution
+    (float("-inf"), False, "forward_kl", False),     # one impossible token: forward KL is fine
+    (float("-inf"), False, "reverse_kl", True),      # ... reverse KL is not
+])
+def test_live_teacher_non_finite_output_stops_the_fit(value, row, divergence, refused):
+    items = _items_with_ids()
+    bad_index = 6  # second batch of 4 -> global step 1
+    others = {int(it["input_ids"][0]) for i, it in enumerate(items) if i != bad_index}
+    token = int(items[bad_index]["input_ids"][0])
+    assert token not in others
+    teacher = _NaNForSample(tiny_teacher(), token, value, row)
+    module = DistillationModule(tiny_llama(), teacher, {"kd": LogitKD(divergence, weight=0.5),
+                                                        "task": TaskLoss(weight=0.5)})
+    trainer = make_trainer(max_steps=2)
+    if not refused:
+        trainer.fit(module, loader(items))
+        assert all(torch.isfinite(p).all() for p in module.student.parameters())
+        return
+    with pytest.raises(ValueError, match=r"global step 1.*sample id\(s\) \[106\]"):
+        trainer.fit(module, loader(items))
+    assert all(torch.isfinite(p).all() for p in module.student.parameters())
