@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_distill import __version__
+from lightning_distill.checkpoint import CheckedCheckpointIO, checkpoint_errors
 from lightning_distill.losses import functional as LF
 from lightning_distill.losses.terms import LogitKD, LossTerm, TaskLoss
 from lightning_distill.models.adapters import (
@@ -148,6 +149,7 @@ class DistillationModule(L.LightningModule):
         )
         self.student = student
         self.teacher = freeze(teacher) if teacher is not None else None
+        self._losses_given = losses is not None  # load_from_checkpoint restores recorded terms otherwise
         if losses is None:
             losses = ({"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)} if teacher is not None
                       else {"task": TaskLoss()})
@@ -645,6 +647,26 @@ class DistillationModule(L.LightningModule):
         return self._trainer is not None and "DeepSpeed" in type(self.trainer.strategy).__name__
 
     # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> DistillationModule:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint`` (pass ``student=``, and ``teacher=`` to keep one).
+
+        Without ``losses=``, the loss terms recorded in the checkpoint are rebuilt (temperature,
+        weights, divergence); with ``losses=`` that differ from the recorded ones, a warning says how.
+
+        Raises:
+            CheckpointError: a damaged/truncated file, or one this library did not write.
+        """
+        with checkpoint_errors(checkpoint_path):
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def setup(self, stage: str) -> None:
+        """Read checkpoints (``fit(ckpt_path=...)``) through :class:`CheckedCheckpointIO`."""
+        strategy = self.trainer.strategy
+        io = getattr(strategy, "_checkpoint_io", None)
+        if hasattr(strategy, "checkpoint_io") and not isinstance(io, CheckedCheckpointIO):
+            strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not self.save_teacher_weights:
             state = checkpoint.get("state_dict", {})
@@ -656,11 +678,52 @@ class DistillationModule(L.LightningModule):
             "losses": {name: term.config() for name, term in self.losses.items()},
         }
 
+    def _restore_losses(self, recorded: Mapping[str, Any]) -> None:
+        """Rebuild the recorded loss terms (default terms), or warn where given ones differ."""
+        current = {name: term.config() for name, term in self.losses.items()}
+        if current == dict(recorded):
+            return
+        if not self._losses_given:
+            rebuilt = {name: _rebuild_term(cfg) for name, cfg in recorded.items() if isinstance(cfg, Mapping)}
+            needs_teacher = any(t is not None and t.requires_teacher for t in rebuilt.values())
+            if rebuilt and all(t is not None for t in rebuilt.values()) and len(rebuilt) == len(recorded):
+                if needs_teacher and self.teacher is None:
+                    return  # a student-only load keeps the task term; KD terms need a teacher
+                self.losses = nn.ModuleDict(self._check_losses(rebuilt))
+                names = [*self.losses, "loss", "agreement", "kl"]
+                self.metrics = nn.ModuleDict({
+                    stage: nn.ModuleDict({n: MeanMetric() for n in names}) for stage in ("val", "test")
+                })
+                return
+        diff = sorted(set(current) ^ set(recorded)) + [
+            n for n in current if n in recorded and current[n] != recorded[n]]
+        warnings.warn(
+            f"the checkpoint recorded the loss terms {dict(recorded)}, but this module has {current} "
+            f"(differing: {diff}); pass losses=... matching the checkpoint to evaluate what was trained.",
+            UserWarning, stacklevel=2)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        recorded = (checkpoint.get("lightning_distill") or {}).get("losses")
+        if self._trainer is None and isinstance(recorded, Mapping):  # load_from_checkpoint, not a resume
+            self._restore_losses(recorded)
         state = checkpoint.get("state_dict")
         if self.teacher is not None and state is not None and not any(k.startswith("teacher.") for k in state):
             # The checkpoint left the teacher out on purpose; keep the live one.
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+
+def _rebuild_term(config: Mapping[str, Any]) -> LossTerm | None:
+    """A library loss term from its recorded ``config()``; ``None`` if it cannot be rebuilt."""
+    from lightning_distill import losses as terms
+
+    cls = getattr(terms, str(config.get("type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, LossTerm)):
+        return None
+    try:
+        term = cls(**{k: v for k, v in config.items() if k != "type"})
+    except (TypeError, ValueError):
+        return None
+    return term if term.config() == dict(config) else None
 
 
 def _report_temperature(sparse: SparseTargets) -> float:

@@ -956,3 +956,45 @@ def test_live_teacher_non_finite_output_stops_the_fit(value, row, divergence, re
     with pytest.raises(ValueError, match=r"global step 1.*sample id\(s\) \[106\]"):
         trainer.fit(module, loader(items))
     assert all(torch.isfinite(p).all() for p in module.student.parameters())
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints: damaged or foreign files, recorded loss terms
+# ------------------------------------------------------------------------------------------
+def _one_step_checkpoint(tmp_path, losses=None) -> Path:
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, filename="step{step}", save_top_k=-1,
+                              every_n_train_steps=1)
+    module = DistillationModule(tiny_llama(), tiny_teacher(), kd_losses(2.0) if losses is None else losses)
+    make_trainer(max_steps=1, enable_checkpointing=True, callbacks=[ckpt_cb]).fit(module, loader(lm_items(4)))
+    return Path(ckpt_cb.best_model_path or next(tmp_path.glob("*.ckpt")))
+
+
+def test_damaged_or_foreign_checkpoint_is_one_clear_error(tmp_path):
+    from lightning_distill.checkpoint import CheckpointError
+
+    good = _one_step_checkpoint(tmp_path)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}, "extra": SimpleNamespace(a=1)}, foreign)  # a pickled object
+    for path, fault in ((truncated, "damaged or truncated"), (foreign, "not a checkpoint this library wrote")):
+        with pytest.raises(CheckpointError, match=fault) as load_error:
+            DistillationModule.load_from_checkpoint(path, student=tiny_llama())
+        module = DistillationModule(tiny_llama(), tiny_teacher(), kd_losses(2.0))
+        with pytest.raises(CheckpointError, match=fault) as fit_error:
+            make_trainer(max_steps=2).fit(module, loader(lm_items(4)), ckpt_path=str(path))
+        for error in (load_error, fit_error):
+            text = str(error.value)
+            assert str(path) in text
+            assert "weights_only" not in text and error.value.__cause__ is None
+
+
+def test_load_from_checkpoint_restores_the_recorded_loss_terms(tmp_path):
+    losses = {"kd": LogitKD("reverse_kl", temperature=2.0, weight=0.7), "task": TaskLoss(weight=0.3)}
+    path = _one_step_checkpoint(tmp_path, losses)
+    loaded = DistillationModule.load_from_checkpoint(path, student=tiny_llama(), teacher=tiny_teacher())
+    assert {n: t.config() for n, t in loaded.losses.items()} == {n: t.config() for n, t in losses.items()}
+    with pytest.warns(UserWarning, match=r"recorded the loss terms.*differing: \['kd'\]"):
+        DistillationModule.load_from_checkpoint(path, student=tiny_llama(), teacher=tiny_teacher(),
+                                                losses={"kd": LogitKD(temperature=1.0, weight=0.7),
+                                                        "task": TaskLoss(weight=0.3)})
