@@ -13,14 +13,18 @@ reports the same way; ``DistillationModule`` installs it at setup.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator, Mapping
+import shlex
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import Callback
 
-__all__ = ["CheckedCheckpointIO", "CheckpointError", "checkpoint_errors", "resolve_ckpt_path"]
+__all__ = ["CheckedCheckpointIO", "CheckpointError", "SaveOnInterrupt", "checkpoint_errors", "resolve_ckpt_path",
+           "resume_command"]
 
 
 class CheckpointError(ValueError):
@@ -137,3 +141,43 @@ def _newest_checkpoint(folder: Path) -> Path | None:
         return None
     # The newest write wins (an interrupted.ckpt after last.ckpt); last.ckpt on a tie (it may link).
     return max(files, key=lambda p: (p.resolve().stat().st_mtime, p.name == "last.ckpt"))
+
+
+class SaveOnInterrupt(Callback):
+    """On Ctrl-C (``KeyboardInterrupt``) during ``fit``, save ``interrupted.ckpt`` to resume from.
+
+    The checkpoint goes next to the ``ModelCheckpoint``'s files (else ``<default_root_dir>/checkpoints``)
+    and records only the batches whose step finished, so the resumed fit redoes the interrupted one.
+
+    Args:
+        filename: the checkpoint's file name.
+    """
+
+    def __init__(self, filename: str = "interrupted.ckpt") -> None:
+        self.filename = filename
+        self.saved: Path | None = None
+        self.step: int | None = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt) or trainer.state.fn != "fit":
+            return
+        checkpoint_cb = trainer.checkpoint_callback
+        folder = getattr(checkpoint_cb, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        loader = trainer.train_dataloader
+        if hasattr(loader, "rewind_to"):
+            loader.rewind_to(done)  # a batch cut short is trained on again after the resume
+        path = Path(folder) / self.filename
+        trainer.save_checkpoint(path)
+        self.saved, self.step = path, trainer.global_step
+
+
+def resume_command(overrides: Sequence[str], output_dir: Any, ckpt_path: Any, program: str = "lightning-distill") -> str:
+    """The shell command that resumes a CLI run from ``ckpt_path`` in ``output_dir``.
+
+    Values are double-quoted inside single quotes (``'ckpt_path="…/epoch=0-step=6.ckpt"'``): Hydra
+    reads an unquoted ``=`` in a value as a syntax error.
+    """
+    keep = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in ("ckpt_path", "output_dir")]
+    parts = [program, *keep, f'output_dir="{output_dir}"', f'ckpt_path="{ckpt_path}"']
+    return " ".join(shlex.quote(p) for p in parts)

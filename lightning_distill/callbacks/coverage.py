@@ -151,7 +151,8 @@ class CoverageSlices(Callback):
         slice_fn: ``slice_fn(batch) -> list[str]`` instead of ``slice_key``.
         dataloader_names: one slice name per eval dataloader (``dataloader_idx`` -> name): every
             sample of dataloader *i* belongs to slice ``dataloader_names[i]``. Training batches
-            still use ``slice_fn`` / ``slice_key`` (uncounted if the key is missing).
+            still use ``slice_fn`` / ``slice_key`` (uncounted if the key is missing); names
+            outside these and the datamodule's slices are skipped, with one warning.
         metric: ``"perplexity"`` (language models) or ``"accuracy"`` (classifiers).
         min_retention: a slice with retention below this is a gap (``None``: no absolute rule).
             The default, 0.3, flags a slice where the student's perplexity is more than 3.3x the
