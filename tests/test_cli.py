@@ -184,3 +184,33 @@ def torch_close(x, y, name):
     import torch
 
     assert torch.allclose(x, y, rtol=1e-4, atol=1e-6), f"{name}: max diff {(x - y).abs().max()}"
+
+
+def test_ckpt_path_last_quoting_and_resume_command(tmp_path):
+    import shlex
+
+    from hydra import compose, initialize_config_dir
+
+    from lightning_distill.checkpoint import resolve_ckpt_path, resume_command
+    from lightning_distill.cli import CONFIG_DIR
+
+    run = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path='last': no checkpoint"):
+        resolve_ckpt_path("last", run)
+    folder = run / "csv" / "version_0" / "checkpoints"
+    folder.mkdir(parents=True)
+    older, newer = folder / "epoch=0-step=3.ckpt", folder / "epoch=0-step=6.ckpt"
+    older.write_bytes(b"a")
+    newer.write_bytes(b"b")
+    os.utime(older, (1, 1))
+    (folder / "last.ckpt").symlink_to(newer.name)
+    assert Path(resolve_ckpt_path("last", run)).resolve() == newer.resolve()
+    assert resolve_ckpt_path(str(older), run) == str(older)
+    assert resolve_ckpt_path(None, run) is None
+
+    # The printed command survives the shell and Hydra's override parser, '=' in the name included.
+    command = resume_command(["experiment=tiny", "ckpt_path=old.ckpt"], run, newer)
+    assert f"'ckpt_path=\"{newer}\"'" in command and "old.ckpt" not in command
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("distill", overrides=shlex.split(command)[1:])
+    assert cfg.ckpt_path == str(newer) and cfg.output_dir == str(run)
