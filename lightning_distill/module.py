@@ -102,7 +102,9 @@ class DistillationModule(L.LightningModule):
             ``LossTerm``.
         ValueError: bad term names, all weights zero, a teacher-needing term without a
             teacher source, an unknown ``vocab_mismatch``; and, before the first optimizer
-            step, vocabularies that differ.
+            step, vocabularies that differ. During a run: a live teacher's NaN/+inf logits (or a
+            row of only -inf; any -inf for ``reverse_kl``/``logit_mse``), naming the global step
+            and the batch's ``sample_id`` values (on CUDA one step later, to avoid a host sync).
 
     Example:
         >>> module = DistillationModule(student, teacher,  # doctest: +SKIP
