@@ -8,6 +8,7 @@
     lightning-distill -m loss.kd.temperature=1,2,4     # one output dir per job
     lightning-distill --cfg job                        # print the composed config
     lightning-distill experiment=demo_cached +build_cache_only=true   # only build the teacher cache
+    lightning-distill output_dir=outputs/<run> ckpt_path=last          # resume that run
 """
 
 from __future__ import annotations
@@ -91,7 +92,10 @@ def _make_trainer(cfg: DictConfig, out_dir: Path, *, comparison_only: bool = Fal
     if comparison_only:
         return hydra.utils.instantiate(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False,
                                        default_root_dir=str(out_dir))
+    from lightning_distill.checkpoint import SaveOnInterrupt
+
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(SaveOnInterrupt())  # Ctrl-C: checkpoints/interrupted.ckpt and how to resume
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
     if logger is False:  # logger=none: a learning-rate monitor has nowhere to write
         from lightning.pytorch.callbacks import LearningRateMonitor
@@ -107,12 +111,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     from lightning_distill.callbacks.coverage import CoverageGapError, CoverageSlices
     from lightning_distill.callbacks.teacher_cache import TeacherCache
+    from lightning_distill.checkpoint import SaveOnInterrupt, resolve_ckpt_path
     from lightning_distill.evaluation import evaluate_slices, format_slice_table, stats_from_sums
     from lightning_distill.export import distillation_card, export_student
     from lightning_distill.module import DistillationModule
 
     started = time.perf_counter()
     out_dir = _output_dir(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)  # a missing file fails before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -145,10 +151,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(resolved)
     coverage = next((c for c in trainer.callbacks if isinstance(c, CoverageSlices)), None)
     gap_error: CoverageGapError | None = None  # raised at the very end, after everything is saved
+    if ckpt_path is not None:
+        print(f"Resuming from {ckpt_path}")
     try:
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except CoverageGapError as error:
         gap_error = error
+    except SystemExit:  # Lightning exits after a Ctrl-C it handled
+        if not trainer.interrupted:
+            raise
+        _print_resume(next((c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt)), None), out_dir)
+        raise SystemExit(130) from None
     if trainer.interrupted and gap_error is None:
         raise KeyboardInterrupt
 
@@ -217,6 +230,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if gap_error is not None:
         raise gap_error
     return report
+
+
+def _print_resume(saver: Any, out_dir: Path) -> None:
+    """After Ctrl-C: where the checkpoint is and the command that resumes the run."""
+    from lightning_distill.checkpoint import resume_command
+
+    if saver is None or saver.saved is None:
+        print("\nInterrupted; no checkpoint was saved. Resume from another one with ckpt_path=<file.ckpt>.",
+              file=sys.stderr)
+        return
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        overrides = sys.argv[1:]
+    print(f"\nInterrupted at step {saver.step}; saved {saver.saved}. Resume with:\n  "
+          f"{resume_command(overrides, out_dir, saver.saved)}", file=sys.stderr)
 
 
 def _build_cache_only(cache: Any, module: Any, datamodule: Any, started: float) -> dict[str, Any]:

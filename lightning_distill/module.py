@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_distill import __version__
+from lightning_distill.checkpoint import CheckedCheckpointIO, checkpoint_errors
 from lightning_distill.losses import functional as LF
 from lightning_distill.losses.terms import LogitKD, LossTerm, TaskLoss
 from lightning_distill.models.adapters import (
@@ -45,6 +46,7 @@ Stage = Literal["train", "val", "test"]
 _TERM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RESERVED_TERM_NAMES = frozenset({"loss", "agreement", "kl"})
 _VOCAB_POLICIES = ("error", "slice")
+_NO_NEG_INF = ("reverse_kl", "logit_mse")  # divergences that turn a teacher's -inf into inf
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -106,7 +108,9 @@ class DistillationModule(L.LightningModule):
             ``LossTerm``.
         ValueError: bad term names, all weights zero, a teacher-needing term without a
             teacher source, an unknown ``vocab_mismatch``; and, before the first optimizer
-            step, vocabularies that differ.
+            step, vocabularies that differ. During a run: a live teacher's NaN/+inf logits (or a
+            row of only -inf; any -inf for ``reverse_kl``/``logit_mse``), naming the global step
+            and the batch's ``sample_id`` values (on CUDA one step later, to avoid a host sync).
 
     Example:
         >>> module = DistillationModule(student, teacher,  # doctest: +SKIP
@@ -153,6 +157,7 @@ class DistillationModule(L.LightningModule):
         )
         self.student = student
         self.teacher = freeze(teacher) if teacher is not None else None
+        self._losses_given = losses is not None  # load_from_checkpoint restores recorded terms otherwise
         if losses is None:
             losses = ({"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)} if teacher is not None
                       else {"task": TaskLoss()})
@@ -176,6 +181,8 @@ class DistillationModule(L.LightningModule):
         self._loss_scale: float | None = None
         self._checked_batch = False
         self._teacher_identity: dict[str, Any] | None = None
+        # A live teacher's non-finite check waiting on the device (CUDA: inspected a step later).
+        self._pending_teacher_check: tuple[Tensor, Any, str, Any] | None = None
 
     # ------------------------------------------------------------------ construction checks
     def _check_losses(self, losses: Mapping[str, LossTerm]) -> dict[str, LossTerm]:
@@ -257,7 +264,60 @@ class DistillationModule(L.LightningModule):
             return None
         with torch.no_grad():
             output = call_model(self.teacher, inputs)
-        return TeacherTargets(logits=logits_from_output(output, self.teacher_logits_fn, who="teacher"))
+            logits = logits_from_output(output, self.teacher_logits_fn, who="teacher")
+            self._check_teacher_logits(logits, batch, inputs)
+        return TeacherTargets(logits=logits)
+
+    def _check_teacher_logits(self, logits: Tensor, batch: Any, inputs: Any) -> None:
+        """Refuse a live teacher's NaN/+inf, an all ``-inf`` row, and any ``-inf`` for the terms
+        that cannot take one (``reverse_kl``, ``logit_mse``): one reduction over the vocabulary,
+        checked at once on CPU and a step later on CUDA (no host sync on the hot path)."""
+        strict = any(isinstance(t, LogitKD) and t.divergence in _NO_NEG_INF for t in self.losses.values())
+        if strict:
+            low, high = torch.aminmax(logits.detach(), dim=-1)
+            bad = ~torch.isfinite(high) | (low == float("-inf")) | torch.isnan(low)
+        else:
+            bad = ~torch.isfinite(logits.detach().amax(-1))  # amax keeps NaN; +inf; an all -inf row
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        if isinstance(mask, Tensor) and mask.shape == bad.shape:
+            bad = bad & (mask != 0)  # padding positions are never scored
+        bad = bad.reshape(bad.shape[0], -1).any(-1) if bad.dim() > 1 else bad
+        step = self.trainer.global_step if self._trainer is not None else None
+        ids = batch.get("sample_id") if isinstance(batch, Mapping) else None
+        where = f"global step {step}" if step is not None else "this batch"
+        self._flush_teacher_check()
+        if bad.device.type == "cuda":
+            host = bad.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending_teacher_check = (host, event, where, ids)
+        else:
+            self._pending_teacher_check = (bad, None, where, ids)
+            self._flush_teacher_check()
+
+    def _flush_teacher_check(self) -> None:
+        """Raise for a pending teacher check that found a non-finite output."""
+        pending, self._pending_teacher_check = self._pending_teacher_check, None
+        if pending is None:
+            return
+        bad, event, where, ids = pending
+        if event is not None:
+            event.synchronize()
+        if not bool(bad.any()):
+            return
+        rows = torch.nonzero(bad.cpu()).flatten().tolist()
+        if isinstance(ids, Tensor):
+            ids = ids.detach().cpu().reshape(-1).tolist()
+        named = [ids[r] for r in rows] if isinstance(ids, list | tuple) and len(ids) == len(bad) else None
+        who = f"sample id(s) {named}" if named is not None else f"batch row(s) {rows} (no 'sample_id' in the batch)"
+        neg = (" or -inf (which " + " / ".join(_NO_NEG_INF) + " cannot compare)"
+               if any(isinstance(t, LogitKD) and t.divergence in _NO_NEG_INF for t in self.losses.values())
+               else "")
+        raise ValueError(
+            f"the teacher's logits contain NaN or +inf (or a row of only -inf){neg} at {where}, for {who}; "
+            "training stopped before the student's weights turn NaN. Check the teacher and these inputs "
+            "(building a teacher cache refuses the same samples)."
+        )
 
     def _match_vocab(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
         vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
@@ -519,27 +579,41 @@ class DistillationModule(L.LightningModule):
             torch._foreach_mul_(grads, scale.to(grads[0].device))
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, "val")
+        self._eval_step(batch, "val", dataloader_idx)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, "test")
+        self._eval_step(batch, "test", dataloader_idx)
 
-    def _eval_step(self, batch: Any, stage: Stage) -> None:
+    def _eval_metrics(self, stage: Stage, dataloader_idx: int) -> tuple[str, nn.ModuleDict]:
+        """The metrics of one eval dataloader (``val``, ``val_1``, ...), made on first use."""
+        key = stage if dataloader_idx == 0 else f"{stage}_{dataloader_idx}"
+        if key not in self.metrics:
+            names = [*self.losses, "loss", "agreement", "kl"]
+            self.metrics[key] = nn.ModuleDict({n: MeanMetric() for n in names}).to(self.device)
+        return key, self.metrics[key]
+
+    def _eval_step(self, batch: Any, stage: Stage, dataloader_idx: int = 0) -> None:
         out = self._shared_step(batch, stage)
-        metrics = self.metrics[stage]
+        # One metric object per (stage, dataloader, term): Lightning adds /dataloader_idx_k to the key.
+        key, metrics = self._eval_metrics(stage, dataloader_idx)
+
+        def log(name: str, **kwargs: Any) -> None:
+            self.log(f"{stage}/{name}", metrics[name], on_step=False, on_epoch=True,
+                     metric_attribute=f"metrics.{key}.{name}", **kwargs)
+
         count = out["count"]
         weight = count.float().clamp_min(1e-12)
         for name, value in out["sums"].items():
             metrics[name].update(value / weight, weight)
-            self.log(f"{stage}/{name}", metrics[name], on_step=False, on_epoch=True)
+            log(name)
         metrics["loss"].update(out["weighted"] / weight, weight)
-        self.log(f"{stage}/loss", metrics["loss"], on_step=False, on_epoch=True, prog_bar=stage == "val")
+        log("loss", prog_bar=stage == "val")
         extra = self._agreement_and_kl(out["loss_inputs"], kl=out["kl"])
         if extra is not None:
             metrics["agreement"].update(extra[0] / weight, weight)
             metrics["kl"].update(extra[1] / weight, weight)
-            self.log(f"{stage}/agreement", metrics["agreement"], on_step=False, on_epoch=True)
-            self.log(f"{stage}/kl", metrics["kl"], on_step=False, on_epoch=True)
+            log("agreement")
+            log("kl")
 
     def configure_optimizers(self) -> OptimizerLRScheduler:
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -574,6 +648,15 @@ class DistillationModule(L.LightningModule):
                           "instead of per optimizer step.", stacklevel=2)
         self._step_count = None
 
+    def on_train_epoch_end(self) -> None:
+        self._flush_teacher_check()
+
+    def on_validation_epoch_end(self) -> None:
+        self._flush_teacher_check()
+
+    def on_test_epoch_end(self) -> None:
+        self._flush_teacher_check()
+
     def _uses_deepspeed(self) -> bool:
         return self._trainer is not None and "DeepSpeed" in type(self.trainer.strategy).__name__
 
@@ -587,6 +670,26 @@ class DistillationModule(L.LightningModule):
             if prefix:
                 out[f"{name}."] = f"{name}.{prefix}"
         return out
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> DistillationModule:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint`` (pass ``student=``, and ``teacher=`` to keep one).
+
+        Without ``losses=``, the loss terms recorded in the checkpoint are rebuilt (temperature,
+        weights, divergence); with ``losses=`` that differ from the recorded ones, a warning says how.
+
+        Raises:
+            CheckpointError: a damaged/truncated file, or one this library did not write.
+        """
+        with checkpoint_errors(checkpoint_path):
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def setup(self, stage: str) -> None:
+        """Read checkpoints (``fit(ckpt_path=...)``) through :class:`CheckedCheckpointIO`."""
+        strategy = self.trainer.strategy
+        io = getattr(strategy, "_checkpoint_io", None)
+        if hasattr(strategy, "checkpoint_io") and not isinstance(io, CheckedCheckpointIO):
+            strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
@@ -604,7 +707,34 @@ class DistillationModule(L.LightningModule):
             "losses": {name: term.config() for name, term in self.losses.items()},
         }
 
+    def _restore_losses(self, recorded: Mapping[str, Any]) -> None:
+        """Rebuild the recorded loss terms (default terms), or warn where given ones differ."""
+        current = {name: term.config() for name, term in self.losses.items()}
+        if current == dict(recorded):
+            return
+        if not self._losses_given:
+            rebuilt = {name: _rebuild_term(cfg) for name, cfg in recorded.items() if isinstance(cfg, Mapping)}
+            needs_teacher = any(t is not None and t.requires_teacher for t in rebuilt.values())
+            if rebuilt and all(t is not None for t in rebuilt.values()) and len(rebuilt) == len(recorded):
+                if needs_teacher and self.teacher is None:
+                    return  # a student-only load keeps the task term; KD terms need a teacher
+                self.losses = nn.ModuleDict(self._check_losses(rebuilt))
+                names = [*self.losses, "loss", "agreement", "kl"]
+                self.metrics = nn.ModuleDict({
+                    stage: nn.ModuleDict({n: MeanMetric() for n in names}) for stage in ("val", "test")
+                })
+                return
+        diff = sorted(set(current) ^ set(recorded)) + [
+            n for n in current if n in recorded and current[n] != recorded[n]]
+        warnings.warn(
+            f"the checkpoint recorded the loss terms {dict(recorded)}, but this module has {current} "
+            f"(differing: {diff}); pass losses=... matching the checkpoint to evaluate what was trained.",
+            UserWarning, stacklevel=2)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        recorded = (checkpoint.get("lightning_distill") or {}).get("losses")
+        if self._trainer is None and isinstance(recorded, Mapping):  # load_from_checkpoint, not a resume
+            self._restore_losses(recorded)
         state = checkpoint.get("state_dict")
         for plain, wrapped in self._wrapper_prefixes().items():
             for key in [k for k in (state or {}) if k.startswith(plain) and not k.startswith(wrapped)]:
@@ -612,6 +742,20 @@ class DistillationModule(L.LightningModule):
         if self.teacher is not None and state is not None and not any(k.startswith("teacher.") for k in state):
             # The checkpoint left the teacher out on purpose; keep the live one.
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+
+def _rebuild_term(config: Mapping[str, Any]) -> LossTerm | None:
+    """A library loss term from its recorded ``config()``; ``None`` if it cannot be rebuilt."""
+    from lightning_distill import losses as terms
+
+    cls = getattr(terms, str(config.get("type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, LossTerm)):
+        return None
+    try:
+        term = cls(**{k: v for k, v in config.items() if k != "type"})
+    except (TypeError, ValueError):
+        return None
+    return term if term.config() == dict(config) else None
 
 
 def _report_temperature(sparse: SparseTargets) -> float:

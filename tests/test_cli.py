@@ -111,3 +111,106 @@ def test_wheel_in_fresh_venv_has_configs_and_command(tmp_path):
     result = _run([str(venv / "bin" / "lightning-distill"), *TINY, f"output_dir={out_dir}"], tmp_path)
     assert "student ppl" in result.stdout
     assert (out_dir / "student" / "distillation.json").is_file()
+
+
+_STOP_AT = '''
+import lightning as L
+
+
+class StopAt(L.Callback):
+    """Raise KeyboardInterrupt (as Ctrl-C would) once the fit reaches ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+'''
+
+
+def test_missing_checkpoint_fails_before_any_work(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lightning_distill", *TINY, f"output_dir={tmp_path / 'run'}",
+                             f"ckpt_path={tmp_path / 'nope.ckpt'}"], cwd=tmp_path, env=_env(tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "nope.ckpt" in result.stderr and "no such file" in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing was built or written
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    """Ctrl-C at step 3 of 8, resume with the printed command: same weights and reports as one run."""
+    import shlex
+
+    from safetensors.torch import load_file
+
+    (tmp_path / "stop_at.py").write_text(_STOP_AT)
+    env = _env(tmp_path) | {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    common = [*TINY, "callbacks=default", "~callbacks.lr_monitor", "trainer.max_steps=8", "trainer.val_check_interval=4",
+              "callbacks.coverage.min_retention=null", "data.max_train_samples=24"]  # 6 batches: a second epoch
+    whole = tmp_path / "whole"
+    _run([sys.executable, "-m", "lightning_distill", *common, f"output_dir={whole}"], tmp_path)
+
+    cut = tmp_path / "cut"
+    stop = ["+callbacks.stop._target_=stop_at.StopAt", "+callbacks.stop.step=3"]
+    first = subprocess.run([str(BIN / "lightning-distill"), *common, *stop, f"output_dir={cut}"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 130, first.stderr[-3000:]
+    assert (cut / "checkpoints" / "interrupted.ckpt").is_file() or list(cut.rglob("interrupted.ckpt"))
+    command = first.stderr.split("Resume with:")[1].strip().splitlines()[0]
+    assert "'ckpt_path=\"" in command and "interrupted.ckpt" in command
+    argv = shlex.split(command)
+    assert argv[0] == "lightning-distill"
+    second = subprocess.run([str(BIN / "lightning-distill"), *argv[1:]], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Resuming from" in second.stdout
+
+    a, b = load_file(whole / "student" / "model.safetensors"), load_file(cut / "student" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch_close(a[key], b[key], key)
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (whole, cut))
+    for name in ra["slices"]:
+        assert rb["slices"][name]["student_perplexity"] == pytest.approx(ra["slices"][name]["student_perplexity"],
+                                                                         rel=1e-4)
+    train_a = {r["slice"]: r["train_tokens"] for r in ra["coverage"]["slices"]}
+    train_b = {r["slice"]: r["train_tokens"] for r in rb["coverage"]["slices"]}
+    assert train_a == train_b and sum(train_a.values()) > 0
+
+
+def torch_close(x, y, name):
+    import torch
+
+    assert torch.allclose(x, y, rtol=1e-4, atol=1e-6), f"{name}: max diff {(x - y).abs().max()}"
+
+
+def test_ckpt_path_last_quoting_and_resume_command(tmp_path):
+    import shlex
+
+    from hydra import compose, initialize_config_dir
+
+    from lightning_distill.checkpoint import resolve_ckpt_path, resume_command
+    from lightning_distill.cli import CONFIG_DIR
+
+    run = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path='last': no checkpoint"):
+        resolve_ckpt_path("last", run)
+    folder = run / "csv" / "version_0" / "checkpoints"
+    folder.mkdir(parents=True)
+    older, newer = folder / "epoch=0-step=3.ckpt", folder / "epoch=0-step=6.ckpt"
+    older.write_bytes(b"a")
+    newer.write_bytes(b"b")
+    os.utime(older, (1, 1))
+    (folder / "last.ckpt").symlink_to(newer.name)
+    assert Path(resolve_ckpt_path("last", run)).resolve() == newer.resolve()
+    assert resolve_ckpt_path(str(older), run) == str(older)
+    assert resolve_ckpt_path(None, run) is None
+
+    # The printed command survives the shell and Hydra's override parser, '=' in the name included.
+    command = resume_command(["experiment=tiny", "ckpt_path=old.ckpt"], run, newer)
+    assert f"'ckpt_path=\"{newer}\"'" in command and "old.ckpt" not in command
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("distill", overrides=shlex.split(command)[1:])
+    assert cfg.ckpt_path == str(newer) and cfg.output_dir == str(run)

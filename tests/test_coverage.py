@@ -310,3 +310,19 @@ def test_two_ranks_give_the_same_per_slice_numbers_as_one(tmp_path):
             assert two[name][field] == pytest.approx(value, rel=1e-6, abs=1e-6), (name, field)
     for r1, r2 in zip(results[1]["rows"], results[2]["rows"], strict=True):
         assert r2["retention"] == pytest.approx(r1["retention"], rel=1e-6)
+
+
+def test_named_eval_loaders_with_other_slice_names_in_training_batches(tmp_path):
+    # Training batches name slices 'a'/'b'; the eval loaders are named 'x'/'y'.
+    data = DataLoader(Items(lm_items()), batch_size=4)
+    cb = CoverageSlices(dataloader_names=["x", "y"], min_retention=None, min_relative_retention=None)
+    with pytest.warns(UserWarning, match=r"training batches name slice\(s\) \['a', 'b'\]"):
+        trainer(tmp_path, [cb], max_steps=2, limit_val_batches=1).fit(make_module(), data, [data, data])
+    assert [r["slice"] for r in cb.last_rows] == ["x", "y"]
+
+
+def test_unknown_slice_in_a_training_batch_is_named_as_such(tmp_path):
+    data = DataLoader(Items(lm_items()), batch_size=4)
+    cb = CoverageSlices(slices=["a"], min_retention=None, min_relative_retention=None)
+    with pytest.raises(ValueError, match=r"unknown slice\(s\) \['b'\] in a training batch"):
+        trainer(tmp_path, [cb], max_steps=2).fit(make_module(), data)

@@ -244,3 +244,32 @@ def test_callable_corpus() -> None:
     dup = [Document("a", "x", "one"), Document("a", "x", "two")]
     with pytest.raises(ValueError, match="'a' occurs twice"):
         SlicedTextDataModule(corpus=lambda: dup).prepare_data()
+
+
+def test_train_loader_resumes_mid_epoch_and_at_epoch_end() -> None:
+    dm = make_dm(max_train_samples=40)
+    dm.setup("fit")
+
+    def ids(batches) -> list[list[int]]:
+        return [b["sample_id"].tolist() for b in batches]
+
+    reference = dm.train_dataloader()
+    epochs = [ids(reference), ids(reference), ids(reference)]
+    assert epochs[0] != epochs[1]  # each epoch draws a new order
+    for stop_epoch, stop_batch in ((0, 3), (1, 7), (0, 10)):  # (0, 10): saved after the epoch's last batch
+        loader = dm.train_dataloader()
+        for _ in range(stop_epoch):
+            list(loader)
+        iterator = iter(loader)
+        for _ in range(stop_batch):
+            next(iterator)
+        state = loader.state_dict()
+        assert state["batches"] == stop_batch
+        resumed = dm.train_dataloader()  # a new process: a fresh loader, then the checkpoint's state
+        resumed.load_state_dict(state)
+        rest = ids(resumed)
+        if stop_batch == len(loader):
+            assert rest == epochs[stop_epoch + 1]
+        else:
+            assert rest == epochs[stop_epoch][stop_batch:]
+            assert ids(resumed) == epochs[stop_epoch + 1]

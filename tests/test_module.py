@@ -892,3 +892,109 @@ def test_evaluate_batch_refuses_labels_a_smaller_teacher_cannot_score():
     labels[1, 5] = 70  # an id only the student has
     with pytest.raises(ValueError, match=r"label id 70 is outside the teacher's 64 output classes.*ignore_index"):
         module.evaluate_batch({**batch, "labels": labels})
+
+
+# ------------------------------------------------------------------------------------------
+# Several eval dataloaders; a live teacher's non-finite outputs
+# ------------------------------------------------------------------------------------------
+def test_each_val_dataloader_keeps_its_own_metrics():
+    torch.manual_seed(0)
+    module = DistillationModule(tiny_llama(), tiny_teacher(), kd_losses())
+    first, second = loader(lm_items(8, seed=1)), loader(lm_items(8, seed=2))
+    both = validate(module, [first, second])
+    alone = [validate(module, data) for data in (first, second)]
+    for term in ("kd", "task", "loss", "agreement", "kl"):
+        for k in (0, 1):
+            assert both[f"val/{term}/dataloader_idx_{k}"] == pytest.approx(alone[k][f"val/{term}"], rel=1e-5)
+    # The two loaders differ, so a shared (averaged) metric would fail the checks above.
+    assert alone[0]["val/loss"] != pytest.approx(alone[1]["val/loss"], rel=1e-3)
+
+
+class _NaNForSample(nn.Module):
+    """Wraps a teacher; returns NaN logits for the sample whose first token is ``token``."""
+
+    def __init__(self, inner: nn.Module, token: int, value: float = float("nan"), row: bool = False):
+        super().__init__()
+        self.inner, self.token, self.value, self.row = inner, token, value, row
+        self.config = inner.config
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = self.inner(input_ids=input_ids, attention_mask=attention_mask).logits.clone()
+        hit = input_ids[:, 0] == self.token
+        if self.row:
+            logits[hit, 3, :] = self.value
+        else:
+            logits[hit, 3, 5] = self.value
+        return logits
+
+
+def _items_with_ids(n: int = 8):
+    return [item | {"sample_id": torch.tensor(100 + i)} for i, item in enumerate(lm_items(n, seed=3))]
+
+
+@pytest.mark.parametrize(("value", "row", "divergence", "refused"), [
+    (float("nan"), False, "forward_kl", True),
+    (float("inf"), False, "forward_kl", True),
+    (float("-inf"), True, "forward_kl", True),       # a row of only -inf: no distribution
+    (float("-inf"), False, "forward_kl", False),     # one impossible token: forward KL is fine
+    (float("-inf"), False, "reverse_kl", True),      # ... reverse KL is not
+])
+def test_live_teacher_non_finite_output_stops_the_fit(value, row, divergence, refused):
+    items = _items_with_ids()
+    bad_index = 6  # second batch of 4 -> global step 1
+    others = {int(it["input_ids"][0]) for i, it in enumerate(items) if i != bad_index}
+    token = int(items[bad_index]["input_ids"][0])
+    assert token not in others
+    teacher = _NaNForSample(tiny_teacher(), token, value, row)
+    module = DistillationModule(tiny_llama(), teacher, {"kd": LogitKD(divergence, weight=0.5),
+                                                        "task": TaskLoss(weight=0.5)})
+    trainer = make_trainer(max_steps=2)
+    if not refused:
+        trainer.fit(module, loader(items))
+        assert all(torch.isfinite(p).all() for p in module.student.parameters())
+        return
+    with pytest.raises(ValueError, match=r"global step 1.*sample id\(s\) \[106\]"):
+        trainer.fit(module, loader(items))
+    assert all(torch.isfinite(p).all() for p in module.student.parameters())
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints: damaged or foreign files, recorded loss terms
+# ------------------------------------------------------------------------------------------
+def _one_step_checkpoint(tmp_path, losses=None) -> Path:
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, filename="step{step}", save_top_k=-1,
+                              every_n_train_steps=1)
+    module = DistillationModule(tiny_llama(), tiny_teacher(), kd_losses(2.0) if losses is None else losses)
+    make_trainer(max_steps=1, enable_checkpointing=True, callbacks=[ckpt_cb]).fit(module, loader(lm_items(4)))
+    return Path(ckpt_cb.best_model_path or next(tmp_path.glob("*.ckpt")))
+
+
+def test_damaged_or_foreign_checkpoint_is_one_clear_error(tmp_path):
+    from lightning_distill.checkpoint import CheckpointError
+
+    good = _one_step_checkpoint(tmp_path)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}, "extra": SimpleNamespace(a=1)}, foreign)  # a pickled object
+    for path, fault in ((truncated, "damaged or truncated"), (foreign, "not a checkpoint this library wrote")):
+        with pytest.raises(CheckpointError, match=fault) as load_error:
+            DistillationModule.load_from_checkpoint(path, student=tiny_llama())
+        module = DistillationModule(tiny_llama(), tiny_teacher(), kd_losses(2.0))
+        with pytest.raises(CheckpointError, match=fault) as fit_error:
+            make_trainer(max_steps=2).fit(module, loader(lm_items(4)), ckpt_path=str(path))
+        for error in (load_error, fit_error):
+            text = str(error.value)
+            assert str(path) in text
+            assert "weights_only" not in text and error.value.__cause__ is None
+
+
+def test_load_from_checkpoint_restores_the_recorded_loss_terms(tmp_path):
+    losses = {"kd": LogitKD("reverse_kl", temperature=2.0, weight=0.7), "task": TaskLoss(weight=0.3)}
+    path = _one_step_checkpoint(tmp_path, losses)
+    loaded = DistillationModule.load_from_checkpoint(path, student=tiny_llama(), teacher=tiny_teacher())
+    assert {n: t.config() for n, t in loaded.losses.items()} == {n: t.config() for n, t in losses.items()}
+    with pytest.warns(UserWarning, match=r"recorded the loss terms.*differing: \['kd'\]"):
+        DistillationModule.load_from_checkpoint(path, student=tiny_llama(), teacher=tiny_teacher(),
+                                                losses={"kd": LogitKD(temperature=1.0, weight=0.7),
+                                                        "task": TaskLoss(weight=0.3)})

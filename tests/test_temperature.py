@@ -559,3 +559,10 @@ def test_cli_run_with_a_temperature_config(tmp_path, monkeypatch):
     rows = list(csv.DictReader(next((tmp_path / "run").rglob("metrics.csv")).open()))
     logged = [float(r["schedule/temperature"]) for r in rows if r.get("schedule/temperature")]
     assert logged == pytest.approx([1.0 + 3.0 * (1 + math.cos(math.pi * k / 3)) / 2 for k in range(4)])
+
+
+def test_epoch_schedule_with_only_max_steps_asks_for_max_epochs():
+    cb = TemperatureSchedule(temperature={"shape": "linear", "start": 4.0, "end": 1.0}, interval="epoch")
+    with pytest.raises(ValueError, match=r"an epoch schedule.*give the trainer max_epochs \(max_steps=8") as info:
+        make_trainer(max_steps=8, callbacks=[cb]).fit(make_module(), loader(lm_items(8)))
+    assert "max_steps/max_epochs" not in str(info.value)

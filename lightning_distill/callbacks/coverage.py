@@ -66,22 +66,31 @@ class SliceSums(Metric):
             self.add_state(field, default=torch.zeros(len(self.slices), dtype=torch.float64),
                            dist_reduce_fx="sum")
 
-    def slice_index(self, names: Sequence[str], device: torch.device) -> Tensor:
+    def slice_index(self, names: Sequence[str], device: torch.device, where: str = "an evaluation batch") -> Tensor:
         unknown = sorted({str(n) for n in names} - self._index.keys())
         if unknown:
-            raise ValueError(f"unknown slice(s) {unknown} in an evaluation batch; the known slices are "
+            raise ValueError(f"unknown slice(s) {unknown} in {where}; the known slices are "
                              f"{self.slices}. Pass CoverageSlices(slices=[...]) with every slice name.")
         return torch.tensor([self._index[str(n)] for n in names], dtype=torch.long, device=device)
 
-    def update(self, names: Sequence[str], values: Mapping[str, Tensor]) -> None:  # type: ignore[override]
+    def update(self, names: Sequence[str], values: Mapping[str, Tensor],  # type: ignore[override]
+               where: str = "an evaluation batch", skip_unknown: bool = False) -> None:
         device = getattr(self, self.fields[0]).device
-        index = self.slice_index(names, device)
+        keep = None
+        if skip_unknown:
+            rows = [i for i, n in enumerate(names) if str(n) in self._index]
+            if len(rows) < len(names):
+                keep = torch.tensor(rows, dtype=torch.long)
+                names = [names[i] for i in rows]
+        index = self.slice_index(names, device, where)
         for field in self.fields:
             value = values.get(field)
             if value is None:
                 continue
-            state = getattr(self, field)
-            state.index_add_(0, index, value.detach().to(device=device, dtype=torch.float64).reshape(-1))
+            value = value.detach().reshape(-1)
+            if keep is not None:
+                value = value[keep.to(value.device)]
+            getattr(self, field).index_add_(0, index, value.to(device=device, dtype=torch.float64))
 
     def compute(self) -> dict[str, Tensor]:
         return {field: getattr(self, field).clone() for field in self.fields}
@@ -142,7 +151,8 @@ class CoverageSlices(Callback):
         slice_fn: ``slice_fn(batch) -> list[str]`` instead of ``slice_key``.
         dataloader_names: one slice name per eval dataloader (``dataloader_idx`` -> name): every
             sample of dataloader *i* belongs to slice ``dataloader_names[i]``. Training batches
-            still use ``slice_fn`` / ``slice_key`` (uncounted if the key is missing).
+            still use ``slice_fn`` / ``slice_key`` (uncounted if the key is missing); names
+            outside these and the datamodule's slices are skipped, with one warning.
         metric: ``"perplexity"`` (language models) or ``"accuracy"`` (classifiers).
         min_retention: a slice with retention below this is a gap (``None``: no absolute rule).
             The default, 0.3, flags a slice where the student's perplexity is more than 3.3x the
@@ -219,6 +229,7 @@ class CoverageSlices(Callback):
         self._eval: SliceSums | None = None
         self._train: SliceSums | None = None
         self._restored_train: dict[str, dict[str, float]] = {}
+        self._warned_other = False
         #: The rows of the last evaluation (see :func:`coverage_rows`), and its stage and step.
         self.last_rows: list[dict[str, Any]] = []
         self.last_stage: str | None = None
@@ -238,7 +249,7 @@ class CoverageSlices(Callback):
 
     def train_coverage(self) -> dict[str, dict[str, float]]:
         """Training samples and tokens seen per slice, summed over ranks (a collective under DDP)."""
-        names = self.slices or list(self._restored_train)
+        names = list(dict.fromkeys([*(self.slices or []), *self._restored_train]))
         totals = {n: {f: float(self._restored_train.get(n, {}).get(f, 0.0)) for f in _TRAIN_FIELDS}
                   for n in names}
         if self._train is not None:
@@ -282,7 +293,12 @@ class CoverageSlices(Callback):
         if self._eval is None:
             self._eval = SliceSums(self.slices, COVERAGE_FIELDS)
         if self._train is None and self.count_training:
-            self._train = SliceSums(self.slices, _TRAIN_FIELDS)
+            train_slices = list(self.slices)
+            if self.dataloader_names is not None and trainer.datamodule is not None:
+                # Training batches name the datamodule's slices, which the eval loaders need not have.
+                found = getattr(trainer.datamodule, "slices", None) or []
+                train_slices += [str(n) for n in found if str(n) not in train_slices]
+            self._train = SliceSums(train_slices, _TRAIN_FIELDS)
         self._eval.to(pl_module.device)
         if self._train is not None:
             self._train.to(pl_module.device)
@@ -313,7 +329,18 @@ class CoverageSlices(Callback):
         names = self._names(batch, None, tokens.shape[0])
         if names is None:
             return
-        self._train.update(names, {"samples": torch.ones_like(tokens), "tokens": tokens})
+        # With dataloader_names the eval slices are the loaders; training batches may name other
+        # slices: the datamodule's are counted too, names known nowhere are skipped (one warning).
+        skip = self.dataloader_names is not None
+        if skip and not self._warned_other:
+            other = sorted({str(n) for n in names} - set(self._train.slices))
+            if other:
+                self._warned_other = True
+                rank_zero_warn(f"CoverageSlices: training batches name slice(s) {other} that no eval dataloader "
+                               f"has (dataloader_names={self.dataloader_names}); their training coverage is "
+                               "not counted.", category=UserWarning)
+        self._train.update(names, {"samples": torch.ones_like(tokens), "tokens": tokens},
+                           where="a training batch", skip_unknown=skip)
 
     # ------------------------------------------------------------------ evaluation
     def _start(self) -> None:

@@ -480,6 +480,12 @@ class TemperatureSchedule(Callback):
             try:
                 schedule.resolve_total(total)
             except ValueError as err:
+                if self.interval == "epoch" and total is None:
+                    raise ValueError(
+                        f"schedule/{name}: shape={schedule.shape!r} needs its length in epochs, and an epoch "
+                        f"schedule (interval='epoch') counts epochs: give the trainer max_epochs (max_steps="
+                        f"{trainer.max_steps} does not say how many epochs), or set total_steps (in epochs)."
+                    ) from None
                 raise ValueError(f"schedule/{name}: {err}") from None
         self._total = total
 

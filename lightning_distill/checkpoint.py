@@ -1,0 +1,183 @@
+"""Reading checkpoints safely, with one clear error for a file that is damaged or not ours.
+
+``torch.load(weights_only=True)`` reads a checkpoint this library wrote (tensors and plain values
+only). A truncated or damaged file makes torch fail with a low-level message that names neither
+the file nor the fault (``OSError: [Errno 22] Invalid argument``, a zip reader error), and a file
+that holds other Python objects makes it suggest ``weights_only=False``, which would run the
+file's code. Both become one :class:`CheckpointError` naming the file.
+
+:class:`CheckedCheckpointIO` wraps the trainer's checkpoint IO so ``Trainer.fit(ckpt_path=...)``
+reports the same way; ``DistillationModule`` installs it at setup.
+"""
+
+from __future__ import annotations
+
+import pickle
+import shlex
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import Callback
+
+__all__ = ["CheckedCheckpointIO", "CheckpointError", "SaveOnInterrupt", "checkpoint_errors", "resolve_ckpt_path",
+           "resume_command"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: damaged, truncated, or not written by this library."""
+
+
+@contextmanager
+def checkpoint_errors(path: Any) -> Iterator[None]:
+    """Turn the errors of reading ``path`` as a checkpoint into one :class:`CheckpointError`.
+
+    Raises:
+        CheckpointError: a damaged/truncated file, or a payload the safe loader refuses.
+        FileNotFoundError: passed through (it names the file already).
+    """
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except pickle.UnpicklingError:
+        # torch's message advises weights_only=False: the unsafe load. Never pass it on.
+        raise CheckpointError(
+            f"{path} is not a checkpoint this library wrote, or it is damaged: it holds Python objects "
+            "other than tensors and plain values, which the safe loader refuses to run. Use a checkpoint "
+            "saved by a DistillationModule fit (ModelCheckpoint), or re-save the file from its source."
+        ) from None
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, AttributeError, IndexError) as error:
+        first = str(error).splitlines()[0][:200] if str(error) else ""
+        raise CheckpointError(
+            f"{path} is damaged or truncated and cannot be read as a checkpoint ({type(error).__name__}"
+            f"{': ' + first if first else ''}); it may have been cut off while being written or copied. "
+            "Use another checkpoint (e.g. an earlier one in the same folder)."
+        ) from None
+
+
+def _check_payload(path: Any, checkpoint: Any) -> Any:
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        kind = type(checkpoint).__name__
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint (it holds a {kind}"
+            f"{' without a state_dict' if isinstance(checkpoint, Mapping) else ''}); pass a .ckpt file "
+            "written by Trainer.fit (ModelCheckpoint)."
+        )
+    return checkpoint
+
+
+class CheckedCheckpointIO(CheckpointIO):
+    """A trainer's checkpoint IO whose reads fail with :class:`CheckpointError` (see module doc).
+
+    Args:
+        inner: the checkpoint IO that saves and loads (e.g. ``TorchCheckpointIO``).
+    """
+
+    def __init__(self, inner: CheckpointIO) -> None:
+        self.inner = inner
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, **kwargs: Any) -> dict[str, Any]:
+        with checkpoint_errors(path):
+            if map_location is None:
+                loaded = self.inner.load_checkpoint(path, **kwargs)
+            else:
+                loaded = self.inner.load_checkpoint(path, map_location=map_location, **kwargs)
+        return _check_payload(path, loaded)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.inner.teardown()
+
+
+def resolve_ckpt_path(value: Any, run_dir: Any) -> str | None:
+    """The checkpoint a run resumes from: ``None``, a file, or ``"last"`` (the newest one).
+
+    ``"last"`` takes the newest ``*.ckpt`` anywhere below ``run_dir`` (``last.ckpt`` on a tie); a
+    folder given as ``value`` is searched the same way.
+
+    Args:
+        value: ``None``, a path to a ``.ckpt`` file or a run folder, or ``"last"``.
+        run_dir: this run's output folder (where ``"last"`` is looked up).
+
+    Raises:
+        FileNotFoundError: no such file, or no checkpoint to resume from.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    text = str(value)
+    folder = Path(run_dir) if text == "last" else Path(text).expanduser()
+    if text != "last" and not folder.is_dir():
+        if not folder.is_file():
+            raise FileNotFoundError(
+                f"ckpt_path={text!r}: no such file. Pass an existing .ckpt file (quote names with '=': "
+                f"'ckpt_path=\"{text}\"'), a run folder, or ckpt_path=last with the run's output_dir."
+            )
+        return str(folder)
+    found = _newest_checkpoint(folder)
+    if found is None:
+        raise FileNotFoundError(
+            f"ckpt_path={text!r}: no checkpoint (*.ckpt) under {folder}; point output_dir=<run folder> at the "
+            "run to resume, or pass ckpt_path=<file.ckpt>."
+        )
+    return str(found)
+
+
+def _newest_checkpoint(folder: Path) -> Path | None:
+    if not folder.is_dir():
+        return None
+    files = [p for p in folder.rglob("*.ckpt") if p.is_file()]  # is_file follows a last.ckpt link
+    if not files:
+        return None
+    # The newest write wins (an interrupted.ckpt after last.ckpt); last.ckpt on a tie (it may link).
+    return max(files, key=lambda p: (p.resolve().stat().st_mtime, p.name == "last.ckpt"))
+
+
+class SaveOnInterrupt(Callback):
+    """On Ctrl-C (``KeyboardInterrupt``) during ``fit``, save ``interrupted.ckpt`` to resume from.
+
+    The checkpoint goes next to the ``ModelCheckpoint``'s files (else ``<default_root_dir>/checkpoints``)
+    and records only the batches whose step finished, so the resumed fit redoes the interrupted one.
+
+    Args:
+        filename: the checkpoint's file name.
+    """
+
+    def __init__(self, filename: str = "interrupted.ckpt") -> None:
+        self.filename = filename
+        self.saved: Path | None = None
+        self.step: int | None = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt) or trainer.state.fn != "fit":
+            return
+        checkpoint_cb = trainer.checkpoint_callback
+        folder = getattr(checkpoint_cb, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        loader = trainer.train_dataloader
+        if hasattr(loader, "rewind_to"):
+            loader.rewind_to(done)  # a batch cut short is trained on again after the resume
+        path = Path(folder) / self.filename
+        trainer.save_checkpoint(path)
+        self.saved, self.step = path, trainer.global_step
+
+
+def resume_command(overrides: Sequence[str], output_dir: Any, ckpt_path: Any, program: str = "lightning-distill") -> str:
+    """The shell command that resumes a CLI run from ``ckpt_path`` in ``output_dir``.
+
+    Values are double-quoted inside single quotes (``'ckpt_path="…/epoch=0-step=6.ckpt"'``): Hydra
+    reads an unquoted ``=`` in a value as a syntax error.
+    """
+    keep = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in ("ckpt_path", "output_dir")]
+    parts = [program, *keep, f'output_dir="{output_dir}"', f'ckpt_path="{ckpt_path}"']
+    return " ".join(shlex.quote(p) for p in parts)
