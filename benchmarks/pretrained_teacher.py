@@ -13,7 +13,9 @@ in tokens per second:
   targets read from those caches; the student-only step (task loss alone, no teacher) of the
   same run is the baseline every row is divided by.
 
-CPU only, one thread by default (``--threads``); on a shared machine keep it otherwise idle.
+CPU only, one thread by default (``--threads``). Times are the process's CPU time by default
+(``--clock process``): with one thread that is what the run takes on an idle core, and it stays
+put when other processes share the machine; ``--clock wall`` measures wall time instead.
 
     python benchmarks/pretrained_teacher.py            # ~110M teacher, a few minutes on one core
     python benchmarks/pretrained_teacher.py --tiny     # a seconds-long check of the script
@@ -71,6 +73,9 @@ def module(student, teacher, kd: bool = True):
                               optimizer=functools.partial(torch.optim.AdamW, lr=1e-4))
 
 
+CLOCK = time.process_time
+
+
 def timed_fit(mod, data, callbacks: list, steps: int, warmup: int) -> float:
     """Seconds per training step: the mean over ``steps`` steps after ``warmup`` steps."""
     import lightning as L
@@ -79,10 +84,10 @@ def timed_fit(mod, data, callbacks: list, steps: int, warmup: int) -> float:
 
     class Timer(L.Callback):
         def on_train_batch_start(self, *args) -> None:
-            starts.append(time.perf_counter())
+            starts.append(CLOCK())
 
         def on_train_end(self, *args) -> None:
-            starts.append(time.perf_counter())
+            starts.append(CLOCK())
 
     trainer = L.Trainer(max_steps=warmup + steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -97,12 +102,12 @@ def forward_rate(teacher, data, batches: int) -> float:
     first = next(loader)
     with torch.no_grad():
         teacher(input_ids=first["input_ids"], use_cache=False)
-        tokens, started = 0, time.perf_counter()
+        tokens, started = 0, CLOCK()
         for _ in range(batches):
             batch = next(loader)
             teacher(input_ids=batch["input_ids"], use_cache=False)
             tokens += batch["input_ids"].numel()
-    return tokens / (time.perf_counter() - started)
+    return tokens / (CLOCK() - started)
 
 
 def main() -> None:
@@ -113,7 +118,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 3, tiny 5)")
     parser.add_argument("--cache-batches", type=int, default=None, help="batches in the cached split (default 4)")
+    parser.add_argument("--clock", choices=["process", "wall"], default="process",
+                        help="CPU time of this process (default; robust on a shared machine) or wall time")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
 
     import lightning as L
 
@@ -137,7 +146,8 @@ def main() -> None:
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     print(f"teacher: Llama, {count(teacher32) / 1e6:.1f}M parameters (V = {config['vocab_size']}, "
           f"{config['num_hidden_layers']} layers); student: layers {keep} of it, {count(make_student()) / 1e6:.1f}M, "
-          f"fp32; blocks of {seq} tokens, batch {args.batch}; {args.threads} thread(s); torch {torch.__version__}")
+          f"fp32; blocks of {seq} tokens, batch {args.batch}; {args.threads} thread(s), {args.clock} time; "
+          f"torch {torch.__version__}")
 
     rows: list[tuple[str, str, float]] = []  # (what, teacher dtype, tokens/s)
     for name, teacher in teachers.items():
@@ -151,9 +161,10 @@ def main() -> None:
             cache = TeacherCache(str(root / f"{name}-{kw['kind']}"), splits=["train"], progress=False,
                                  release_teacher=False, **kw)
             gc.collect()
-            started = time.perf_counter()
-            info = cache.prepare(module(make_student(), teacher), data)["train"]
-            rate = info["positions"] / (time.perf_counter() - started)
+            mod = module(make_student(), teacher)
+            started = CLOCK()
+            info = cache.prepare(mod, data)["train"]
+            rate = info["positions"] / (CLOCK() - started)
             rows.append((f"cache build, {label} ({info['bytes_per_token']:.0f} B/token)", name, rate))
             print(f"  cache build {label} {name}: {rate:,.0f} tok/s", flush=True)
 

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_distill.models.identity import INFORMATIONAL_FIELDS
+
 __all__ = [
     "COMPONENTS",
     "FORMAT_VERSION",
@@ -45,7 +47,7 @@ COMPONENTS = ("teacher", "tokenizer", "data", "kind", "params", "format")
 # revision stand in only when the weights were too large to hash (``weights_sha256`` is None).
 _TEACHER_FIELDS = ("class", "model_type", "config_sha256", "weights_sha256", "num_parameters", "vocab_size",
                    "dtype")
-_TEACHER_FALLBACK_FIELDS = ("name_or_path", "revision")
+_TEACHER_FALLBACK_FIELDS = INFORMATIONAL_FIELDS
 
 
 class CacheMismatchError(ValueError):
