@@ -298,6 +298,8 @@ def test_cli_cut_student_is_exported_with_its_tokenizer_and_generates(tmp_path, 
     folder = Path(report["student_dir"])
     card = json.loads((folder / "distillation_card.json").read_text())
     assert card["student"]["derived_from_teacher"]["layers"] == [0, 3]
+    record = json.loads((folder / "distillation.json").read_text())
+    assert record["student"]["derived_from_teacher"]["teacher_layers"] == 4
     assert "layers [0, 3] of 4, MLP 128 -> 64" in (folder / "distillation_card.md").read_text()
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
