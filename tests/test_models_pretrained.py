@@ -313,3 +313,17 @@ def test_cli_cut_student_is_exported_with_its_tokenizer_and_generates(tmp_path, 
     out = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id or 0)
     assert out.shape[1] == prompt["input_ids"].shape[1] + 5
     assert isinstance(tok.decode(out[0]), str)
+
+
+def test_mismatch_lists_only_differing_fields_in_full():
+    params = {f"p{i}": i for i in range(40)}
+    long_value = "x" * 300
+    stored = cache_fingerprint(teacher={"class": "T", "weights_sha256": "aa"}, tokenizer=None, data=None,
+                               kind="topk", params={**params, "hidden_layers": long_value})
+    current = cache_fingerprint(teacher={"class": "T", "weights_sha256": "aa"}, tokenizer=None, data=None,
+                                kind="topk", params={**params, "hidden_layers": long_value + "y"})
+    with pytest.raises(CacheMismatchError) as err:
+        check_fingerprint(stored, current, where="/c")
+    line = next(ln for ln in str(err.value).splitlines() if ln.startswith("  - params:"))
+    assert line == (f'  - params: cache has {{"hidden_layers": "{long_value}"}}, '
+                    f'this run has {{"hidden_layers": "{long_value}y"}}')
