@@ -127,7 +127,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     teacher = _instantiate(cfg.get("teacher"), datamodule=datamodule)
     student_cfg = cfg.student
-    student = _instantiate(student_cfg)
+    student = _instantiate(student_cfg, teacher=teacher)  # student=from_teacher is cut from the teacher
     losses = _build_losses(cfg.loss)
     if teacher is None:
         dropped = [n for n, t in losses.items() if t.requires_teacher]
@@ -187,7 +187,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("Training the same student without the teacher (baseline) for comparison")
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         base_module = DistillationModule(
-            _instantiate(student_cfg), None, {"task": hydra.utils.instantiate(cfg.baseline_loss)},
+            _baseline_student(student_cfg, module.student, cfg.seed), None, {"task": hydra.utils.instantiate(cfg.baseline_loss)},
             optimizer=hydra.utils.instantiate(cfg.optimizer),
             lr_scheduler=hydra.utils.instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
             **module_kwargs,
@@ -248,6 +248,15 @@ def _print_resume(saver: Any, out_dir: Path) -> None:
         overrides = sys.argv[1:]
     print(f"\nInterrupted at step {saver.step}; saved {saver.saved}. Resume with:\n  "
           f"{resume_command(overrides, out_dir, saver.saved)}", file=sys.stderr)
+
+
+def _baseline_student(student_cfg: Any, student: Any, seed: int) -> Any:
+    """The no-teacher baseline's student: a student cut from the teacher gets a random init of its architecture."""
+    if getattr(getattr(student, "config", None), "derived_from_teacher", None):
+        from lightning_distill.models.from_teacher import random_init_like
+
+        return random_init_like(student, seed=seed)
+    return _instantiate(student_cfg)
 
 
 def _build_cache_only(cache: Any, module: Any, datamodule: Any, started: float) -> dict[str, Any]:

@@ -120,6 +120,12 @@ def _cache_line(cache: Any) -> str:
             + (f" ({per_token})" if per_token else ""))
 
 
+def _derived_line(derived: dict[str, Any]) -> str:
+    mlp = (f", MLP {derived.get('teacher_intermediate_size')} -> {derived['intermediate_size']} "
+           f"({derived.get('mlp_selection')} neurons)" if derived.get("intermediate_size") else "")
+    return f"layers {derived.get('layers')} of {derived.get('teacher_layers')}{mlp}"
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     """A short human-readable version of a distillation card."""
     teacher = card.get("teacher") or {}
@@ -133,6 +139,8 @@ def card_markdown(card: dict[str, Any]) -> str:
              f"`{_cell(teacher.get('weights_sha256'))[:16]}`)",
              f"- student: {student.get('class')} ({_cell(student.get('num_parameters'), ',')} parameters, "
              f"weights sha256 `{_cell(student.get('weights_sha256'))[:16]}`)",
+             *([f"- student cut from the teacher: {_derived_line(student['derived_from_teacher'])}"]
+               if student.get("derived_from_teacher") else []),
              f"- data: fingerprint `{data.get('fingerprint')}`, trained on slices "
              f"{data.get('train_slices') or 'all'}",
              "- losses: " + ", ".join(f"{n} ({', '.join(f'{k}={v}' for k, v in c.items())})"

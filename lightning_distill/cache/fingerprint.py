@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_distill.models.identity import INFORMATIONAL_FIELDS
+
 __all__ = [
     "COMPONENTS",
     "FORMAT_VERSION",
@@ -41,8 +43,11 @@ FORMAT_VERSION = 2
 #: The components of a fingerprint, in the order mismatches are reported.
 COMPONENTS = ("teacher", "tokenizer", "data", "kind", "params", "format")
 
-# The teacher fields that identify it; the weight digest when the weights were hashed.
-_TEACHER_FIELDS = ("class", "name_or_path", "revision", "weights_sha256", "num_parameters", "vocab_size")
+# The teacher fields that identify it: what it computes, never where it was loaded from. Name and
+# revision stand in only when the weights were too large to hash (``weights_sha256`` is None).
+_TEACHER_FIELDS = ("class", "model_type", "config_sha256", "weights_sha256", "num_parameters", "vocab_size",
+                   "dtype")
+_TEACHER_FALLBACK_FIELDS = INFORMATIONAL_FIELDS
 
 
 class CacheMismatchError(ValueError):
@@ -70,7 +75,10 @@ def cache_fingerprint(
         kind: ``"dense"``, ``"topk"`` or ``"sampled"``.
         params: the kind's parameters and everything else that changes what is stored.
     """
-    ident = None if teacher is None else {k: teacher.get(k) for k in _TEACHER_FIELDS if k in teacher}
+    ident = None
+    if teacher is not None:
+        fields = _TEACHER_FIELDS if teacher.get("weights_sha256") else _TEACHER_FIELDS + _TEACHER_FALLBACK_FIELDS
+        ident = {k: teacher.get(k) for k in fields if k in teacher}
     return _plain({
         "teacher": ident,
         "tokenizer": tokenizer,
@@ -90,6 +98,9 @@ def fingerprint_key(fingerprint: Mapping[str, Any]) -> str:
 def check_fingerprint(stored: Mapping[str, Any], current: Mapping[str, Any], *, where: str) -> None:
     """Raise :class:`CacheMismatchError` naming every component that differs.
 
+    A component that is a mapping (teacher, params) is shown with only its entries that differ,
+    in full.
+
     Args:
         stored: the fingerprint in the cache's ``cache.json``.
         current: the fingerprint of this run.
@@ -98,8 +109,13 @@ def check_fingerprint(stored: Mapping[str, Any], current: Mapping[str, Any], *, 
     stored, current = _plain(stored), _plain(current)
     lines = []
     for name in COMPONENTS:
-        if stored.get(name) != current.get(name):
-            lines.append(f"  - {name}: cache has {_short(stored.get(name))}, this run has {_short(current.get(name))}")
+        old, new = stored.get(name), current.get(name)
+        if old != new:
+            if isinstance(old, dict) and isinstance(new, dict):
+                keys = sorted(k for k in old.keys() | new.keys() if old.get(k, _MISSING) != new.get(k, _MISSING))
+                old = {k: old[k] for k in keys if k in old}
+                new = {k: new[k] for k in keys if k in new}
+            lines.append(f"  - {name}: cache has {_text(old)}, this run has {_text(new)}")
     if lines:
         raise CacheMismatchError(
             f"the teacher cache at {where} was built for something else, so it is not used:\n"
@@ -144,9 +160,11 @@ def token_hash(ids: Tensor, lengths: Tensor) -> Tensor:
     return torch.from_numpy((h[:, 0] << 31) | h2)
 
 
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= 160 else text[:157] + "..."
+_MISSING = object()
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _plain(value: Any) -> Any:

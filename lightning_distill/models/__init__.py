@@ -7,6 +7,11 @@ from lightning_distill.models.adapters import (
     logits_from_output,
     output_vocab_size,
 )
+from lightning_distill.models.from_teacher import (
+    random_init_like,
+    select_layers,
+    student_from_teacher,
+)
 from lightning_distill.models.hf import causal_lm_from_config, freeze, load_pretrained
 from lightning_distill.models.identity import describe_model, weights_fingerprint
 
@@ -20,5 +25,8 @@ __all__ = [
     "load_pretrained",
     "logits_from_output",
     "output_vocab_size",
+    "random_init_like",
+    "select_layers",
+    "student_from_teacher",
     "weights_fingerprint",
 ]

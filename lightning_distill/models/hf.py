@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,17 +55,59 @@ def causal_lm_from_config(model_type: str = "llama", *, seed: int | None = 0, dt
     return model
 
 
-def load_pretrained(path: str, *, revision: str | None = None, dtype: str | None = None,
-                    trust_remote_code: bool = False, local_files_only: bool = False,
-                    **kwargs: Any) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained`` with safe defaults.
+def _looks_like_path(value: str) -> bool:
+    """A value meant as a local folder: absolute, relative (``./``, ``../``, ``~``) or OS-separated."""
+    return value.startswith(("/", "./", "../", "~", "\\")) or (len(value) > 1 and value[1] == ":") \
+        or value.count("/") > 1 or os.sep != "/" and os.sep in value
 
-    ``trust_remote_code`` stays off unless you turn it on; weights load from safetensors when
-    the checkpoint has them.
+
+def load_pretrained(path: str | os.PathLike, *, revision: str | None = None, dtype: str | torch.dtype | None = None,
+                    attn_implementation: str | None = None, trust_remote_code: bool = False,
+                    local_files_only: bool = False, **kwargs: Any) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` with safe defaults, from a local folder or a hub id.
+
+    ``trust_remote_code`` stays off unless you turn it on (only for code you have read); weights
+    load from safetensors when the checkpoint has them.
+
+    Args:
+        path: a local folder written by ``save_pretrained`` or a hub id (``org/name``).
+        revision: a hub branch, tag or commit (hub ids only).
+        dtype: parameter dtype: ``float32``/``fp32``, ``bfloat16``/``bf16``, ``float16``/``fp16``
+            (a bf16 teacher next to an fp32 student halves the teacher's memory); ``None`` keeps
+            the checkpoint's.
+        attn_implementation: ``eager``, ``sdpa``, ``flash_attention_2``, ...; ``None`` lets
+            transformers choose.
+        trust_remote_code: run the checkpoint's own modelling code (off by default).
+        local_files_only: never reach the network.
+        **kwargs: passed to ``from_pretrained``.
+
+    Raises:
+        FileNotFoundError: ``path`` looks like a local path (``/``, ``./``, ``~``...) and does not exist.
+        ValueError: an unknown ``dtype``.
+        TypeError: ``trust_remote_code`` or ``local_files_only`` is not a bool.
     """
     from transformers import AutoModelForCausalLM
 
-    extra = {"dtype": _dtype(dtype)} if dtype is not None else {}
+    for name, flag in (("trust_remote_code", trust_remote_code), ("local_files_only", local_files_only)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be true or false, got {flag!r}.")
+    torch_dtype = _dtype(dtype)
+    path = os.fspath(path)
+    if _looks_like_path(path) and not Path(path).expanduser().exists():
+        raise FileNotFoundError(
+            f"no model folder at {path!r} (resolved to {Path(path).expanduser().resolve()}); pass a folder "
+            "written by save_pretrained (with config.json) or a hub id such as 'org/name'."
+        )
+    if Path(path).expanduser().is_dir():
+        path = str(Path(path).expanduser())
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"{path!r} is a folder without config.json; point to the folder that "
+                                    "save_pretrained wrote.")
+    extra: dict[str, Any] = {}
+    if torch_dtype is not None:
+        extra["dtype"] = torch_dtype
+    if attn_implementation is not None:
+        extra["attn_implementation"] = attn_implementation
     return AutoModelForCausalLM.from_pretrained(
         path, revision=revision, trust_remote_code=trust_remote_code,
         local_files_only=local_files_only, use_safetensors=None, **extra, **kwargs,
