@@ -731,3 +731,51 @@ def test_a_label_the_teacher_cannot_score_is_refused_when_building(kind):
     with pytest.raises(ValueError, match=r"sample 7 \(train\) has label id 12 outside the teacher's 10"):
         encode_sample(spec, logits, labels, ignore_index=-100, split="train", sample_id=7)
     encode_sample(spec, logits, torch.tensor([1, -100, 9, 3]), ignore_index=-100, split="train", sample_id=7)
+
+
+# ----------------------------------------------------------------------------- concurrent builds
+CONCURRENT_SCRIPT = Path(__file__).resolve().parent / "scripts" / "concurrent_cache.py"
+
+
+def test_two_processes_building_one_folder_build_each_sample_once(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    cache_dir = tmp_path / "cache"
+    procs = [subprocess.Popen([sys.executable, str(CONCURRENT_SCRIPT), str(cache_dir), name], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-4000:]
+    reports = [json.loads((tmp_path / f"{name}.json").read_text()) for name in ("a", "b")]
+    n, seq = 16, 8
+    assert sorted(r["built"] for r in reports) == [0, n]  # the second waited, then found everything built
+    index = json.loads((cache_dir / "train" / "index.json").read_text())
+    assert index["samples"] == n and index["positions"] == n * seq
+    assert sum(s["samples"] for s in index["shards"]) == n  # no shard listed twice
+    shards = sorted(p.name for p in (cache_dir / "train" / "shards").iterdir())
+    assert len(shards) == 2 * len(index["shards"]) and not [s for s in shards if ".tmp-" in s]
+    for report in reports:
+        assert report["samples"] == n and report["positions"] == n * seq and report["counts"] == n * seq * 8
+
+
+def test_the_index_counts_a_sample_written_twice_once(tmp_path):
+    from lightning_distill.cache.writer import merge_index
+
+    cache, _, info = prepare(tmp_path, "sampled", num_samples=8, shard_mb=1e-3)
+    storage = cache.storage
+    before = json.loads((tmp_path / "cache" / "train" / "index.json").read_text())
+    # A second build of the same samples that did not see the first (no lock on an object store).
+    again = TeacherCache(str(tmp_path / "again"), kind="sampled", num_samples=8, splits=["train"], shard_mb=1e-3,
+                         progress=False)
+    again.prepare(module(), Data(Blocks()))
+    for name in again.storage.list("train", "shards"):
+        (tmp_path / "cache" / "train" / "shards" / f"z{name}").write_bytes(
+            (tmp_path / "again" / "train" / "shards" / name).read_bytes())
+        if name.endswith(".json"):
+            sidecar = json.loads((tmp_path / "cache" / "train" / "shards" / f"z{name}").read_text())
+            sidecar["file"] = "z" + sidecar["file"]
+            (tmp_path / "cache" / "train" / "shards" / f"z{name}").write_text(json.dumps(sidecar))
+    index = merge_index(storage, "train", clean=False)
+    assert index["samples"] == before["samples"] == 24
+    assert index["positions"] == before["positions"] == 24 * SEQ
+    assert index["bytes"] == before["bytes"] and len(index["shards"]) == len(before["shards"])
+    assert info["train"]["positions"] == 24 * SEQ

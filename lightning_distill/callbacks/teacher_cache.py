@@ -17,6 +17,7 @@ Kinds (what is stored per position; bytes per token measured in ``benchmarks/tea
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -293,40 +294,67 @@ class TeacherCache(Callback):
             if split in self.readers:
                 continue
             ids = _dataset_sample_ids(loader.dataset, self.sample_id_key)
-            reader = self._try_reader(split)
-            absent = reader.absent_shards() if reader is not None else []
-            if absent:
-                log.warning("Teacher cache %s [%s]: shards %s are gone; building their samples again.",
-                            self.storage.url, split, absent[:3])
-                reader = None
-            missing = ids if reader is None else reader.missing(ids)
             self.built[split] = 0
-            if missing.numel():
-                if getattr(module, "teacher", None) is None:
-                    raise ValueError(
-                        f"the teacher cache at {self.storage.url} lacks {missing.numel()} samples of split "
-                        f"{split!r} and there is no teacher to compute them; attach the teacher once to build "
-                        "them (the cache is then reused)."
-                    )
-                done = completed_sample_ids(self.storage, split)
-                barrier(f"ld-cache-list-{split}")  # every rank listed before any rank writes
-                todo = [i for i, sid in enumerate(ids.tolist()) if sid not in done]
-                self.built[split] = self._build(module, split, loader, todo[rank::world], rank)
-                barrier(f"ld-cache-built-{split}")
-                if rank == 0:
-                    merge_index(self.storage, split)
-                barrier(f"ld-cache-merged-{split}")
-                reader = self._try_reader(split)
-                if reader is None or reader.missing(ids).numel():
-                    raise RuntimeError(f"the cache build of split {split!r} finished without every sample; "
-                                       "run it again (it resumes).")
-            assert reader is not None
+            # Several ranks check under the lock only (all of them then read the same files).
+            reader = self._complete_reader(split, ids) if world == 1 else None
+            if reader is None:
+                with contextlib.ExitStack() as held:
+                    if rank == 0:
+                        # One build of a split at a time, across jobs: a second job waits here,
+                        # then finds the samples the first one built and builds only the rest.
+                        held.enter_context(self.storage.lock(f"build-{split}"))
+                    barrier(f"ld-cache-locked-{split}")
+                    reader = self._build_missing(module, split, loader, ids, rank, world, barrier)
             self.readers[split] = reader
             self._layout[split] = self._manifest_layout(split)
             info = reader.describe()
             log.info("Teacher cache %s [%s]: %d samples, %.1f bytes/token (%s)", self.kind, split, info["samples"],
                      info["bytes_per_token"], self.storage.url)
         return {split: {**self.readers[split].describe(), "built": self.built.get(split, 0)} for split in loaders}
+
+    def _complete_reader(self, split: str, ids: Tensor) -> SplitReader | None:
+        """The split's reader when its index holds every one of ``ids`` and all its shards, else ``None``."""
+        assert self.storage is not None
+        reader = self._try_reader(split)
+        if reader is None or reader.missing(ids).numel():
+            return None
+        absent = reader.absent_shards()
+        if absent:
+            log.warning("Teacher cache %s [%s]: shards %s are gone; building their samples again.",
+                        self.storage.url, split, absent[:3])
+            return None
+        return reader
+
+    def _build_missing(self, module: Any, split: str, loader: DataLoader, ids: Tensor, rank: int, world: int,
+                       barrier: Any) -> SplitReader:
+        """Build the samples of ``ids`` that no complete shard holds, merge the index (under the split's lock)."""
+        assert self.storage is not None
+        reader = self._complete_reader(split, ids)  # another job may have built them while we waited
+        if reader is not None:
+            return reader
+        done = completed_sample_ids(self.storage, split)
+        todo = [i for i, sid in enumerate(ids.tolist()) if sid not in done]
+        if todo and getattr(module, "teacher", None) is None:
+            raise ValueError(
+                f"the teacher cache at {self.storage.url} lacks {len(todo)} samples of split {split!r} and "
+                "there is no teacher to compute them; attach the teacher once to build them (the cache is then "
+                "reused)."
+            )
+        barrier(f"ld-cache-list-{split}")  # every rank listed before any rank writes
+        if todo:
+            self.built[split] = self._build(module, split, loader, todo[rank::world], rank)
+        barrier(f"ld-cache-built-{split}")
+        if rank == 0:
+            # Under the split's lock no other build is writing here: whatever no sidecar lists
+            # (temporary files, a shard without its sidecar) is a killed build's and goes. A
+            # store without locks keeps them (they are never read).
+            merge_index(self.storage, split, clean=self.storage.local)
+        barrier(f"ld-cache-merged-{split}")
+        reader = self._try_reader(split)
+        if reader is None or reader.missing(ids).numel():
+            raise RuntimeError(f"the cache build of split {split!r} finished without every sample; "
+                               "run it again (it resumes).")
+        return reader
 
     def _open(self, module: Any, datamodule: Any, vocab: int | None, rank: int, barrier: Any) -> None:
         teacher = getattr(module, "teacher", None)
@@ -341,6 +369,18 @@ class TeacherCache(Callback):
 
             url = str(cache_root() / "teacher_targets" / fingerprint_key(fingerprint))
         storage = CacheStorage(url, **self.storage_options)
+        if storage.is_file():
+            raise ValueError(f"TeacherCache(dirpath={url!r}) is a file, not a folder; pass a folder path (new or "
+                             "holding a cache), e.g. a sibling of that file, or move the file away.")
+        with contextlib.ExitStack() as held:
+            if fingerprint is not None and rank == 0:
+                # Another job may be creating (or wiping) this cache: one at a time. Only rank 0
+                # locks; the other ranks of this job wait for it at the barriers.
+                held.enter_context(storage.lock("cache"))
+            self._open_locked(storage, fingerprint, vocab, rank, barrier)
+
+    def _open_locked(self, storage: CacheStorage, fingerprint: dict[str, Any] | None, vocab: int | None, rank: int,
+                     barrier: Any) -> None:
         # Every rank reads the same state: nobody writes until all have read, so ranks take the
         # same branches below and their barriers line up.
         barrier("ld-cache-open")
