@@ -417,6 +417,13 @@ def test_folder_with_other_files_is_not_overwritten(tmp_path):
         prepare(tmp_path, "topk")
 
 
+def test_a_dirpath_that_is_a_file_is_named_as_a_file(tmp_path):
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"dirpath='.*cache'\) is a file, not a folder; pass a folder path"):
+        prepare(tmp_path, "topk")
+    assert (tmp_path / "cache").read_text() == "not a folder"
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"kind": "logits"}, "kind='logits' is not a cache kind"),
     ({"k": 0}, "k=0 is invalid"),
