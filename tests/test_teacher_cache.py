@@ -786,3 +786,27 @@ def test_the_index_counts_a_sample_written_twice_once(tmp_path):
     assert index["positions"] == before["positions"] == 24 * SEQ
     assert index["bytes"] == before["bytes"] and len(index["shards"]) == len(before["shards"])
     assert info["train"]["positions"] == 24 * SEQ
+
+
+# ----------------------------------------------------------------------------- stages
+def _trainer(cache: TeacherCache, **kwargs) -> L.Trainer:
+    return L.Trainer(callbacks=[cache], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, **kwargs)
+
+
+def test_test_after_fit_with_explicit_loaders_caches_the_test_split(tmp_path):
+    mod = module()
+    cache = TeacherCache(str(tmp_path / "c"), kind="topk", k=4, progress=False)
+    trainer = _trainer(cache, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(mod, DataLoader(Blocks(), batch_size=4), DataLoader(Blocks(n=8, seed=5), batch_size=4))
+    assert mod.teacher is not None  # the test split may still come: the teacher stays
+    trainer.test(mod, DataLoader(Blocks(n=8, seed=7), batch_size=4))
+    assert set(cache.readers) == {"train", "val", "test"} and mod.teacher is None  # all cached: released
+    assert math.isfinite(float(trainer.callback_metrics["test/kd"]))
+
+
+def test_a_datamodule_without_a_test_split_releases_the_teacher_at_fit(tmp_path):
+    mod = module()
+    cache = TeacherCache(str(tmp_path / "c"), kind="topk", k=4, progress=False)
+    _trainer(cache, max_steps=1, limit_val_batches=1, num_sanity_val_steps=0).fit(mod, Data(Blocks()))
+    assert mod.teacher is None and set(cache.readers) == {"train", "val"}

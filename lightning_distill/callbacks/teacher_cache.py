@@ -532,12 +532,23 @@ class TeacherCache(Callback):
         if self.release_teacher and getattr(pl_module, "teacher", None) is not None:
             live = [s for s in self._available(trainer) if s not in self.readers]
             if live:
-                log.info("Teacher cache: keeping the teacher in memory for the uncached splits %s.", live)
+                log.info("Teacher cache: keeping the teacher in memory for the splits %s, not cached yet%s.", live,
+                         "" if trainer.datamodule is not None else
+                         " (their loaders may come with a later validate/test; call TeacherCache.release(module) "
+                         "to free it, or give the Trainer a datamodule)")
             else:
                 self.release(pl_module)
 
     def _available(self, trainer: L.Trainer) -> list[str]:
-        """Every split the run has a loader for: the teacher goes only when all of them are cached."""
+        """Every split that may still need the teacher: the teacher goes only when all of them are cached.
+
+        With a datamodule, the splits it has a loader for. With loaders passed to ``fit`` (or
+        ``validate``/``test``) a later ``trainer.test(module, loader)`` may bring any split, so
+        all of them, until each is cached (or the teacher is released by hand with
+        :meth:`release`).
+        """
+        if trainer.datamodule is None:
+            return list(_SPLIT_HOOKS)
         return [s for s in _SPLIT_HOOKS if _split_loader(s, trainer.datamodule, trainer) is not None]
 
     def _check_vocab(self, pl_module: Any) -> None:
