@@ -77,7 +77,8 @@ class DistillationModule(L.LightningModule):
             (``batch["teacher_targets"]``, e.g. from a
             :class:`~lightning_distill.callbacks.TeacherCache`) or no term needs them.
         losses: ``{name: LossTerm}``. Default: ``{"kd": LogitKD(weight=0.5), "task":
-            TaskLoss(weight=0.5)}`` with a teacher, ``{"task": TaskLoss()}`` without.
+            TaskLoss(weight=0.5)}`` with a teacher or a ``TeacherCache`` callback (decided when
+            the Trainer sets up), ``{"task": TaskLoss()}`` without.
         optimizer: ``params -> Optimizer``, e.g. ``functools.partial(torch.optim.AdamW, lr=3e-4)``
             (that is the default).
         lr_scheduler: ``optimizer -> LRScheduler`` or ``None``. A ``num_training_steps``
@@ -147,6 +148,7 @@ class DistillationModule(L.LightningModule):
         )
         self.student = student
         self.teacher = freeze(teacher) if teacher is not None else None
+        self._default_losses = losses is None  # a TeacherCache may still bring targets (use_cached_targets)
         if losses is None:
             losses = ({"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)} if teacher is not None
                       else {"task": TaskLoss()})
@@ -189,6 +191,19 @@ class DistillationModule(L.LightningModule):
         if all(term.weight == 0 for term in losses.values()):
             raise ValueError(f"every loss term has weight 0 ({', '.join(losses)}); give at least one a weight > 0.")
         return dict(losses)
+
+    def use_cached_targets(self) -> None:
+        """Called by a :class:`~lightning_distill.callbacks.TeacherCache` at setup: its targets are meant
+        to be used. Without a teacher the default losses were the task loss alone; they become KD +
+        task. Explicit losses that no teacher target feeds get a warning (the cache would be read
+        for nothing)."""
+        if self._default_losses and self.teacher is None and "kd" not in self.losses:
+            self.losses = nn.ModuleDict({"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)})
+            for stage in self.metrics.values():
+                stage["kd"] = MeanMetric().to(self.device)
+        elif not any(term.requires_teacher for term in self.losses.values()):
+            warnings.warn(f"a TeacherCache supplies teacher targets but no loss term uses them ({', '.join(self.losses)}); "
+                          "add a teacher term such as LogitKD, or drop the cache.", stacklevel=2)
 
     @property
     def teacher_identity(self) -> dict[str, Any] | None:

@@ -744,6 +744,7 @@ def test_a_label_the_teacher_cannot_score_is_refused_when_building(kind):
 CONCURRENT_SCRIPT = Path(__file__).resolve().parent / "scripts" / "concurrent_cache.py"
 
 
+@pytest.mark.slow
 def test_two_processes_building_one_folder_build_each_sample_once(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     cache_dir = tmp_path / "cache"
@@ -810,3 +811,24 @@ def test_a_datamodule_without_a_test_split_releases_the_teacher_at_fit(tmp_path)
     cache = TeacherCache(str(tmp_path / "c"), kind="topk", k=4, progress=False)
     _trainer(cache, max_steps=1, limit_val_batches=1, num_sanity_val_steps=0).fit(mod, Data(Blocks()))
     assert mod.teacher is None and set(cache.readers) == {"train", "val"}
+
+
+def test_without_a_teacher_a_cache_means_kd_plus_task_by_default(tmp_path):
+    prepare(tmp_path, "topk", k=4)  # built once with the teacher
+    student = DistillationModule(lm(0), None, optimizer=functools.partial(torch.optim.SGD, lr=0.0),
+                                 metrics_every_n_steps=1)
+    assert set(student.losses) == {"task"}  # no teacher and no cache known yet
+    cache = TeacherCache(str(tmp_path / "cache"), kind="topk", k=4, splits=["train"], progress=False)
+    with pytest.warns(UserWarning, match="trusted to be of teacher"):
+        _trainer(cache, max_steps=1, limit_val_batches=0).fit(student, Data(Blocks()))
+    assert set(student.losses) == {"kd", "task"}
+    assert float(student.trainer.callback_metrics["train/kd"]) > 0  # the cached targets were used
+
+
+def test_explicit_losses_that_use_no_teacher_target_warn_with_a_cache(tmp_path):
+    prepare(tmp_path, "topk", k=4)
+    student = DistillationModule(lm(0), None, {"task": TaskLoss()}, optimizer=functools.partial(torch.optim.SGD, lr=0.0))
+    cache = TeacherCache(str(tmp_path / "cache"), kind="topk", k=4, splits=["train"], progress=False)
+    with pytest.warns(UserWarning, match="no loss term uses them \\(task\\)"):
+        _trainer(cache, max_steps=1, limit_val_batches=0).fit(student, Data(Blocks()))
+    assert set(student.losses) == {"task"}

@@ -579,6 +579,10 @@ class TeacherCache(Callback):
                 f"any temperature) or sample_temperature equal to the training temperature."
             )
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if hasattr(pl_module, "use_cached_targets"):
+            pl_module.use_cached_targets()  # default losses without a teacher: KD + task, not the task alone
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._check_temperatures(trainer, pl_module)
         self._prepare_for(trainer, pl_module, list(self.splits))
