@@ -392,12 +392,15 @@ class DistillationModule(L.LightningModule):
         """Raise when cached targets over ``vt`` ids cannot meet a student over ``vs`` ids.
 
         Dense cached logits follow the live rule (``vocab_mismatch``); top-k/sampled ids also
-        need ``vs >= vt`` under ``"slice"`` (an id past the student's vocabulary has no logit).
+        need ``vs >= vt`` under ``"slice"`` (an id past the student's vocabulary has no logit;
+        a cache built with the student attached folds those ids, so its ``vt`` is ``vs``).
         The teacher cache calls this at fit start, the module on every cached batch.
         """
         if vs == vt or (self.vocab_mismatch == "slice" and (vs > vt or not sparse)):
             return
-        hint = (" Cached top-k/sampled targets need a student vocabulary at least as large as the teacher's."
+        hint = (f" These cached top-k/sampled targets index {vt} ids, more than the student has: build the cache "
+                "with this student and the teacher attached (under vocab_mismatch='slice' the ids past the "
+                "student's vocabulary are folded), or use a cache built for this student."
                 if self.vocab_mismatch == "slice" else "")
         raise ValueError(self._vocab_message(vs, vt) + hint)
 

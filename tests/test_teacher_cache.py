@@ -659,14 +659,74 @@ def test_fast_path_for_cached_samples_equals_the_general_rule(tmp_path):
     torch.testing.assert_close(fast[2], general[2])
 
 
-def test_a_student_vocabulary_smaller_than_the_cached_teacher_is_refused_at_fit_start(tmp_path):
-    prepare(tmp_path, "topk", k=4)  # the cache exists: nothing to build, the check still runs first
-    small = DistillationModule(lm(0, vocab=VOCAB - 8), lm(1, hidden=24), vocab_mismatch="slice")
+def test_a_cache_built_for_another_student_vocabulary_is_refused(tmp_path):
+    prepare(tmp_path, "topk", k=4)  # built for a student as large as the teacher: nothing folded
+    trainer = functools.partial(L.Trainer, max_steps=1, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     cache = TeacherCache(str(tmp_path / "cache"), kind="topk", k=4, splits=["train"], progress=False)
-    trainer = L.Trainer(max_steps=1, callbacks=[cache], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    with pytest.raises(ValueError, match="student vocabulary \\(88\\) and teacher vocabulary \\(96\\).*at least as large"):
-        trainer.fit(small, Data(Blocks()))
+    # With the teacher: the fold is part of the identity, so the unfolded cache is another cache.
+    small = DistillationModule(lm(0, vocab=VOCAB - 8), lm(1, hidden=24), vocab_mismatch="slice")
+    with pytest.raises(CacheMismatchError, match='params: cache has .*this run has \\{"fold_vocab": 88'):
+        trainer(callbacks=[cache]).fit(small, Data(Blocks()))
+    # Without the teacher: refused at fit start, with the fix.
+    cache = TeacherCache(str(tmp_path / "cache"), kind="topk", k=4, splits=["train"], progress=False)
+    alone = DistillationModule(lm(0, vocab=VOCAB - 8), None, vocab_mismatch="slice")
+    with pytest.warns(UserWarning, match="trusted"), pytest.raises(
+            ValueError, match="student vocabulary \\(88\\) and teacher vocabulary \\(96\\).*index 96 ids, more "
+                              "than the student has: build the cache with this student and the teacher attached"):
+        trainer(callbacks=[cache]).fit(alone, Data(Blocks()))
+
+
+EXTRA = 8  # padding rows past the student's vocabulary, as Qwen2.5's 152,064 teacher vs 151,936 student
+
+
+def _padded_teacher_module(**kwargs) -> DistillationModule:
+    return DistillationModule(lm(0), lm(1, hidden=24, vocab=VOCAB + EXTRA), optimizer=functools.partial(
+        torch.optim.SGD, lr=0.1), **kwargs)
+
+
+def test_a_larger_teacher_vocabulary_is_refused_before_building_without_slice(tmp_path):
+    mod = _padded_teacher_module()
+    cache = TeacherCache(str(tmp_path / "c"), kind="topk", k=4, splits=["train"], progress=False)
+    with pytest.raises(ValueError, match="student vocabulary \\(96\\) and teacher vocabulary \\(104\\).*"
+                                         "vocab_mismatch='slice'.*nothing was written"):
+        _trainer(cache, max_steps=1, limit_val_batches=0).fit(mod, Data(Blocks()))
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+def test_ids_past_the_student_vocabulary_are_folded(tmp_path, kind):
+    mod = _padded_teacher_module(vocab_mismatch="slice")
+    data = Blocks()
+    order = list(range(6))
+    logits = teacher_logits(mod, data, order).double()  # (6, SEQ, 104)
+    cache = TeacherCache(str(tmp_path / "c"), kind=kind, k=5, num_samples=16, splits=["train"], progress=False)
+    trainer = _trainer(cache, max_steps=2, limit_val_batches=0)
+    trainer.fit(mod, Data(data))  # trains from the folded cache (the fused KD + task path)
+    assert trainer.global_step == 2 and math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    assert cache.spec.fold_vocab == VOCAB and cache.spec.vocab_size == VOCAB + EXTRA
+    assert json.loads((tmp_path / "c" / "cache.json").read_text())["fingerprint"]["params"]["fold_vocab"] == VOCAB
+    t = cache.readers["train"].read(data.sample_ids[order], (6, SEQ), "cpu", input_ids=data.ids[order])
+    sparse = t.sparse
+    assert sparse.vocab_size == VOCAB and int(sparse.ids.max()) < VOCAB
+    log_p = logits.log_softmax(-1)
+    folded = log_p[..., VOCAB:].logsumexp(-1).exp()  # the teacher's mass past the student's ids
+    assert float(folded.mean()) > 0.01  # a random teacher: enough mass to see where it goes
+    info = cache.config()["splits"]["train"]["folded_mass"]
+    all_logits = teacher_logits(mod, data, list(range(len(data)))).double()
+    expected = all_logits.log_softmax(-1)[..., VOCAB:].logsumexp(-1).exp()
+    assert info["mean"] == pytest.approx(float(expected.mean()), rel=1e-4)
+    assert info["max"] == pytest.approx(float(expected.max()), rel=1e-4)
+    if kind == "topk":
+        top = log_p[..., :VOCAB].topk(5, -1)
+        assert torch.equal(sparse.ids, top.indices)
+        tail = (1 - top.values.exp().sum(-1)).log()  # includes the folded ids' mass
+        torch.testing.assert_close(sparse.tail_logprob.double(), tail, atol=2e-3, rtol=2e-3)
+    else:
+        assert bool((sparse.counts.sum(-1) == 16).all())  # every draw lands on a student id
+        kept = logits[..., :VOCAB].log_softmax(-1)  # the teacher renormalised over them
+        entropy = -(kept.exp() * kept).sum(-1)
+        torch.testing.assert_close(sparse.entropy.double(), entropy, atol=5e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize("uniform", [True, False])

@@ -53,10 +53,17 @@ class ShardWriter:
         self._buffer: list[dict[str, Tensor]] = []
         self._bytes = 0
         self._count = 0
+        self._folded: tuple[float, float] | None = None
         self.written: list[dict[str, Any]] = []
 
     def add(self, sample_id: int, token_hash: int, tensors: dict[str, Tensor]) -> None:
         """Buffer one sample (``tensors`` from :func:`~lightning_distill.cache.format.encode_sample`)."""
+        stats = {n: float(t.sum()) for n, t in tensors.items() if n.startswith("stat.")}
+        if stats:  # folded mass (see CacheSpec.fold_vocab): summed into the sidecar, not stored per position
+            tensors = {n: t for n, t in tensors.items() if not n.startswith("stat.")}
+            total, peak = self._folded or (0.0, 0.0)
+            self._folded = (total + stats.get("stat.folded_mass", 0.0),
+                            max(peak, stats.get("stat.folded_max", 0.0)))
         first = next(t for n, t in tensors.items() if n.startswith("pos."))
         record = {
             "sample.ids": torch.tensor([sample_id], dtype=torch.int64),
@@ -89,9 +96,11 @@ class ShardWriter:
             "sample_ids": tensors["sample.ids"].tolist(),
             "lengths": tensors["sample.lengths"].tolist(),
         }
+        if self._folded is not None:
+            sidecar["folded_mass"] = {"sum": self._folded[0], "max": self._folded[1]}
         self.storage.write_json(sidecar, self.split, "shards", file.replace(".safetensors", ".json"))
         self.written.append(sidecar)
-        self._buffer, self._bytes = [], 0
+        self._buffer, self._bytes, self._folded = [], 0, None
         self._count += 1
 
 
@@ -173,6 +182,8 @@ def merge_index(storage: CacheStorage, split: str, *, clean: bool = True) -> dic
     }
     folded = [s["folded_mass"] for s in kept if "folded_mass" in s]
     if folded:
-        index["folded_mass"] = {"sum": sum(f["sum"] for f in folded), "max": max(f["max"] for f in folded)}
+        total = sum(f["sum"] for f in folded)
+        index["folded_mass"] = {"sum": total, "max": max(f["max"] for f in folded),
+                                "mean": total / max(index["positions"], 1)}
     storage.write_json(index, split, "index.json")
     return index

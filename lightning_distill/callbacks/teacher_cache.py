@@ -222,8 +222,8 @@ class TeacherCache(Callback):
                          for name, reader in self.readers.items()}
         return out
 
-    def _spec(self, vocab_size: int) -> CacheSpec:
-        return CacheSpec(kind=self.kind, vocab_size=int(vocab_size), k=self.k if self.kind == "topk" else None,
+    def _spec(self, vocab_size: int, fold_vocab: int | None = None) -> CacheSpec:
+        return CacheSpec(kind=self.kind, vocab_size=int(vocab_size), fold_vocab=fold_vocab, k=self.k if self.kind == "topk" else None,
                          num_samples=self.num_samples if self.kind == "sampled" else None,
                          sample_temperature=self.sample_temperature if self.kind == "sampled" else 1.0,
                          seed=self.seed if self.kind == "sampled" else 0, dtype=self.dtype,
@@ -286,8 +286,9 @@ class TeacherCache(Callback):
         vocab = output_vocab_size(teacher) if teacher is not None else None
         if vocab is None and teacher is not None:
             vocab = _probe_vocab(module, next(iter(loaders.values())))
+        fold = self._fold_vocab(module, vocab)  # refuses a vocabulary mismatch before anything is built
         if self.storage is None:
-            self._open(module, datamodule, vocab, rank, barrier)
+            self._open(module, datamodule, vocab, rank, barrier, fold)
         assert self.storage is not None and self.spec is not None
 
         for split, loader in loaders.items():
@@ -310,6 +311,12 @@ class TeacherCache(Callback):
             info = reader.describe()
             log.info("Teacher cache %s [%s]: %d samples, %.1f bytes/token (%s)", self.kind, split, info["samples"],
                      info["bytes_per_token"], self.storage.url)
+            if "folded_mass" in info:
+                folded = info["folded_mass"]
+                log.info("Teacher cache %s [%s]: teacher ids >= %d (past the student's vocabulary) held %.3g of the "
+                         "probability per position on average (max %.3g); folded into the %s.", self.kind, split,
+                         self.spec.target_vocab, folded["mean"], folded["max"],
+                         "tail bucket" if self.kind == "topk" else "draws, renormalised over the student's ids")
         return {split: {**self.readers[split].describe(), "built": self.built.get(split, 0)} for split in loaders}
 
     def _complete_reader(self, split: str, ids: Tensor) -> SplitReader | None:
@@ -356,9 +363,30 @@ class TeacherCache(Callback):
                                "run it again (it resumes).")
         return reader
 
-    def _open(self, module: Any, datamodule: Any, vocab: int | None, rank: int, barrier: Any) -> None:
+    def _fold_vocab(self, module: Any, vocab: int | None) -> int | None:
+        """The student's vocabulary size when sparse targets must fold the teacher's extra ids, else ``None``.
+
+        Checks the teacher's output width against the student's under the module's
+        ``vocab_mismatch`` before anything is built: ``"error"`` refuses any difference;
+        ``"slice"`` lets dense targets differ (the module compares the shared first ids) and folds
+        sparse ones for a smaller student (ids past its vocabulary carry their mass into the tail
+        bucket, or are left out of the draws).
+        """
+        student = getattr(module, "student", None)
+        student_vocab = output_vocab_size(student) if student is not None else None
+        if vocab is None or student_vocab is None or student_vocab == vocab:
+            return None
+        policy = getattr(module, "vocab_mismatch", "error")
+        if policy != "slice":
+            message = module._vocab_message(student_vocab, vocab) if hasattr(module, "_vocab_message") else (
+                f"student vocabulary ({student_vocab}) and teacher vocabulary ({vocab}) differ.")
+            raise ValueError(message + " (Checked before building the teacher cache: nothing was written.)")
+        return student_vocab if self.kind != "dense" and student_vocab < vocab else None
+
+    def _open(self, module: Any, datamodule: Any, vocab: int | None, rank: int, barrier: Any,
+              fold: int | None = None) -> None:
         teacher = getattr(module, "teacher", None)
-        probe = self._spec(vocab or 1)
+        probe = self._spec(vocab or 1, fold)
         fingerprint = self._fingerprint(module, datamodule, probe.params()) if teacher is not None else None
         url = self.dirpath
         if url is None:
@@ -377,10 +405,10 @@ class TeacherCache(Callback):
                 # Another job may be creating (or wiping) this cache: one at a time. Only rank 0
                 # locks; the other ranks of this job wait for it at the barriers.
                 held.enter_context(storage.lock("cache"))
-            self._open_locked(storage, fingerprint, vocab, rank, barrier)
+            self._open_locked(storage, fingerprint, vocab, rank, barrier, fold)
 
     def _open_locked(self, storage: CacheStorage, fingerprint: dict[str, Any] | None, vocab: int | None, rank: int,
-                     barrier: Any) -> None:
+                     barrier: Any, fold: int | None) -> None:
         # Every rank reads the same state: nobody writes until all have read, so ranks take the
         # same branches below and their barriers line up.
         barrier("ld-cache-open")
@@ -415,7 +443,7 @@ class TeacherCache(Callback):
                 raise ValueError(f"{storage.url} holds files but no {MANIFEST}; point TeacherCache(dirpath=...) "
                                  "at an empty or new folder so nothing of yours is overwritten.")
             if rank == 0:
-                spec = self._spec(vocab)
+                spec = self._spec(vocab, fold)
                 if self.kind == "dense" and vocab > DENSE_WARN_VOCAB:
                     warnings.warn(
                         f"a dense teacher cache stores 2 x {vocab} = {2 * vocab} bytes per token; above "
@@ -555,7 +583,7 @@ class TeacherCache(Callback):
         assert self.spec is not None
         student_vocab = output_vocab_size(pl_module.student) if hasattr(pl_module, "student") else None
         if student_vocab is not None and hasattr(pl_module, "check_cached_vocab"):
-            pl_module.check_cached_vocab(student_vocab, self.spec.vocab_size, sparse=self.kind != "dense")
+            pl_module.check_cached_vocab(student_vocab, self.spec.target_vocab, sparse=self.kind != "dense")
 
     def _check_temperatures(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Sampled targets without log-probabilities are exact only at their sample temperature:
