@@ -701,8 +701,12 @@ def test_ids_past_the_student_vocabulary_are_folded(tmp_path, kind):
     order = list(range(6))
     logits = teacher_logits(mod, data, order).double()  # (6, SEQ, 104)
     cache = TeacherCache(str(tmp_path / "c"), kind=kind, k=5, num_samples=16, splits=["train"], progress=False)
-    trainer = _trainer(cache, max_steps=2, limit_val_batches=0)
+    trainer = L.Trainer(callbacks=[cache], logger=L.pytorch.loggers.CSVLogger(tmp_path / "logs"), max_steps=2,
+                        limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
     trainer.fit(mod, Data(data))  # trains from the folded cache (the fused KD + task path)
+    logged = (tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "teacher_cache/train/folded_mass_mean" in logged
     assert trainer.global_step == 2 and math.isfinite(float(trainer.callback_metrics["train/loss"]))
     assert cache.spec.fold_vocab == VOCAB and cache.spec.vocab_size == VOCAB + EXTRA
     assert json.loads((tmp_path / "c" / "cache.json").read_text())["fingerprint"]["params"]["fold_vocab"] == VOCAB

@@ -556,6 +556,12 @@ class TeacherCache(Callback):
         wanted = [s for s in splits if s in self.splits and s not in self.readers]
         if wanted:
             self.prepare(pl_module, trainer.datamodule, trainer=trainer, splits=wanted)
+            folded = {f"teacher_cache/{split}/folded_mass_{stat}": float(info["folded_mass"][stat])
+                      for split, info in self.config()["splits"].items() if split in wanted and "folded_mass" in info
+                      for stat in ("mean", "max")}
+            if folded and trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(folded, step=trainer.global_step)
         self._check_vocab(pl_module)
         if self.release_teacher and getattr(pl_module, "teacher", None) is not None:
             live = [s for s in self._available(trainer) if s not in self.readers]
