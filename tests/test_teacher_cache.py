@@ -415,6 +415,7 @@ def test_folder_with_other_files_is_not_overwritten(tmp_path):
     (tmp_path / "cache" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds files but no cache.json"):
         prepare(tmp_path, "topk")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["notes.txt"]  # not even a lock file
 
 
 def test_a_dirpath_that_is_a_file_is_named_as_a_file(tmp_path):

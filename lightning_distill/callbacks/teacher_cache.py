@@ -400,6 +400,9 @@ class TeacherCache(Callback):
         if storage.is_file():
             raise ValueError(f"TeacherCache(dirpath={url!r}) is a file, not a folder; pass a folder path (new or "
                              "holding a cache), e.g. a sibling of that file, or move the file away.")
+        if not storage.exists(MANIFEST) and not storage.is_empty():  # before a lock file goes into that folder
+            raise ValueError(f"{storage.url} holds files but no {MANIFEST}; point TeacherCache(dirpath=...) "
+                             "at an empty or new folder so nothing of yours is overwritten.")
         with contextlib.ExitStack() as held:
             if fingerprint is not None and rank == 0:
                 # Another job may be creating (or wiping) this cache: one at a time. Only rank 0
