@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import uuid
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -101,12 +102,20 @@ class CacheStorage:
             yield
             return
         os.makedirs(self.root, exist_ok=True)
-        handle = open(os.path.join(self.root, f".{name}{LOCK_SUFFIX}"), "a+b")  # noqa: SIM115
+        path = os.path.join(self.root, f".{name}{LOCK_SUFFIX}")
+        handle = open(path, "a+b")  # noqa: SIM115
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                locked = True
+            except OSError as error:  # a file system without locks (some network mounts)
+                warnings.warn(f"cannot lock {path} ({error}); building without a lock: do not build this cache "
+                              "from two jobs at once.", stacklevel=3)
+                locked = False
             yield
         finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
             handle.close()
 
     def remove(self, *parts: str) -> None:

@@ -86,6 +86,12 @@ class TeacherCache(Callback):
     batch position, finds a sample's targets, so shuffling, batch size and the number of ranks
     may differ between the build and the reads.
 
+    The teacher's output width is checked against the student's before anything is built (the
+    module's ``vocab_mismatch``); under ``"slice"`` top-k/sampled targets for a smaller student
+    fold the teacher's extra ids (see :class:`~lightning_distill.cache.CacheSpec`). Jobs that
+    build one local cache folder at once take turns (file locks): the second builds only what
+    is missing.
+
     Temperature: top-k log-probabilities are stored at temperature 1; any training temperature is
     exact on the top-k entries, and the tail mass is exact at T = 1 and approximated (spread
     evenly over the other ids) otherwise. Sampled targets are exact (``counts / N``, unbiased) at
@@ -115,7 +121,9 @@ class TeacherCache(Callback):
             or ``None``.
         on_mismatch: ``"error"`` (default) or ``"rebuild"``: wipe a cache built for something
             else and build it anew.
-        release_teacher: drop the teacher from the module once every split is cached.
+        release_teacher: drop the teacher from the module once every split that may need it is
+            cached: with a datamodule, those it has loaders for; with loaders passed to ``fit``,
+            train, val and test (a later ``trainer.test(module, loader)`` brings its split then).
         max_shards_in_memory: loaded shards kept per split.
         sample_id_key: the batch key holding the stable sample ids.
         input_key: the batch key holding token ids (hashed per sample to catch changed data);
@@ -124,7 +132,8 @@ class TeacherCache(Callback):
         storage_options: passed to fsspec (credentials, endpoints).
 
     Raises:
-        ValueError: on a bad argument (named, with the fix).
+        ValueError: on a bad argument (named, with the fix); a ``dirpath`` that is a file or a folder
+            of other files; teacher and student vocabularies that ``vocab_mismatch`` does not allow.
         CacheMismatchError: a cache built for another teacher/tokenizer/data/kind/params/format.
         CacheCorruptedError: a shard whose checksum fails when it is read.
 
