@@ -202,8 +202,9 @@ class DistillationModule(L.LightningModule):
             for stage in self.metrics.values():
                 stage["kd"] = MeanMetric().to(self.device)
         elif not any(term.requires_teacher for term in self.losses.values()):
-            warnings.warn(f"a TeacherCache supplies teacher targets but no loss term uses them ({', '.join(self.losses)}); "
-                          "add a teacher term such as LogitKD, or drop the cache.", stacklevel=2)
+            warnings.warn(f"a TeacherCache supplies teacher targets but no loss term uses them "
+                          f"({', '.join(self.losses)}); add a teacher term such as LogitKD, or drop the cache.",
+                          stacklevel=2)
 
     @property
     def teacher_identity(self) -> dict[str, Any] | None:

@@ -892,7 +892,8 @@ def test_without_a_teacher_a_cache_means_kd_plus_task_by_default(tmp_path):
 
 def test_explicit_losses_that_use_no_teacher_target_warn_with_a_cache(tmp_path):
     prepare(tmp_path, "topk", k=4)
-    student = DistillationModule(lm(0), None, {"task": TaskLoss()}, optimizer=functools.partial(torch.optim.SGD, lr=0.0))
+    student = DistillationModule(lm(0), None, {"task": TaskLoss()},
+                                 optimizer=functools.partial(torch.optim.SGD, lr=0.0))
     cache = TeacherCache(str(tmp_path / "cache"), kind="topk", k=4, splits=["train"], progress=False)
     with pytest.warns(UserWarning, match="no loss term uses them \\(task\\)"):
         _trainer(cache, max_steps=1, limit_val_batches=0).fit(student, Data(Blocks()))

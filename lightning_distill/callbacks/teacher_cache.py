@@ -232,13 +232,13 @@ class TeacherCache(Callback):
         return out
 
     def _spec(self, vocab_size: int, fold_vocab: int | None = None) -> CacheSpec:
-        return CacheSpec(kind=self.kind, vocab_size=int(vocab_size), fold_vocab=fold_vocab, k=self.k if self.kind == "topk" else None,
+        return CacheSpec(kind=self.kind, vocab_size=int(vocab_size), k=self.k if self.kind == "topk" else None,
                          num_samples=self.num_samples if self.kind == "sampled" else None,
                          sample_temperature=self.sample_temperature if self.kind == "sampled" else 1.0,
                          seed=self.seed if self.kind == "sampled" else 0, dtype=self.dtype,
                          hidden_layers=self.hidden_layers,
                          store_logprobs=self.store_logprobs if self.kind == "sampled" else True,
-                         compression=self.compression)
+                         compression=self.compression, fold_vocab=fold_vocab)
 
     def _fingerprint(self, module: Any, datamodule: Any, spec_params: dict[str, Any]) -> dict[str, Any]:
         tokenizer = getattr(datamodule, "tokenizer", None)
