@@ -85,7 +85,8 @@ class DistillationModule(L.LightningModule):
             (``batch["teacher_targets"]``, e.g. from a
             :class:`~lightning_distill.callbacks.TeacherCache`) or no term needs them.
         losses: ``{name: LossTerm}``. Default: ``{"kd": LogitKD(weight=0.5), "task":
-            TaskLoss(weight=0.5)}`` with a teacher, ``{"task": TaskLoss()}`` without.
+            TaskLoss(weight=0.5)}`` with a teacher or a ``TeacherCache`` callback (decided when
+            the Trainer sets up), ``{"task": TaskLoss()}`` without.
         optimizer: ``params -> Optimizer``, e.g. ``functools.partial(torch.optim.AdamW, lr=3e-4)``
             (that is the default).
         lr_scheduler: ``optimizer -> LRScheduler`` or ``None``. A ``num_training_steps``
@@ -157,7 +158,7 @@ class DistillationModule(L.LightningModule):
         )
         self.student = student
         self.teacher = freeze(teacher) if teacher is not None else None
-        self._losses_given = losses is not None  # load_from_checkpoint restores recorded terms otherwise
+        self._losses_given = losses is not None  # else: recorded terms on load, KD + task with a TeacherCache
         if losses is None:
             losses = ({"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)} if teacher is not None
                       else {"task": TaskLoss()})
@@ -172,10 +173,8 @@ class DistillationModule(L.LightningModule):
         self.metrics_every_n_steps = metrics_every_n_steps
         self.save_teacher_weights = bool(save_teacher_weights)
 
-        self.metrics = nn.ModuleDict({
-            stage: nn.ModuleDict({name: MeanMetric() for name in [*self.losses, "loss", "agreement", "kl"]})
-            for stage in ("val", "test")
-        })
+        # Eval metrics per stage and dataloader (``val``, ``val_1``, ...), made on first use.
+        self.metrics = nn.ModuleDict()
         # Step-wide normalisation state (see on_before_optimizer_step).
         self._step_count: Tensor | None = None
         self._loss_scale: float | None = None
@@ -202,6 +201,19 @@ class DistillationModule(L.LightningModule):
         if all(term.weight == 0 for term in losses.values()):
             raise ValueError(f"every loss term has weight 0 ({', '.join(losses)}); give at least one a weight > 0.")
         return dict(losses)
+
+    def use_cached_targets(self) -> None:
+        """Called by a :class:`~lightning_distill.callbacks.TeacherCache` at setup: its targets are meant
+        to be used. Without a teacher the default losses were the task loss alone; they become KD +
+        task. Explicit losses that no teacher target feeds get a warning (the cache would be read
+        for nothing)."""
+        if not self._losses_given and self.teacher is None and "kd" not in self.losses:
+            self.losses = nn.ModuleDict({"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)})
+            self.metrics = nn.ModuleDict()  # remade for the new terms on first use
+        elif not any(term.requires_teacher for term in self.losses.values()):
+            warnings.warn(f"a TeacherCache supplies teacher targets but no loss term uses them "
+                          f"({', '.join(self.losses)}); add a teacher term such as LogitKD, or drop the cache.",
+                          stacklevel=2)
 
     @property
     def teacher_identity(self) -> dict[str, Any] | None:
@@ -443,12 +455,15 @@ class DistillationModule(L.LightningModule):
         """Raise when cached targets over ``vt`` ids cannot meet a student over ``vs`` ids.
 
         Dense cached logits follow the live rule (``vocab_mismatch``); top-k/sampled ids also
-        need ``vs >= vt`` under ``"slice"`` (an id past the student's vocabulary has no logit).
+        need ``vs >= vt`` under ``"slice"`` (an id past the student's vocabulary has no logit;
+        a cache built with the student attached folds those ids, so its ``vt`` is ``vs``).
         The teacher cache calls this at fit start, the module on every cached batch.
         """
         if vs == vt or (self.vocab_mismatch == "slice" and (vs > vt or not sparse)):
             return
-        hint = (" Cached top-k/sampled targets need a student vocabulary at least as large as the teacher's."
+        hint = (f" These cached top-k/sampled targets index {vt} ids, more than the student has: build the cache "
+                "with this student and the teacher attached (under vocab_mismatch='slice' the ids past the "
+                "student's vocabulary are folded), or use a cache built for this student."
                 if self.vocab_mismatch == "slice" else "")
         raise ValueError(self._vocab_message(vs, vt) + hint)
 
@@ -719,10 +734,7 @@ class DistillationModule(L.LightningModule):
                 if needs_teacher and self.teacher is None:
                     return  # a student-only load keeps the task term; KD terms need a teacher
                 self.losses = nn.ModuleDict(self._check_losses(rebuilt))
-                names = [*self.losses, "loss", "agreement", "kl"]
-                self.metrics = nn.ModuleDict({
-                    stage: nn.ModuleDict({n: MeanMetric() for n in names}) for stage in ("val", "test")
-                })
+                self.metrics = nn.ModuleDict()  # remade for the recorded terms on first use
                 return
         diff = sorted(set(current) ^ set(recorded)) + [
             n for n in current if n in recorded and current[n] != recorded[n]]

@@ -415,6 +415,14 @@ def test_folder_with_other_files_is_not_overwritten(tmp_path):
     (tmp_path / "cache" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds files but no cache.json"):
         prepare(tmp_path, "topk")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["notes.txt"]  # not even a lock file
+
+
+def test_a_dirpath_that_is_a_file_is_named_as_a_file(tmp_path):
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"dirpath='.*cache'\) is a file, not a folder; pass a folder path"):
+        prepare(tmp_path, "topk")
+    assert (tmp_path / "cache").read_text() == "not a folder"
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -652,14 +660,78 @@ def test_fast_path_for_cached_samples_equals_the_general_rule(tmp_path):
     torch.testing.assert_close(fast[2], general[2])
 
 
-def test_a_student_vocabulary_smaller_than_the_cached_teacher_is_refused_at_fit_start(tmp_path):
-    prepare(tmp_path, "topk", k=4)  # the cache exists: nothing to build, the check still runs first
-    small = DistillationModule(lm(0, vocab=VOCAB - 8), lm(1, hidden=24), vocab_mismatch="slice")
+def test_a_cache_built_for_another_student_vocabulary_is_refused(tmp_path):
+    prepare(tmp_path, "topk", k=4)  # built for a student as large as the teacher: nothing folded
+    trainer = functools.partial(L.Trainer, max_steps=1, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     cache = TeacherCache(str(tmp_path / "cache"), kind="topk", k=4, splits=["train"], progress=False)
-    trainer = L.Trainer(max_steps=1, callbacks=[cache], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    with pytest.raises(ValueError, match="student vocabulary \\(88\\) and teacher vocabulary \\(96\\).*at least as large"):
-        trainer.fit(small, Data(Blocks()))
+    # With the teacher: the fold is part of the identity, so the unfolded cache is another cache.
+    small = DistillationModule(lm(0, vocab=VOCAB - 8), lm(1, hidden=24), vocab_mismatch="slice")
+    with pytest.raises(CacheMismatchError, match='params: cache has .*this run has \\{"fold_vocab": 88'):
+        trainer(callbacks=[cache]).fit(small, Data(Blocks()))
+    # Without the teacher: refused at fit start, with the fix.
+    cache = TeacherCache(str(tmp_path / "cache"), kind="topk", k=4, splits=["train"], progress=False)
+    alone = DistillationModule(lm(0, vocab=VOCAB - 8), None, vocab_mismatch="slice")
+    with pytest.warns(UserWarning, match="trusted"), pytest.raises(
+            ValueError, match="student vocabulary \\(88\\) and teacher vocabulary \\(96\\).*index 96 ids, more "
+                              "than the student has: build the cache with this student and the teacher attached"):
+        trainer(callbacks=[cache]).fit(alone, Data(Blocks()))
+
+
+EXTRA = 8  # padding rows past the student's vocabulary, as Qwen2.5's 152,064 teacher vs 151,936 student
+
+
+def _padded_teacher_module(**kwargs) -> DistillationModule:
+    return DistillationModule(lm(0), lm(1, hidden=24, vocab=VOCAB + EXTRA), optimizer=functools.partial(
+        torch.optim.SGD, lr=0.1), **kwargs)
+
+
+def test_a_larger_teacher_vocabulary_is_refused_before_building_without_slice(tmp_path):
+    mod = _padded_teacher_module()
+    cache = TeacherCache(str(tmp_path / "c"), kind="topk", k=4, splits=["train"], progress=False)
+    with pytest.raises(ValueError, match="student vocabulary \\(96\\) and teacher vocabulary \\(104\\).*"
+                                         "vocab_mismatch='slice'.*nothing was written"):
+        _trainer(cache, max_steps=1, limit_val_batches=0).fit(mod, Data(Blocks()))
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+def test_ids_past_the_student_vocabulary_are_folded(tmp_path, kind):
+    mod = _padded_teacher_module(vocab_mismatch="slice")
+    data = Blocks()
+    order = list(range(6))
+    logits = teacher_logits(mod, data, order).double()  # (6, SEQ, 104)
+    cache = TeacherCache(str(tmp_path / "c"), kind=kind, k=5, num_samples=16, splits=["train"], progress=False)
+    trainer = L.Trainer(callbacks=[cache], logger=L.pytorch.loggers.CSVLogger(tmp_path / "logs"), max_steps=2,
+                        limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(mod, Data(data))  # trains from the folded cache (the fused KD + task path)
+    logged = (tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "teacher_cache/train/folded_mass_mean" in logged
+    assert trainer.global_step == 2 and math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    assert cache.spec.fold_vocab == VOCAB and cache.spec.vocab_size == VOCAB + EXTRA
+    assert json.loads((tmp_path / "c" / "cache.json").read_text())["fingerprint"]["params"]["fold_vocab"] == VOCAB
+    t = cache.readers["train"].read(data.sample_ids[order], (6, SEQ), "cpu", input_ids=data.ids[order])
+    sparse = t.sparse
+    assert sparse.vocab_size == VOCAB and int(sparse.ids.max()) < VOCAB
+    log_p = logits.log_softmax(-1)
+    folded = log_p[..., VOCAB:].logsumexp(-1).exp()  # the teacher's mass past the student's ids
+    assert float(folded.mean()) > 0.01  # a random teacher: enough mass to see where it goes
+    info = cache.config()["splits"]["train"]["folded_mass"]
+    all_logits = teacher_logits(mod, data, list(range(len(data)))).double()
+    expected = all_logits.log_softmax(-1)[..., VOCAB:].logsumexp(-1).exp()
+    assert info["mean"] == pytest.approx(float(expected.mean()), rel=1e-4)
+    assert info["max"] == pytest.approx(float(expected.max()), rel=1e-4)
+    if kind == "topk":
+        top = log_p[..., :VOCAB].topk(5, -1)
+        assert torch.equal(sparse.ids, top.indices)
+        tail = (1 - top.values.exp().sum(-1)).log()  # includes the folded ids' mass
+        torch.testing.assert_close(sparse.tail_logprob.double(), tail, atol=2e-3, rtol=2e-3)
+    else:
+        assert bool((sparse.counts.sum(-1) == 16).all())  # every draw lands on a student id
+        kept = logits[..., :VOCAB].log_softmax(-1)  # the teacher renormalised over them
+        entropy = -(kept.exp() * kept).sum(-1)
+        torch.testing.assert_close(sparse.entropy.double(), entropy, atol=5e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize("uniform", [True, False])
@@ -731,3 +803,98 @@ def test_a_label_the_teacher_cannot_score_is_refused_when_building(kind):
     with pytest.raises(ValueError, match=r"sample 7 \(train\) has label id 12 outside the teacher's 10"):
         encode_sample(spec, logits, labels, ignore_index=-100, split="train", sample_id=7)
     encode_sample(spec, logits, torch.tensor([1, -100, 9, 3]), ignore_index=-100, split="train", sample_id=7)
+
+
+# ----------------------------------------------------------------------------- concurrent builds
+CONCURRENT_SCRIPT = Path(__file__).resolve().parent / "scripts" / "concurrent_cache.py"
+
+
+@pytest.mark.slow
+def test_two_processes_building_one_folder_build_each_sample_once(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    cache_dir = tmp_path / "cache"
+    procs = [subprocess.Popen([sys.executable, str(CONCURRENT_SCRIPT), str(cache_dir), name], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-4000:]
+    reports = [json.loads((tmp_path / f"{name}.json").read_text()) for name in ("a", "b")]
+    n, seq = 16, 8
+    assert sorted(r["built"] for r in reports) == [0, n]  # the second waited, then found everything built
+    index = json.loads((cache_dir / "train" / "index.json").read_text())
+    assert index["samples"] == n and index["positions"] == n * seq
+    assert sum(s["samples"] for s in index["shards"]) == n  # no shard listed twice
+    shards = sorted(p.name for p in (cache_dir / "train" / "shards").iterdir())
+    assert len(shards) == 2 * len(index["shards"]) and not [s for s in shards if ".tmp-" in s]
+    for report in reports:
+        assert report["samples"] == n and report["positions"] == n * seq and report["counts"] == n * seq * 8
+
+
+def test_the_index_counts_a_sample_written_twice_once(tmp_path):
+    from lightning_distill.cache.writer import merge_index
+
+    cache, _, info = prepare(tmp_path, "sampled", num_samples=8, shard_mb=1e-3)
+    storage = cache.storage
+    before = json.loads((tmp_path / "cache" / "train" / "index.json").read_text())
+    # A second build of the same samples that did not see the first (no lock on an object store).
+    again = TeacherCache(str(tmp_path / "again"), kind="sampled", num_samples=8, splits=["train"], shard_mb=1e-3,
+                         progress=False)
+    again.prepare(module(), Data(Blocks()))
+    for name in again.storage.list("train", "shards"):
+        (tmp_path / "cache" / "train" / "shards" / f"z{name}").write_bytes(
+            (tmp_path / "again" / "train" / "shards" / name).read_bytes())
+        if name.endswith(".json"):
+            sidecar = json.loads((tmp_path / "cache" / "train" / "shards" / f"z{name}").read_text())
+            sidecar["file"] = "z" + sidecar["file"]
+            (tmp_path / "cache" / "train" / "shards" / f"z{name}").write_text(json.dumps(sidecar))
+    index = merge_index(storage, "train", clean=False)
+    assert index["samples"] == before["samples"] == 24
+    assert index["positions"] == before["positions"] == 24 * SEQ
+    assert index["bytes"] == before["bytes"] and len(index["shards"]) == len(before["shards"])
+    assert info["train"]["positions"] == 24 * SEQ
+
+
+# ----------------------------------------------------------------------------- stages
+def _trainer(cache: TeacherCache, **kwargs) -> L.Trainer:
+    return L.Trainer(callbacks=[cache], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, **kwargs)
+
+
+def test_test_after_fit_with_explicit_loaders_caches_the_test_split(tmp_path):
+    mod = module()
+    cache = TeacherCache(str(tmp_path / "c"), kind="topk", k=4, progress=False)
+    trainer = _trainer(cache, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(mod, DataLoader(Blocks(), batch_size=4), DataLoader(Blocks(n=8, seed=5), batch_size=4))
+    assert mod.teacher is not None  # the test split may still come: the teacher stays
+    trainer.test(mod, DataLoader(Blocks(n=8, seed=7), batch_size=4))
+    assert set(cache.readers) == {"train", "val", "test"} and mod.teacher is None  # all cached: released
+    assert math.isfinite(float(trainer.callback_metrics["test/kd"]))
+
+
+def test_a_datamodule_without_a_test_split_releases_the_teacher_at_fit(tmp_path):
+    mod = module()
+    cache = TeacherCache(str(tmp_path / "c"), kind="topk", k=4, progress=False)
+    _trainer(cache, max_steps=1, limit_val_batches=1, num_sanity_val_steps=0).fit(mod, Data(Blocks()))
+    assert mod.teacher is None and set(cache.readers) == {"train", "val"}
+
+
+def test_without_a_teacher_a_cache_means_kd_plus_task_by_default(tmp_path):
+    prepare(tmp_path, "topk", k=4)  # built once with the teacher
+    student = DistillationModule(lm(0), None, optimizer=functools.partial(torch.optim.SGD, lr=0.0),
+                                 metrics_every_n_steps=1)
+    assert set(student.losses) == {"task"}  # no teacher and no cache known yet
+    cache = TeacherCache(str(tmp_path / "cache"), kind="topk", k=4, splits=["train"], progress=False)
+    with pytest.warns(UserWarning, match="trusted to be of teacher"):
+        _trainer(cache, max_steps=1, limit_val_batches=0).fit(student, Data(Blocks()))
+    assert set(student.losses) == {"kd", "task"}
+    assert float(student.trainer.callback_metrics["train/kd"]) > 0  # the cached targets were used
+
+
+def test_explicit_losses_that_use_no_teacher_target_warn_with_a_cache(tmp_path):
+    prepare(tmp_path, "topk", k=4)
+    student = DistillationModule(lm(0), None, {"task": TaskLoss()},
+                                 optimizer=functools.partial(torch.optim.SGD, lr=0.0))
+    cache = TeacherCache(str(tmp_path / "cache"), kind="topk", k=4, splits=["train"], progress=False)
+    with pytest.warns(UserWarning, match="no loss term uses them \\(task\\)"):
+        _trainer(cache, max_steps=1, limit_val_batches=0).fit(student, Data(Blocks()))
+    assert set(student.losses) == {"task"}

@@ -67,6 +67,11 @@ class CacheSpec:
             entry), which lets training use a temperature other than ``sample_temperature``.
         compression: ``"zlib"`` (each shard file is the zlib stream of the safetensors bytes)
             or ``None``. Sparse targets compress well (sorted ids, small counts).
+        fold_vocab: ``topk``/``sampled`` for a student whose vocabulary is smaller than the
+            teacher's (``vocab_mismatch="slice"``, as Qwen2.5's padded 152,064 rows against
+            151,936): the student's vocabulary size. Ids at or past it are folded: their mass
+            goes into the top-k tail bucket, and draws come from the teacher renormalised over
+            the first ``fold_vocab`` ids (as dense KD under ``"slice"`` compares). ``None``: no fold.
     """
 
     kind: Kind
@@ -79,6 +84,12 @@ class CacheSpec:
     hidden_layers: tuple[int, ...] = field(default_factory=tuple)
     store_logprobs: bool = True
     compression: str | None = "zlib"
+    fold_vocab: int | None = None
+
+    @property
+    def target_vocab(self) -> int:
+        """The vocabulary the stored ids index: the student's when folded, else the teacher's."""
+        return self.fold_vocab if self.fold_vocab is not None else self.vocab_size
 
     def params(self) -> dict[str, Any]:
         """The parameters that change what is stored (part of the cache's fingerprint)."""
@@ -90,6 +101,8 @@ class CacheSpec:
         if self.kind == "sampled":
             params.update(num_samples=self.num_samples, sample_temperature=self.sample_temperature,
                           seed=self.seed, store_logprobs=self.store_logprobs)
+        if self.fold_vocab is not None:  # a cache folded for one student is not another student's
+            params["fold_vocab"] = self.fold_vocab
         return params
 
     def to_json(self) -> dict[str, Any]:
@@ -176,6 +189,12 @@ def encode_sample(
         out["pos.logits"] = stored.cpu()
     else:
         log_p = z.log_softmax(-1)
+        fold = spec.fold_vocab if spec.fold_vocab is not None and spec.fold_vocab < z.shape[-1] else None
+        if fold is not None:
+            # The teacher's probability past the student's vocabulary, per position (reported).
+            folded = log_p[:, fold:].logsumexp(-1).exp()
+            out["stat.folded_mass"] = folded.sum().reshape(1).double().cpu()
+            out["stat.folded_max"] = folded.max().reshape(1).double().cpu() if folded.numel() else torch.zeros(1)
         if labels is not None:
             valid = labels != ignore_index
             safe = torch.where(valid, labels, 0).long()
@@ -192,14 +211,19 @@ def encode_sample(
         else:
             out["pos.label_logprobs"] = torch.zeros(z.shape[0], dtype=torch.float16)
         if spec.kind == "topk":
-            k = min(int(spec.k), z.shape[-1])
-            top_lp, top_ids = log_p.topk(k, dim=-1)
+            # Folded: the top k among the student's ids; the ids past them join the tail bucket.
+            head = log_p if fold is None else log_p[:, :fold]
+            k = min(int(spec.k), head.shape[-1])
+            top_lp, top_ids = head.topk(k, dim=-1)
             rest = log_p.scatter(-1, top_ids, float("-inf"))
             out["pos.topk_ids"] = top_ids.to(spec.id_dtype).cpu()
             out["pos.topk_logprobs"] = top_lp.to(torch.float16).cpu()
             out["pos.tail_logprob"] = torch.logsumexp(rest, -1).to(torch.float16).cpu()
         else:
             generator = _sample_generator(spec, split, sample_id, z.device)
+            if fold is not None:  # draws from the teacher renormalised over the student's ids
+                z = z[:, :fold]
+                log_p = z.log_softmax(-1)
             log_probs = (z / spec.sample_temperature).log_softmax(-1)
             probs = log_probs.exp()
             entropy = -torch.where(probs > 0, probs * log_probs, 0.0).sum(-1)
@@ -345,7 +369,7 @@ def assemble(
         ids = shaped("pos.topk_ids", -1, torch.int64)
         sparse = SparseTargets(
             kind="topk", ids=ids, logprobs=shaped("pos.topk_logprobs", 0.0, torch.float32),
-            vocab_size=spec.vocab_size, tail_logprob=shaped("pos.tail_logprob", 0.0, torch.float32),
+            vocab_size=spec.target_vocab, tail_logprob=shaped("pos.tail_logprob", 0.0, torch.float32),
             verified=True,
         )
         return TeacherTargets(sparse=sparse, label_logprobs=label_logprobs, top1=ids[..., 0],
@@ -364,7 +388,7 @@ def assemble(
     logprobs = entries("pos.entry_logprobs", 0.0, torch.float32) if spec.store_logprobs else None
     sparse = SparseTargets(
         kind="sampled", ids=entries("pos.entry_ids", -1, torch.int64), logprobs=logprobs,
-        vocab_size=spec.vocab_size, counts=entries("pos.entry_counts", 0, torch.float32),
+        vocab_size=spec.target_vocab, counts=entries("pos.entry_counts", 0, torch.float32),
         num_samples=int(spec.num_samples),
         sample_temperature=float(spec.sample_temperature), verified=True,
         entropy=shaped("pos.entropy", 0.0, torch.float32),

@@ -191,5 +191,8 @@ class SplitReader:
 
     def describe(self) -> dict[str, Any]:
         positions = max(self.positions, 1)
-        return {"samples": len(self), "positions": self.positions, "bytes": self.bytes,
-                "bytes_per_token": self.bytes / positions, "shards": len(self.index["shards"])}
+        out = {"samples": len(self), "positions": self.positions, "bytes": self.bytes,
+               "bytes_per_token": self.bytes / positions, "shards": len(self.index["shards"])}
+        if "folded_mass" in self.index:  # teacher probability past the student's vocabulary, per position
+            out["folded_mass"] = dict(self.index["folded_mass"])
+        return out

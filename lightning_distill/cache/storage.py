@@ -16,16 +16,23 @@ complete, and the next build skips exactly the samples whose sidecars exist.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import uuid
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["CacheStorage", "sha256_bytes"]
+__all__ = ["LOCK_SUFFIX", "CacheStorage", "sha256_bytes"]
+
+#: Lock files (local caches) end with this; they are never data, never listed, never removed.
+LOCK_SUFFIX = ".lock"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -71,11 +78,45 @@ class CacheStorage:
         self.write_bytes(json.dumps(value, indent=1, sort_keys=True).encode("utf-8"), *parts)
 
     def list(self, *parts: str) -> list[str]:
-        """Names (not paths) in a folder; empty when it does not exist."""
+        """Names (not paths) in a folder, lock files left out; empty when it does not exist."""
         folder = self.path(*parts)
         if not self.fs.exists(folder):
             return []
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
+        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
+        return sorted(n for n in names if not n.endswith(LOCK_SUFFIX))
+
+    def is_file(self) -> bool:
+        """Whether the cache root is an existing file (not a folder)."""
+        return self.fs.isfile(self.root)
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold an exclusive lock named ``name`` (``fcntl.flock`` on ``<root>/.<name>.lock``).
+
+        Processes that share a local (or network-mounted) folder take turns; the lock is released
+        when the block ends or the process dies. Object stores have no locks: there the block
+        runs unlocked (builds of one cache in several jobs at once then duplicate work, which
+        the index counts once).
+        """
+        if not self.local:
+            yield
+            return
+        os.makedirs(self.root, exist_ok=True)
+        path = os.path.join(self.root, f".{name}{LOCK_SUFFIX}")
+        handle = open(path, "a+b")  # noqa: SIM115
+        try:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                locked = True
+            except OSError as error:  # a file system without locks (some network mounts)
+                warnings.warn(f"cannot lock {path} ({error}); building without a lock: do not build this cache "
+                              "from two jobs at once.", stacklevel=3)
+                locked = False
+            yield
+        finally:
+            if locked:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            handle.close()
 
     def remove(self, *parts: str) -> None:
         target = self.path(*parts)

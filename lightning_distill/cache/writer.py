@@ -53,10 +53,17 @@ class ShardWriter:
         self._buffer: list[dict[str, Tensor]] = []
         self._bytes = 0
         self._count = 0
+        self._folded: tuple[float, float] | None = None
         self.written: list[dict[str, Any]] = []
 
     def add(self, sample_id: int, token_hash: int, tensors: dict[str, Tensor]) -> None:
         """Buffer one sample (``tensors`` from :func:`~lightning_distill.cache.format.encode_sample`)."""
+        stats = {n: float(t.sum()) for n, t in tensors.items() if n.startswith("stat.")}
+        if stats:  # folded mass (see CacheSpec.fold_vocab): summed into the sidecar, not stored per position
+            tensors = {n: t for n, t in tensors.items() if not n.startswith("stat.")}
+            total, peak = self._folded or (0.0, 0.0)
+            self._folded = (total + stats.get("stat.folded_mass", 0.0),
+                            max(peak, stats.get("stat.folded_max", 0.0)))
         first = next(t for n, t in tensors.items() if n.startswith("pos."))
         record = {
             "sample.ids": torch.tensor([sample_id], dtype=torch.int64),
@@ -87,10 +94,13 @@ class ShardWriter:
             "samples": int(tensors["sample.ids"].numel()),
             "positions": int(tensors["sample.lengths"].to(torch.int64).sum()),
             "sample_ids": tensors["sample.ids"].tolist(),
+            "lengths": tensors["sample.lengths"].tolist(),
         }
+        if self._folded is not None:
+            sidecar["folded_mass"] = {"sum": self._folded[0], "max": self._folded[1]}
         self.storage.write_json(sidecar, self.split, "shards", file.replace(".safetensors", ".json"))
         self.written.append(sidecar)
-        self._buffer, self._bytes = [], 0
+        self._buffer, self._bytes, self._folded = [], 0, None
         self._count += 1
 
 
@@ -115,28 +125,46 @@ def completed_sample_ids(storage: CacheStorage, split: str) -> set[int]:
     return {sid for sidecar in _sidecars(storage, split) for sid in sidecar["sample_ids"]}
 
 
-def merge_index(storage: CacheStorage, split: str) -> dict[str, Any]:
+def merge_index(storage: CacheStorage, split: str, *, clean: bool = True) -> dict[str, Any]:
     """Merge every rank's complete shards into ``index.json`` and ``sample_index.safetensors``.
 
-    A sample written twice (two builds that overlapped) is read from the first shard listing it.
-    Shards whose sidecar is missing (a killed build) are ignored and removed.
+    Each sample counts once: a sample written twice (two builds that overlapped) is read from
+    the first shard listing it, and a shard whose every sample an earlier shard holds is left
+    out of the index (its files are removed with ``clean``). The index's ``positions`` and
+    ``bytes`` are those of the samples and shards it lists.
+
+    Args:
+        storage: the cache root.
+        split: the split to merge.
+        clean: also remove what no sidecar lists (temporary files and shards without a sidecar,
+            left by a killed build) and duplicate shards. Only safe while no other process
+            writes the split (the caller holds the split's build lock).
     """
     sidecars = _sidecars(storage, split)
-    listed = {s["file"] for s in sidecars}
-    listed |= {f.replace(".safetensors", ".json") for f in listed}
-    for name in storage.list(split, "shards"):
-        if ".tmp-" in name or name not in listed:  # leftovers of a killed build, orphaned sidecars
-            storage.remove(split, "shards", name)
-    ids, shard_of, row_of = [], [], []
+    ids, shard_of, row_of, lengths = [], [], [], []
     seen: set[int] = set()
-    for shard_number, sidecar in enumerate(sidecars):
-        for row, sample_id in enumerate(sidecar["sample_ids"]):
-            if sample_id in seen:
-                continue
+    kept: list[dict[str, Any]] = []
+    for sidecar in sidecars:
+        rows = [(row, sid) for row, sid in enumerate(sidecar["sample_ids"]) if sid not in seen]
+        if not rows:
+            continue  # a duplicate of samples already listed
+        per_sample = sidecar.get("lengths")
+        for row, sample_id in rows:
             seen.add(sample_id)
             ids.append(sample_id)
-            shard_of.append(shard_number)
+            shard_of.append(len(kept))
             row_of.append(row)
+        if per_sample is not None:
+            lengths.append(sum(per_sample[row] for row, _ in rows))
+        else:  # a sidecar of an older build: its positions, whole (exact unless it overlaps another)
+            lengths.append(sidecar["positions"])
+        kept.append(sidecar)
+    if clean:
+        listed = {s["file"] for s in kept}
+        listed |= {f.replace(".safetensors", ".json") for f in listed}
+        for name in storage.list(split, "shards"):
+            if name not in listed:  # leftovers of a killed build, orphaned sidecars, duplicates
+                storage.remove(split, "shards", name)
     order = torch.tensor(ids, dtype=torch.int64).argsort() if ids else torch.zeros(0, dtype=torch.int64)
     table = {
         "sample_id": torch.tensor(ids, dtype=torch.int64)[order],
@@ -147,10 +175,15 @@ def merge_index(storage: CacheStorage, split: str) -> dict[str, Any]:
     index = {
         "format": FORMAT_VERSION,
         "split": split,
-        "shards": [{k: s[k] for k in ("file", "sha256", "bytes", "samples", "positions")} for s in sidecars],
+        "shards": [{k: s[k] for k in ("file", "sha256", "bytes", "samples", "positions")} for s in kept],
         "samples": len(ids),
-        "positions": sum(s["positions"] for s in sidecars),
-        "bytes": sum(s["bytes"] for s in sidecars),
+        "positions": sum(lengths),
+        "bytes": sum(s["bytes"] for s in kept),
     }
+    folded = [s["folded_mass"] for s in kept if "folded_mass" in s]
+    if folded:
+        total = sum(f["sum"] for f in folded)
+        index["folded_mass"] = {"sum": total, "max": max(f["max"] for f in folded),
+                                "mean": total / max(index["positions"], 1)}
     storage.write_json(index, split, "index.json")
     return index

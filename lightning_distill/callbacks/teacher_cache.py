@@ -17,6 +17,7 @@ Kinds (what is stored per position; bytes per token measured in ``benchmarks/tea
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -90,6 +91,12 @@ class TeacherCache(Callback):
     batch position, finds a sample's targets, so shuffling, batch size and the number of ranks
     may differ between the build and the reads.
 
+    The teacher's output width is checked against the student's before anything is built (the
+    module's ``vocab_mismatch``); under ``"slice"`` top-k/sampled targets for a smaller student
+    fold the teacher's extra ids (see :class:`~lightning_distill.cache.CacheSpec`). Jobs that
+    build one local cache folder at once take turns (file locks): the second builds only what
+    is missing.
+
     Temperature: top-k log-probabilities are stored at temperature 1; any training temperature is
     exact on the top-k entries, and the tail mass is exact at T = 1 and approximated (spread
     evenly over the other ids) otherwise. Sampled targets are exact (``counts / N``, unbiased) at
@@ -119,7 +126,9 @@ class TeacherCache(Callback):
             or ``None``.
         on_mismatch: ``"error"`` (default) or ``"rebuild"``: wipe a cache built for something
             else and build it anew.
-        release_teacher: drop the teacher from the module once every split is cached.
+        release_teacher: drop the teacher from the module once every split that may need it is
+            cached: with a datamodule, those it has loaders for; with loaders passed to ``fit``,
+            train, val and test (a later ``trainer.test(module, loader)`` brings its split then).
         max_shards_in_memory: loaded shards kept per split.
         sample_id_key: the batch key holding the stable sample ids.
         input_key: the batch key holding token ids (hashed per sample to catch changed data);
@@ -128,7 +137,8 @@ class TeacherCache(Callback):
         storage_options: passed to fsspec (credentials, endpoints).
 
     Raises:
-        ValueError: on a bad argument (named, with the fix).
+        ValueError: on a bad argument (named, with the fix); a ``dirpath`` that is a file or a folder
+            of other files; teacher and student vocabularies that ``vocab_mismatch`` does not allow.
         CacheMismatchError: a cache built for another teacher/tokenizer/data/kind/params/format.
         CacheCorruptedError: a shard whose checksum fails when it is read.
 
@@ -226,14 +236,14 @@ class TeacherCache(Callback):
                          for name, reader in self.readers.items()}
         return out
 
-    def _spec(self, vocab_size: int) -> CacheSpec:
+    def _spec(self, vocab_size: int, fold_vocab: int | None = None) -> CacheSpec:
         return CacheSpec(kind=self.kind, vocab_size=int(vocab_size), k=self.k if self.kind == "topk" else None,
                          num_samples=self.num_samples if self.kind == "sampled" else None,
                          sample_temperature=self.sample_temperature if self.kind == "sampled" else 1.0,
                          seed=self.seed if self.kind == "sampled" else 0, dtype=self.dtype,
                          hidden_layers=self.hidden_layers,
                          store_logprobs=self.store_logprobs if self.kind == "sampled" else True,
-                         compression=self.compression)
+                         compression=self.compression, fold_vocab=fold_vocab)
 
     def _fingerprint(self, module: Any, datamodule: Any, spec_params: dict[str, Any]) -> dict[str, Any]:
         tokenizer = getattr(datamodule, "tokenizer", None)
@@ -290,52 +300,107 @@ class TeacherCache(Callback):
         vocab = output_vocab_size(teacher) if teacher is not None else None
         if vocab is None and teacher is not None:
             vocab = _probe_vocab(module, next(iter(loaders.values())))
+        fold = self._fold_vocab(module, vocab)  # refuses a vocabulary mismatch before anything is built
         if self.storage is None:
-            self._open(module, datamodule, vocab, rank, barrier)
+            self._open(module, datamodule, vocab, rank, barrier, fold)
         assert self.storage is not None and self.spec is not None
 
         for split, loader in loaders.items():
             if split in self.readers:
                 continue
             ids = _dataset_sample_ids(loader.dataset, self.sample_id_key)
-            reader = self._try_reader(split)
-            absent = reader.absent_shards() if reader is not None else []
-            if absent:
-                log.warning("Teacher cache %s [%s]: shards %s are gone; building their samples again.",
-                            self.storage.url, split, absent[:3])
-                reader = None
-            missing = ids if reader is None else reader.missing(ids)
             self.built[split] = 0
-            if missing.numel():
-                if getattr(module, "teacher", None) is None:
-                    raise ValueError(
-                        f"the teacher cache at {self.storage.url} lacks {missing.numel()} samples of split "
-                        f"{split!r} and there is no teacher to compute them; attach the teacher once to build "
-                        "them (the cache is then reused)."
-                    )
-                done = completed_sample_ids(self.storage, split)
-                barrier(f"ld-cache-list-{split}")  # every rank listed before any rank writes
-                todo = [i for i, sid in enumerate(ids.tolist()) if sid not in done]
-                self.built[split] = self._build(module, split, loader, todo[rank::world], rank)
-                barrier(f"ld-cache-built-{split}")
-                if rank == 0:
-                    merge_index(self.storage, split)
-                barrier(f"ld-cache-merged-{split}")
-                reader = self._try_reader(split)
-                if reader is None or reader.missing(ids).numel():
-                    raise RuntimeError(f"the cache build of split {split!r} finished without every sample; "
-                                       "run it again (it resumes).")
-            assert reader is not None
+            # Several ranks check under the lock only (all of them then read the same files).
+            reader = self._complete_reader(split, ids) if world == 1 else None
+            if reader is None:
+                with contextlib.ExitStack() as held:
+                    if rank == 0:
+                        # One build of a split at a time, across jobs: a second job waits here,
+                        # then finds the samples the first one built and builds only the rest.
+                        held.enter_context(self.storage.lock(f"build-{split}"))
+                    barrier(f"ld-cache-locked-{split}")
+                    reader = self._build_missing(module, split, loader, ids, rank, world, barrier)
             self.readers[split] = reader
             self._layout[split] = self._manifest_layout(split)
             info = reader.describe()
             log.info("Teacher cache %s [%s]: %d samples, %.1f bytes/token (%s)", self.kind, split, info["samples"],
                      info["bytes_per_token"], self.storage.url)
+            if "folded_mass" in info:
+                folded = info["folded_mass"]
+                log.info("Teacher cache %s [%s]: teacher ids >= %d (past the student's vocabulary) held %.3g of the "
+                         "probability per position on average (max %.3g); folded into the %s.", self.kind, split,
+                         self.spec.target_vocab, folded["mean"], folded["max"],
+                         "tail bucket" if self.kind == "topk" else "draws, renormalised over the student's ids")
         return {split: {**self.readers[split].describe(), "built": self.built.get(split, 0)} for split in loaders}
 
-    def _open(self, module: Any, datamodule: Any, vocab: int | None, rank: int, barrier: Any) -> None:
+    def _complete_reader(self, split: str, ids: Tensor) -> SplitReader | None:
+        """The split's reader when its index holds every one of ``ids`` and all its shards, else ``None``."""
+        assert self.storage is not None
+        reader = self._try_reader(split)
+        if reader is None or reader.missing(ids).numel():
+            return None
+        absent = reader.absent_shards()
+        if absent:
+            log.warning("Teacher cache %s [%s]: shards %s are gone; building their samples again.",
+                        self.storage.url, split, absent[:3])
+            return None
+        return reader
+
+    def _build_missing(self, module: Any, split: str, loader: DataLoader, ids: Tensor, rank: int, world: int,
+                       barrier: Any) -> SplitReader:
+        """Build the samples of ``ids`` that no complete shard holds, merge the index (under the split's lock)."""
+        assert self.storage is not None
+        reader = self._complete_reader(split, ids)  # another job may have built them while we waited
+        if reader is not None:
+            return reader
+        done = completed_sample_ids(self.storage, split)
+        todo = [i for i, sid in enumerate(ids.tolist()) if sid not in done]
+        if todo and getattr(module, "teacher", None) is None:
+            raise ValueError(
+                f"the teacher cache at {self.storage.url} lacks {len(todo)} samples of split {split!r} and "
+                "there is no teacher to compute them; attach the teacher once to build them (the cache is then "
+                "reused)."
+            )
+        barrier(f"ld-cache-list-{split}")  # every rank listed before any rank writes
+        if todo:
+            self.built[split] = self._build(module, split, loader, todo[rank::world], rank)
+        barrier(f"ld-cache-built-{split}")
+        if rank == 0:
+            # Under the split's lock no other build is writing here: whatever no sidecar lists
+            # (temporary files, a shard without its sidecar) is a killed build's and goes. A
+            # store without locks keeps them (they are never read).
+            merge_index(self.storage, split, clean=self.storage.local)
+        barrier(f"ld-cache-merged-{split}")
+        reader = self._try_reader(split)
+        if reader is None or reader.missing(ids).numel():
+            raise RuntimeError(f"the cache build of split {split!r} finished without every sample; "
+                               "run it again (it resumes).")
+        return reader
+
+    def _fold_vocab(self, module: Any, vocab: int | None) -> int | None:
+        """The student's vocabulary size when sparse targets must fold the teacher's extra ids, else ``None``.
+
+        Checks the teacher's output width against the student's under the module's
+        ``vocab_mismatch`` before anything is built: ``"error"`` refuses any difference;
+        ``"slice"`` lets dense targets differ (the module compares the shared first ids) and folds
+        sparse ones for a smaller student (ids past its vocabulary carry their mass into the tail
+        bucket, or are left out of the draws).
+        """
+        student = getattr(module, "student", None)
+        student_vocab = output_vocab_size(student) if student is not None else None
+        if vocab is None or student_vocab is None or student_vocab == vocab:
+            return None
+        policy = getattr(module, "vocab_mismatch", "error")
+        if policy != "slice":
+            message = module._vocab_message(student_vocab, vocab) if hasattr(module, "_vocab_message") else (
+                f"student vocabulary ({student_vocab}) and teacher vocabulary ({vocab}) differ.")
+            raise ValueError(message + " (Checked before building the teacher cache: nothing was written.)")
+        return student_vocab if self.kind != "dense" and student_vocab < vocab else None
+
+    def _open(self, module: Any, datamodule: Any, vocab: int | None, rank: int, barrier: Any,
+              fold: int | None = None) -> None:
         teacher = getattr(module, "teacher", None)
-        probe = self._spec(vocab or 1)
+        probe = self._spec(vocab or 1, fold)
         fingerprint = self._fingerprint(module, datamodule, probe.params()) if teacher is not None else None
         url = self.dirpath
         if url is None:
@@ -346,6 +411,21 @@ class TeacherCache(Callback):
 
             url = str(cache_root() / "teacher_targets" / fingerprint_key(fingerprint))
         storage = CacheStorage(url, **self.storage_options)
+        if storage.is_file():
+            raise ValueError(f"TeacherCache(dirpath={url!r}) is a file, not a folder; pass a folder path (new or "
+                             "holding a cache), e.g. a sibling of that file, or move the file away.")
+        if not storage.exists(MANIFEST) and not storage.is_empty():  # before a lock file goes into that folder
+            raise ValueError(f"{storage.url} holds files but no {MANIFEST}; point TeacherCache(dirpath=...) "
+                             "at an empty or new folder so nothing of yours is overwritten.")
+        with contextlib.ExitStack() as held:
+            if fingerprint is not None and rank == 0:
+                # Another job may be creating (or wiping) this cache: one at a time. Only rank 0
+                # locks; the other ranks of this job wait for it at the barriers.
+                held.enter_context(storage.lock("cache"))
+            self._open_locked(storage, fingerprint, vocab, rank, barrier, fold)
+
+    def _open_locked(self, storage: CacheStorage, fingerprint: dict[str, Any] | None, vocab: int | None, rank: int,
+                     barrier: Any, fold: int | None) -> None:
         # Every rank reads the same state: nobody writes until all have read, so ranks take the
         # same branches below and their barriers line up.
         barrier("ld-cache-open")
@@ -380,7 +460,7 @@ class TeacherCache(Callback):
                 raise ValueError(f"{storage.url} holds files but no {MANIFEST}; point TeacherCache(dirpath=...) "
                                  "at an empty or new folder so nothing of yours is overwritten.")
             if rank == 0:
-                spec = self._spec(vocab)
+                spec = self._spec(vocab, fold)
                 if self.kind == "dense" and vocab > DENSE_WARN_VOCAB:
                     warnings.warn(
                         f"a dense teacher cache stores 2 x {vocab} = {2 * vocab} bytes per token; above "
@@ -499,23 +579,40 @@ class TeacherCache(Callback):
         wanted = [s for s in splits if s in self.splits and s not in self.readers]
         if wanted:
             self.prepare(pl_module, trainer.datamodule, trainer=trainer, splits=wanted)
+            folded = {f"teacher_cache/{split}/folded_mass_{stat}": float(info["folded_mass"][stat])
+                      for split, info in self.config()["splits"].items() if split in wanted and "folded_mass" in info
+                      for stat in ("mean", "max")}
+            if folded and trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(folded, step=trainer.global_step)
         self._check_vocab(pl_module)
         if self.release_teacher and getattr(pl_module, "teacher", None) is not None:
             live = [s for s in self._available(trainer) if s not in self.readers]
             if live:
-                log.info("Teacher cache: keeping the teacher in memory for the uncached splits %s.", live)
+                log.info("Teacher cache: keeping the teacher in memory for the splits %s, not cached yet%s.", live,
+                         "" if trainer.datamodule is not None else
+                         " (their loaders may come with a later validate/test; call TeacherCache.release(module) "
+                         "to free it, or give the Trainer a datamodule)")
             else:
                 self.release(pl_module)
 
     def _available(self, trainer: L.Trainer) -> list[str]:
-        """Every split the run has a loader for: the teacher goes only when all of them are cached."""
+        """Every split that may still need the teacher: the teacher goes only when all of them are cached.
+
+        With a datamodule, the splits it has a loader for. With loaders passed to ``fit`` (or
+        ``validate``/``test``) a later ``trainer.test(module, loader)`` may bring any split, so
+        all of them, until each is cached (or the teacher is released by hand with
+        :meth:`release`).
+        """
+        if trainer.datamodule is None:
+            return list(_SPLIT_HOOKS)
         return [s for s in _SPLIT_HOOKS if _split_loader(s, trainer.datamodule, trainer) is not None]
 
     def _check_vocab(self, pl_module: Any) -> None:
         assert self.spec is not None
         student_vocab = output_vocab_size(pl_module.student) if hasattr(pl_module, "student") else None
         if student_vocab is not None and hasattr(pl_module, "check_cached_vocab"):
-            pl_module.check_cached_vocab(student_vocab, self.spec.vocab_size, sparse=self.kind != "dense")
+            pl_module.check_cached_vocab(student_vocab, self.spec.target_vocab, sparse=self.kind != "dense")
 
     def _check_temperatures(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Sampled targets without log-probabilities are exact only at their sample temperature:
@@ -538,6 +635,10 @@ class TeacherCache(Callback):
                 f"{self.sample_temperature:g}, but {what}; pass store_logprobs=True (importance reweighting to "
                 f"any temperature) or sample_temperature equal to the training temperature."
             )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if hasattr(pl_module, "use_cached_targets"):
+            pl_module.use_cached_targets()  # default losses without a teacher: KD + task, not the task alone
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._check_temperatures(trainer, pl_module)
