@@ -377,7 +377,7 @@ def test_vocab_size_check_and_resolver(tok_dir, tmp_path):
 # ---------------------------------------------------------------------------- CLI
 
 
-def _teacher(tok_dir: Path, where: Path) -> Path:
+def _teacher(tok_dir: Path, where: Path, layers: int = 1) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -386,7 +386,7 @@ def _teacher(tok_dir: Path, where: Path) -> Path:
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=64,
@@ -443,6 +443,60 @@ def test_cli_distils_on_a_jsonl_file_with_slices(tok_dir, tmp_path):
     assert record["config"]["student"]["vocab_size"] == 300
     checkpoint = torch.load(next(out.rglob("last.ckpt")), weights_only=True)  # plain values only
     assert checkpoint["datamodule_hyper_parameters"]["slice_field"] == "kind"
+
+
+@pytest.mark.slow
+def test_your_teacher_your_data_end_to_end_and_the_second_run(tok_dir, tmp_path):
+    """The README's "Your own teacher and data": a model folder with its own tokenizer, a JSONL file
+    with a slice field, a student cut from the teacher, a teacher cache, the per-slice report; the
+    second identical run reuses the cache (0 samples built), and the exported student generates."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = _jsonl(tmp_path / "train.jsonl", _rows(120))
+    teacher = _teacher(tok_dir, tmp_path / "my-teacher", layers=4)
+    env = {
+        **os.environ,
+        "LIGHTNING_DISTILL_CACHE": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO),
+        "PYTHONWARNINGS": "ignore",
+    }
+
+    def run(out: Path) -> dict:
+        cmd = [
+            sys.executable, "-m", "lightning_distill",
+            "teacher=hf_pretrained", f"teacher.path={teacher}",
+            "student=from_teacher", "student.layers=every_other",
+            "data=files", f"data.files={data}", "data.slice_field=kind", "data.seq_len=32",
+            "data.batch_size=4", "data.val_fraction=0.2", "data.test_fraction=0.2", "data.progress=false",
+            "callbacks=teacher_cache_topk", "callbacks.teacher_cache.k=8",
+            "trainer=smoke", "baseline=false", f"output_dir={out}",
+        ]  # fmt: skip
+        result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        return json.loads((out / "student" / "distillation.json").read_text())
+
+    first = run(tmp_path / "run1")
+    report = json.loads((tmp_path / "run1" / "report.json").read_text())
+    assert set(report["slices"]) == {"code", "prose"}  # the per-slice report on the user's slices
+    assert all(s["tokens"] > 0 for s in report["slices"].values()), report["slices"]
+    derived = first["student"]["derived_from_teacher"]
+    assert derived["layers"] == [0, 2]  # every other of the teacher's 4 layers, recorded
+    built = {name: split["built_now"] for name, split in first["teacher_cache"]["splits"].items()}
+    assert set(built) == {"train", "val", "test"} and all(n > 0 for n in built.values())
+
+    second = run(tmp_path / "run2")  # a new process: the same teacher loaded again from its folder
+    assert second["teacher_cache"]["dirpath"] == first["teacher_cache"]["dirpath"]
+    assert all(split["built_now"] == 0 for split in second["teacher_cache"]["splits"].values())
+
+    exported = tmp_path / "run2" / "student"
+    student = AutoModelForCausalLM.from_pretrained(exported)
+    tok = AutoTokenizer.from_pretrained(exported)
+    assert student.config.num_hidden_layers == 2 and len(tok) == student.config.vocab_size
+    prompt = tok("alpha beta", return_tensors="pt")
+    generated = student.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 5
 
 
 def test_user_data_without_a_tokenizer_fails_with_one_message(tmp_path):
