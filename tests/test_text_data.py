@@ -483,6 +483,7 @@ def test_your_teacher_your_data_end_to_end_and_the_second_run(tok_dir, tmp_path)
     assert all(s["tokens"] > 0 for s in report["slices"].values()), report["slices"]
     derived = first["student"]["derived_from_teacher"]
     assert derived["layers"] == [0, 2]  # every other of the teacher's 4 layers, recorded
+    assert derived["teacher"] == str(teacher) and first["student"]["name_or_path"] is None
     built = {name: split["built_now"] for name, split in first["teacher_cache"]["splits"].items()}
     assert set(built) == {"train", "val", "test"} and all(n > 0 for n in built.values())
 

@@ -145,6 +145,7 @@ def student_from_teacher(
     kept = select_layers(layers, num_layers, k)
 
     config = copy.deepcopy(teacher.config)
+    config._name_or_path = ""  # a new model: not the teacher's folder (the teacher is in derived_from_teacher)
     setattr(config, depth_field, len(kept))
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, list) and len(layer_types) == num_layers:
