@@ -3,6 +3,12 @@
 :class:`TextDataModule` (``text.py``, ``docs/data.md``) reads JSONL/Parquet/CSV/text files or a
 Hugging Face dataset and serves the same batches as the demo's data module.
 
+Layout: ``corpus.py`` / ``tokenizer.py`` / ``datamodule.py`` (the demo), ``sources.py`` /
+``encode.py`` / ``store.py`` / ``text.py`` (your text), and what both data modules share:
+``base.py`` (settings checks, fingerprints, train filters, loaders), ``loaders.py`` (the
+resumable train loader), ``blocks.py`` (datasets, packing, collation) and ``splits.py`` (split
+assignment, sample ids).
+
 Offline data for the demo: a two-slice corpus, a tokenizer trained on it, token blocks.
 
 Nothing here touches the network. Every Python installation carries the text the demo needs:
