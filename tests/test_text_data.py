@@ -363,6 +363,21 @@ def test_num_workers_loader_and_train_slices(tok_dir, tmp_path):
         ).setup()
 
 
+def test_train_loader_resumes_mid_epoch_like_the_demo(tok_dir, tmp_path):
+    """Padded rows too: a fresh loader given the saved state serves the rest of the epoch."""
+    dm = _dm(tok_dir, files=str(_jsonl(tmp_path / "a.jsonl", _rows())), packing=False, seq_len=64)
+    dm.setup()
+    epoch = [b["sample_id"].tolist() for b in dm.train_dataloader()]
+    loader = dm.train_dataloader()
+    iterator = iter(loader)
+    first = [next(iterator)["input_ids"] for _ in range(3)]
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(loader.state_dict())
+    rest = list(resumed)
+    assert [b["sample_id"].tolist() for b in rest] == epoch[3:]
+    assert rest[0]["input_ids"].shape[1] <= 64 and first[0].shape[0] == 2
+
+
 def test_vocab_size_check_and_resolver(tok_dir, tmp_path):
     from lightning_distill.data.text import vocab_size_of
 

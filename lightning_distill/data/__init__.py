@@ -3,6 +3,12 @@
 :class:`TextDataModule` (``text.py``, ``docs/data.md``) reads JSONL/Parquet/CSV/text files or a
 Hugging Face dataset and serves the same batches as the demo's data module.
 
+Layout: ``corpus.py`` / ``tokenizer.py`` / ``datamodule.py`` (the demo), ``sources.py`` /
+``encode.py`` / ``store.py`` / ``text.py`` (your text), and what both data modules share:
+``base.py`` (settings checks, fingerprints, train filters, loaders), ``loaders.py`` (the
+resumable train loader), ``blocks.py`` (datasets, packing, collation) and ``splits.py`` (split
+assignment, sample ids).
+
 Offline data for the demo: a two-slice corpus, a tokenizer trained on it, token blocks.
 
 Nothing here touches the network. Every Python installation carries the text the demo needs:
@@ -38,9 +44,12 @@ transformers).
 
 from __future__ import annotations
 
+from .base import SliceCount
+from .blocks import TokenBlockDataset
 from .corpus import Document, corpus_fingerprint, demo_corpus
-from .datamodule import SliceCount, SlicedTextDataModule, TokenBlockDataset, assign_splits
+from .datamodule import SlicedTextDataModule
 from .paths import cache_root
+from .splits import assign_splits
 from .text import TextDataModule
 from .tokenizer import EOS_TOKEN, tokenizer_fingerprint, train_bpe_tokenizer
 
