@@ -89,6 +89,10 @@ class CacheStorage:
         """Whether the cache root is an existing file (not a folder)."""
         return self.fs.isfile(self.root)
 
+    def has_lock(self, name: str) -> bool:
+        """Whether a job has ever taken the lock ``name`` here (its lock file exists)."""
+        return self.local and os.path.exists(os.path.join(self.root, f".{name}{LOCK_SUFFIX}"))
+
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
         """Hold an exclusive lock named ``name`` (``fcntl.flock`` on ``<root>/.<name>.lock``).

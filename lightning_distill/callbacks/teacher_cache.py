@@ -414,7 +414,11 @@ class TeacherCache(Callback):
         if storage.is_file():
             raise ValueError(f"TeacherCache(dirpath={url!r}) is a file, not a folder; pass a folder path (new or "
                              "holding a cache), e.g. a sibling of that file, or move the file away.")
-        if not storage.exists(MANIFEST) and not storage.is_empty():  # before a lock file goes into that folder
+        # Refuse a folder of other files before a lock file goes into it. A cache that another job is
+        # creating right now already has its lock file (taken before anything is written), and is
+        # checked again under the lock below.
+        if (not storage.exists(MANIFEST) and not storage.is_empty()
+                and not storage.has_lock("cache")):
             raise ValueError(f"{storage.url} holds files but no {MANIFEST}; point TeacherCache(dirpath=...) "
                              "at an empty or new folder so nothing of yours is overwritten.")
         with contextlib.ExitStack() as held:
