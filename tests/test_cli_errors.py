@@ -45,3 +45,51 @@ def test_the_debug_flag_shows_the_traceback(tmp_path):
     result = _cli(tmp_path, "experiment=tiny", f"ckpt_path={tmp_path / 'nope.ckpt'}", debug=True)
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "nope.ckpt" in result.stderr
+
+
+def test_only_the_frozen_teachers_eval_mode_warning_is_silenced():
+    """Lightning's "Found N module(s) in eval mode" is dropped when the N modules are the teacher's."""
+    import warnings
+
+    from torch import nn
+
+    from lightning_distill.cli import _FrozenTeacherNote
+
+    def message(n):
+        return f"Found {n} module(s) in eval mode at the start of training. This may lead to unexpected behavior"
+
+    module = nn.Module()
+    module.student = nn.Sequential(nn.Linear(2, 2))
+    module.teacher = nn.Sequential(nn.Linear(2, 2), nn.ReLU()).eval()  # 3 modules, all in eval mode
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _FrozenTeacherNote().on_fit_start(None, module)
+        warnings.warn(message(3), stacklevel=1)  # the teacher's: silenced
+        warnings.warn(message(4), stacklevel=1)  # something else is in eval mode too: shown
+    assert [str(w.message)[:8] for w in seen] == ["Found 4 "]
+
+    module.student.eval()  # a student left in eval mode: nothing is silenced
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _FrozenTeacherNote().on_fit_start(None, module)
+        warnings.warn(message(5), stacklevel=1)
+    assert len(seen) == 1
+
+
+@pytest.mark.slow
+def test_wandb_logger_has_no_anonymous_warning(tmp_path, monkeypatch, capfd):
+    """logger=wandb: W&B's "The anonymous setting has no effect" does not appear."""
+    from hydra import compose, initialize_config_dir
+
+    from lightning_distill.cli import CONFIG_DIR, _make_trainer
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="distill", overrides=["logger=wandb", "logger.offline=true", "callbacks=none",
+                                                        f"output_dir={tmp_path}", "trainer.accelerator=cpu"])
+    trainer = _make_trainer(cfg, tmp_path)
+    run = trainer.logger.experiment  # wandb.init
+    run.finish()
+    captured = capfd.readouterr()
+    assert "anonymous" not in captured.err + captured.out
