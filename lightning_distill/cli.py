@@ -163,8 +163,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     report: dict[str, Any] = {"output_dir": str(out_dir)}
     stats, coverage, test_gap = _test(trainer, module, datamodule, cache, report)
     gap_error = test_gap or gap_error
-    baseline_stats = _baseline(cfg, module, datamodule, out_dir, report) if cfg.get("baseline") and has_teacher \
-        else None
+    baseline_stats = None
+    if cfg.get("baseline") and has_teacher:
+        baseline_stats = _baseline(cfg, module, datamodule, out_dir, report)
     table = _write_report(report, stats, baseline_stats, coverage, out_dir, started)
     if cfg.get("export", True):
         _export(cfg, report, module, datamodule, trainer, stats, coverage, cache, out_dir)
@@ -372,7 +373,8 @@ def _card(module: Any, datamodule: Any, trainer: Any, stats: Mapping[str, Any], 
         cov = None
     schedules = {}
     for cb in trainer.callbacks:
-        if cb is coverage or cb is cache or not type(cb).__module__.startswith("lightning_distill"):
+        if cb is coverage or cb is cache or isinstance(cb, _FrozenTeacherNote) \
+                or not type(cb).__module__.startswith("lightning_distill"):
             continue
         getter = getattr(cb, "config", None) or getattr(cb, "state_dict", None)
         if callable(getter):

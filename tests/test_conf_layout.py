@@ -179,3 +179,13 @@ def test_configs_expose_every_argument_of_their_target(node):
     named = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     missing = [n for n in named if n not in node and (target, n) not in INJECTED]
     assert not missing, f"{target}: add {missing} to the config (with the signature's default)"
+
+
+def test_the_module_block_has_every_setting_of_the_module():
+    """``module:`` in distill.yaml: DistillationModule's arguments besides what the CLI builds."""
+    from lightning_distill.module import DistillationModule
+
+    built = {"student", "teacher", "losses", "optimizer", "lr_scheduler",  # from the other groups
+             "student_logits_fn", "teacher_logits_fn"}  # Python callables
+    params = set(inspect.signature(DistillationModule).parameters) - built
+    assert params == set(yaml.safe_load((CONFIG_DIR / "distill.yaml").read_text())["module"])
