@@ -6,7 +6,9 @@
 
 The first call creates ``.venv/`` and installs the project into it (CPU build of PyTorch
 unless a GPU is visible, then the package with its dev extra); later calls reuse it and only
-reinstall when ``pyproject.toml`` changes. Only the standard library is used here.
+reinstall when ``pyproject.toml`` changes. The set-up prints one line; pip's full output goes
+to ``.venv/setup.log`` and is printed only when the set-up fails. Only the standard library is used
+here.
 """
 
 from __future__ import annotations
@@ -28,8 +30,15 @@ TORCH = os.environ.get("LIGHTNING_DISTILL_TORCH", "torch==2.13.0")
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
+LOG = VENV / "setup.log"  # pip's full output; printed only when the set-up fails
+
+
 def _pip(*args: str) -> None:
-    subprocess.run([str(PY), "-m", "pip", "install", "--disable-pip-version-check", *args], check=True)
+    with LOG.open("a") as log:
+        log.write(f"$ pip install {' '.join(args)}\n")
+        log.flush()
+        subprocess.run([str(PY), "-m", "pip", "install", "--disable-pip-version-check", *args], check=True,
+                       stdout=log, stderr=subprocess.STDOUT)
 
 
 def _has_gpu() -> bool:
@@ -54,12 +63,17 @@ def setup() -> None:
     want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if stamp.is_file() and stamp.read_text() == want and PY.exists():
         return
-    if not PY.exists():
-        print(f"[dev.py] creating {VENV}", flush=True)
-        venv.EnvBuilder(with_pip=True).create(VENV)
-    print("[dev.py] installing PyTorch and lightning-distill (once)", flush=True)
-    _install_torch()
-    _pip("-e", f"{ROOT}[dev]")
+    print(f"[dev.py] setting up {VENV.name} (first run only; log in {LOG})...", flush=True)
+    try:
+        if not PY.exists():
+            venv.EnvBuilder(with_pip=True).create(VENV)
+        LOG.write_text("")
+        _install_torch()
+        _pip("-e", f"{ROOT}[dev]")
+    except (subprocess.CalledProcessError, OSError) as error:
+        if LOG.is_file():
+            sys.stderr.write(LOG.read_text())
+        sys.exit(f"[dev.py] setting up {VENV} failed ({error}); the log above is also in {LOG}")
     stamp.write_text(want)
 
 

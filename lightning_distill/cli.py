@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 __all__ = ["CONFIG_DIR", "main", "run"]
 
@@ -96,7 +98,9 @@ def _make_trainer(cfg: DictConfig, out_dir: Path, *, comparison_only: bool = Fal
 
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(SaveOnInterrupt())  # Ctrl-C: checkpoints/interrupted.ckpt and how to resume
+    callbacks.append(_FrozenTeacherNote())
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
+    _drop_unset_wandb_anonymous(logger)
     if logger is False:  # logger=none: a learning-rate monitor has nowhere to write
         from lightning.pytorch.callbacks import LearningRateMonitor
 
@@ -105,16 +109,36 @@ def _make_trainer(cfg: DictConfig, out_dir: Path, *, comparison_only: bool = Fal
                                    default_root_dir=str(out_dir))
 
 
+def _drop_unset_wandb_anonymous(logger: Any) -> None:
+    """Lightning's WandbLogger always passes ``anonymous=None`` to ``wandb.init``, which newer W&B
+    answers with "The anonymous setting has no effect" on every run; leave the unset value out."""
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
+        del init["anonymous"]
+
+
+class _FrozenTeacherNote(Callback):
+    """Silences Lightning's "Found N module(s) in eval mode at the start of training" when those N
+    modules are exactly the frozen teacher's (in eval mode by design); any other count still warns."""
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        in_eval = [name for name, m in pl_module.named_modules() if not m.training]
+        if in_eval and all(name == "teacher" or name.startswith("teacher.") for name in in_eval):
+            warnings.filterwarnings("ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode at the start")
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one distillation job described by ``cfg``; returns the report as plain values."""
+    """Run one distillation job described by ``cfg``; returns the report as plain values.
+
+    The steps, in order: build the objects (data, teacher, student, module, trainer); build the
+    teacher cache only, if asked (``+build_cache_only=true``); fit (the TeacherCache callback
+    builds or opens its cache at fit start); test per slice; fit and test the no-teacher
+    baseline; write the report; export the student.
+    """
     import lightning as L
 
-    from lightning_distill.callbacks.coverage import CoverageGapError, CoverageSlices
     from lightning_distill.callbacks.teacher_cache import TeacherCache
-    from lightning_distill.checkpoint import SaveOnInterrupt, resolve_ckpt_path
-    from lightning_distill.evaluation import evaluate_slices, format_slice_table, stats_from_sums
-    from lightning_distill.export import distillation_card, export_student
-    from lightning_distill.module import DistillationModule
+    from lightning_distill.checkpoint import resolve_ckpt_path
 
     started = time.perf_counter()
     out_dir = _output_dir(cfg)
@@ -126,33 +150,64 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     teacher = _instantiate(cfg.get("teacher"), datamodule=datamodule)
-    student_cfg = cfg.student
-    student = _instantiate(student_cfg, teacher=teacher)  # student=from_teacher is cut from the teacher
-    losses = _build_losses(cfg.loss)
-    if teacher is None:
-        dropped = [n for n, t in losses.items() if t.requires_teacher]
-        if dropped:
-            raise ValueError(f"teacher=none but the loss terms {dropped} need a teacher; use loss=task_only.")
-    module_kwargs = OmegaConf.to_container(cfg.get("module") or {}, resolve=True)
-    module = DistillationModule(
-        student, teacher, losses,
-        optimizer=hydra.utils.instantiate(cfg.optimizer),
-        lr_scheduler=hydra.utils.instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
-        **module_kwargs,
-    )
+    student = _instantiate(cfg.student, teacher=teacher)  # student=from_teacher is cut from the teacher
+    module = _build_module(cfg, student, teacher, _build_losses(cfg.loss))
     trainer = _make_trainer(cfg, out_dir)
     cache = next((c for c in trainer.callbacks if isinstance(c, TeacherCache)), None)
     if cfg.get("build_cache_only"):
         return _build_cache_only(cache, module, datamodule, started)
     has_teacher = teacher is not None
-    del teacher  # the module holds it; a TeacherCache may release it once the targets are cached
+    del teacher, student  # the module holds them; a TeacherCache may release the teacher once cached
+
+    gap_error = _fit(cfg, trainer, module, datamodule, ckpt_path, out_dir)
+    report: dict[str, Any] = {"output_dir": str(out_dir)}
+    stats, coverage, test_gap = _test(trainer, module, datamodule, cache, report)
+    gap_error = test_gap or gap_error
+    baseline_stats = None
+    if cfg.get("baseline") and has_teacher:
+        baseline_stats = _baseline(cfg, module, datamodule, out_dir, report)
+    table = _write_report(report, stats, baseline_stats, coverage, out_dir, started)
+    if cfg.get("export", True):
+        _export(cfg, report, module, datamodule, trainer, stats, coverage, cache, out_dir)
+    _print_summary(report, table, baseline_stats, coverage, out_dir)
+    _finish_wandb(trainer, failed=gap_error is not None)
+    if gap_error is not None:
+        raise gap_error  # after everything is saved: the run's exit status says a slice has a gap
+    return report
+
+
+def _build_module(cfg: DictConfig, student: Any, teacher: Any, losses: dict[str, Any]) -> Any:
+    """The ``DistillationModule`` of ``cfg`` (optimizer, scheduler, ``module:`` settings) for these models."""
+    from lightning_distill.module import DistillationModule
+
+    if teacher is None:
+        dropped = [n for n, t in losses.items() if t.requires_teacher]
+        if dropped:
+            raise ValueError(f"teacher=none but the loss terms {dropped} need a teacher; use loss=task_only.")
+    return DistillationModule(
+        student, teacher, losses,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        lr_scheduler=hydra.utils.instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+        **OmegaConf.to_container(cfg.get("module") or {}, resolve=True),
+    )
+
+
+def _fit(cfg: DictConfig, trainer: Any, module: Any, datamodule: Any, ckpt_path: str | None,
+         out_dir: Path) -> Exception | None:
+    """Log the config, fit (or resume); returns a coverage-gap error to raise once everything is saved.
+
+    Ctrl-C: Lightning saves ``checkpoints/interrupted.ckpt`` (SaveOnInterrupt); this prints the
+    command that resumes the run and exits with 130.
+    """
+    from lightning_distill.callbacks.coverage import CoverageGapError
+    from lightning_distill.checkpoint import SaveOnInterrupt
+
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
-    coverage = next((c for c in trainer.callbacks if isinstance(c, CoverageSlices)), None)
-    gap_error: CoverageGapError | None = None  # raised at the very end, after everything is saved
     if ckpt_path is not None:
         print(f"Resuming from {ckpt_path}")
+    gap_error = None
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except CoverageGapError as error:
@@ -164,59 +219,89 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise SystemExit(130) from None
     if trainer.interrupted and gap_error is None:
         raise KeyboardInterrupt
+    return gap_error
 
-    report: dict[str, Any] = {"output_dir": str(out_dir)}
+
+def _test(trainer: Any, module: Any, datamodule: Any, cache: Any,
+          report: dict[str, Any]) -> tuple[dict[str, Any], Any, Exception | None]:
+    """Score the test set per slice: ``(stats, coverage callback or None, coverage-gap error or None)``.
+
+    With ``CoverageSlices`` the callback scores it (and writes ``coverage.*``) in ``trainer.test``;
+    otherwise ``evaluate_slices`` does, reading the teacher cache's test targets where there are some.
+    """
+    from lightning_distill.callbacks.coverage import CoverageGapError, CoverageSlices
+    from lightning_distill.evaluation import evaluate_slices, stats_from_sums
+
     datamodule.setup("test")
-    coverage_rows = None
-    if coverage is not None:  # the callback scores the test set per slice and writes coverage.*
-        try:
-            trainer.test(module, datamodule=datamodule, verbose=False)
-        except CoverageGapError as error:
-            gap_error = error
-        stats = stats_from_sums(coverage.last_sums)
-        coverage_rows = {r["slice"]: r for r in coverage.last_rows}
-        report["coverage"] = {"metric": coverage.metric, "config": coverage.config(),
-                              "gaps": [r["slice"] for r in coverage.last_rows if r["gap"]],
-                              "slices": coverage.last_rows}
-    else:
+    coverage = next((c for c in trainer.callbacks if isinstance(c, CoverageSlices)), None)
+    if coverage is None:
         attach = (functools.partial(cache.attach, "test", module) if cache is not None and "test" in cache.readers
                   else None)
-        stats = evaluate_slices(module, datamodule.test_dataloader(), targets=attach)
-    baseline_stats = None
-    if cfg.get("baseline") and has_teacher:
-        log.info("Training the same student without the teacher (baseline) for comparison")
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        base_module = DistillationModule(
-            _baseline_student(student_cfg, module.student, cfg.seed), None, {"task": hydra.utils.instantiate(cfg.baseline_loss)},
-            optimizer=hydra.utils.instantiate(cfg.optimizer),
-            lr_scheduler=hydra.utils.instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
-            **module_kwargs,
-        )
-        base_trainer = _make_trainer(cfg, out_dir / "baseline", comparison_only=True)
-        base_trainer.fit(base_module, datamodule=datamodule)
-        baseline_stats = evaluate_slices(base_module, datamodule.test_dataloader())
-        report["baseline"] = {k: v.to_dict() for k, v in baseline_stats.items()}
+        return evaluate_slices(module, datamodule.test_dataloader(), targets=attach), None, None
+    gap_error = None
+    try:
+        trainer.test(module, datamodule=datamodule, verbose=False)
+    except CoverageGapError as error:
+        gap_error = error
+    report["coverage"] = {"metric": coverage.metric, "config": coverage.config(),
+                          "gaps": [r["slice"] for r in coverage.last_rows if r["gap"]],
+                          "slices": coverage.last_rows}
+    return stats_from_sums(coverage.last_sums), coverage, gap_error
 
+
+def _baseline(cfg: DictConfig, module: Any, datamodule: Any, out_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Train the same student without the teacher, same seed and steps, and score it per slice."""
+    import lightning as L
+
+    from lightning_distill.evaluation import evaluate_slices
+
+    log.info("Training the same student without the teacher (baseline) for comparison")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    base_module = _build_module(cfg, _baseline_student(cfg.student, module.student, cfg.seed), None,
+                                {"task": hydra.utils.instantiate(cfg.baseline_loss)})
+    base_trainer = _make_trainer(cfg, out_dir / "baseline", comparison_only=True)
+    base_trainer.fit(base_module, datamodule=datamodule)
+    baseline_stats = evaluate_slices(base_module, datamodule.test_dataloader())
+    report["baseline"] = {k: v.to_dict() for k, v in baseline_stats.items()}
+    return baseline_stats
+
+
+def _write_report(report: dict[str, Any], stats: Mapping[str, Any], baseline_stats: Mapping[str, Any] | None,
+                  coverage: Any, out_dir: Path, started: float) -> str:
+    """``report.json`` and ``report.md`` (the per-slice table, which is returned)."""
+    from lightning_distill.evaluation import format_slice_table
+
+    coverage_rows = {r["slice"]: r for r in coverage.last_rows} if coverage is not None else None
     table = format_slice_table(stats, baseline_stats, coverage_rows)
     report["slices"] = {k: v.to_dict() for k, v in stats.items()}
     report["seconds"] = round(time.perf_counter() - started, 1)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(table + "\n")
-    if cfg.get("export", True):
-        record = {
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            "teacher": module.teacher_identity,
-            "losses": {n: t.config() for n, t in module.losses.items()},
-            "data": {"fingerprint": getattr(datamodule, "fingerprint", None)},
-            "slices": report["slices"],
-        }
-        if cache is not None:
-            record["teacher_cache"] = cache.config()
-        card = _card(module, datamodule, trainer, stats, coverage, distillation_card, cache)
-        report["student_dir"] = str(export_student(module.student, out_dir / "student",
-                                                   tokenizer=getattr(datamodule, "tokenizer", None),
-                                                   record=record, card=card))
-        _log_wandb_artifact(trainer, Path(report["student_dir"]), card)
+    return table
+
+
+def _export(cfg: DictConfig, report: dict[str, Any], module: Any, datamodule: Any, trainer: Any,
+            stats: Mapping[str, Any], coverage: Any, cache: Any, out_dir: Path) -> None:
+    """Save the student (weights, tokenizer, ``distillation.json``, its card) to ``<run>/student``; log it to W&B."""
+    from lightning_distill.export import distillation_card, export_student
+
+    record = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "teacher": module.teacher_identity,
+        "losses": {n: t.config() for n, t in module.losses.items()},
+        "data": {"fingerprint": getattr(datamodule, "fingerprint", None)},
+        "slices": report["slices"],
+    }
+    if cache is not None:
+        record["teacher_cache"] = cache.config()
+    card = _card(module, datamodule, trainer, stats, coverage, distillation_card, cache)
+    report["student_dir"] = str(export_student(module.student, out_dir / "student",
+                                               tokenizer=getattr(datamodule, "tokenizer", None),
+                                               record=record, card=card))
+    _log_wandb_artifact(trainer, Path(report["student_dir"]), card)
+
+
+def _print_summary(report: dict[str, Any], table: str, baseline_stats: Any, coverage: Any, out_dir: Path) -> None:
     print(f"\nTest set, per slice (student vs teacher{', and vs no-teacher baseline' if baseline_stats else ''}):")
     print(table)
     if coverage is not None:
@@ -226,10 +311,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if "student_dir" in report:
         print(f"\nStudent saved to {report['student_dir']}")
     print(f"Finished in {report['seconds']} s; report in {out_dir / 'report.md'}")
-    _finish_wandb(trainer, failed=gap_error is not None)
-    if gap_error is not None:
-        raise gap_error
-    return report
 
 
 def _print_resume(saver: Any, out_dir: Path) -> None:
@@ -292,7 +373,8 @@ def _card(module: Any, datamodule: Any, trainer: Any, stats: Mapping[str, Any], 
         cov = None
     schedules = {}
     for cb in trainer.callbacks:
-        if cb is coverage or cb is cache or not type(cb).__module__.startswith("lightning_distill"):
+        if cb is coverage or cb is cache or isinstance(cb, _FrozenTeacherNote) \
+                or not type(cb).__module__.startswith("lightning_distill"):
             continue
         getter = getattr(cb, "config", None) or getattr(cb, "state_dict", None)
         if callable(getter):
@@ -331,15 +413,45 @@ def _finish_wandb(trainer: Any, *, failed: bool) -> None:
         logger.experiment.finish(exit_code=1 if failed else 0)
 
 
+#: Set to 1 (or HYDRA_FULL_ERROR=1) for the Python traceback of a user error.
+DEBUG_ENV = "LIGHTNING_DISTILL_DEBUG"
+#: Exit status for a user error: a bad value, a missing file, a stale cache, a vocabulary mismatch.
+USER_ERROR_EXIT = 2
+
+
+def _user_error(error: BaseException) -> bool:
+    """Whether ``error`` is the user's to fix (shown as its message) rather than a bug (a traceback)."""
+    from hydra.errors import InstantiationException
+
+    if isinstance(error, InstantiationException) and error.__cause__ is not None:
+        return _user_error(error.__cause__)
+    own = type(error).__module__.startswith("lightning_distill.")  # CacheMismatchError, CheckpointError, ...
+    return own or isinstance(error, ValueError | TypeError | FileNotFoundError | InterpolationResolutionError)
+
+
+def _debug() -> bool:
+    return any(os.environ.get(name, "") not in ("", "0") for name in (DEBUG_ENV, "HYDRA_FULL_ERROR"))
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="distill")
 def _hydra_main(cfg: DictConfig) -> None:
-    run(cfg)
+    """``run``; a user error ends the command with its message and exit status 2, a coverage gap
+    (``on_gap=error``) with its message and 1, without a traceback unless LIGHTNING_DISTILL_DEBUG=1."""
+    from lightning_distill.callbacks.coverage import CoverageGapError
+
+    try:
+        run(cfg)
+    except Exception as error:
+        gap = isinstance(error, CoverageGapError)
+        if _debug() or not (gap or _user_error(error)):
+            raise
+        print(f"Error: {type(error).__name__}: {error}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        sys.exit(1 if gap else USER_ERROR_EXIT)
 
 
 # Messages from the libraries that say nothing to a user of this command.
 _NOISE = (
     r".*isinstance\(treespec, LeafSpec\).*",                     # torch/Lightning internals
-    r".*Found \d+ module\(s\) in eval mode.*",                   # the frozen teacher, on purpose
     r".*defined a `validation_step` but have no `val_dataloader`.*",  # the demo teacher's own fit
     r".*does not have many workers.*",                             # in-memory token blocks
 )

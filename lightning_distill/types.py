@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import Tensor
@@ -56,11 +56,6 @@ class SparseTargets:
     entropy: Tensor | None = None
     verified: bool = False
 
-    @property
-    def valid(self) -> Tensor:
-        """``(..., K)`` bool: which entries are real (not padding)."""
-        return self.ids >= 0
-
 
 @dataclass
 class TeacherTargets:
@@ -78,7 +73,6 @@ class TeacherTargets:
         top1: ``(...)`` the teacher's most likely id per position; ``None`` when ``logits``
             (or top-k ``sparse`` ids) give it.
         hidden_states: optional per-layer hidden states, for feature losses.
-        extras: anything else a target source wants to hand to the loss terms.
     """
 
     logits: Tensor | None = None
@@ -86,7 +80,6 @@ class TeacherTargets:
     label_logprobs: Tensor | None = None
     top1: Tensor | None = None
     hidden_states: tuple[Tensor, ...] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def has_distribution(self) -> bool:
@@ -102,7 +95,8 @@ class LossInputs:
         student_logits: ``(..., V)``; for causal LMs position ``t`` scores token ``t + 1``.
         labels: ``(...)`` targets aligned with ``student_logits``; ``ignore_index`` marks
             positions that count for nothing (padding, prompts, the last position of a
-            causal LM). Never ``None``: without labels the module builds an all-valid mask.
+            causal LM). ``None`` when the batch has no labels: KD terms then count every
+            position and a term that needs labels (``TaskLoss``) fails.
         teacher: the teacher's targets, or ``None`` when no teacher is attached.
         ignore_index: the mask value in ``labels``.
         student_output: the student's raw output, for terms that need more than logits.
@@ -110,7 +104,7 @@ class LossInputs:
     """
 
     student_logits: Tensor
-    labels: Tensor
+    labels: Tensor | None
     teacher: TeacherTargets | None = None
     ignore_index: int = -100
     student_output: Any = None

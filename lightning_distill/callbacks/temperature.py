@@ -23,14 +23,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-
-try:
-    from typing_extensions import override
-except ImportError:  # pragma: no cover - typing_extensions ships with torch and lightning
-
-    def override(fn):  # type: ignore[no-redef]
-        return fn
-
+from typing_extensions import override
 
 __all__ = ["SHAPES", "Schedule", "TemperatureSchedule"]
 
@@ -434,9 +427,6 @@ class TemperatureSchedule(Callback):
                                          "temperature; pass terms=[...] with LogitKD terms only.")
                 self._temperature_terms = self.terms
         self._check_other_schedules(trainer)
-
-    def _targets(self) -> set[str]:
-        return {f"{n}.temperature" for n in self._temperature_terms} | {f"{n}.weight" for n in self.weights}
 
     def _check_other_schedules(self, trainer: L.Trainer) -> None:
         for other in trainer.callbacks:
