@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from lightning_distill.losses import functional as LF
 from lightning_distill.losses import registry
 from lightning_distill.types import LossInputs
-from lightning_distill.validation import check_number
+from lightning_distill.validation import check_int, check_number
 
 __all__ = ["LogitKD", "LossTerm", "TaskLoss"]
 
@@ -145,30 +145,30 @@ class LogitKD(LossTerm):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__(weight)
-        self._entry = registry.get(divergence)
+        entry = registry.get(divergence)
         self._fn = LF.divergence(divergence)
         self.divergence = divergence
         self.temperature = temperature
         self.scale_by_t2 = bool(scale_by_t2)
-        self.chunk_size = chunk_size
+        self.chunk_size = check_int("chunk_size", chunk_size, low=1, allow_none=True)
         given = {k: v for k, v in (("beta", beta), ("alpha", alpha)) if v is not None}
-        wanted = self._entry.param
+        wanted = entry.param
         for key in given:
             if wanted is None or wanted.name != key:
                 takes = f"takes {wanted.name}" if wanted else "takes neither beta nor alpha"
                 raise ValueError(f"{key}={given[key]} was given, but divergence={divergence!r} {takes}.")
         # Checked now (not at the first step), by the registry entry's own range.
-        self.params: dict[str, float] = self._entry.params(given, caller="LogitKD")
+        self.params: dict[str, float] = entry.params(given, caller="LogitKD")
 
     @property
     def fused_role(self) -> FusedRole | None:
-        fusable = (self._entry.name == "forward_kl" and self.temperature == 1.0
+        fusable = (self.divergence == "forward_kl" and self.temperature == 1.0
                    and type(self).forward is LogitKD.forward)
         return "kd" if fusable else None
 
     @property
     def no_neg_inf(self) -> bool:
-        return self._entry.no_neg_inf
+        return registry.get(self.divergence).no_neg_inf
 
     @property
     def temperature(self) -> float:
