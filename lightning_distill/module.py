@@ -185,8 +185,11 @@ class DistillationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ construction checks
     def _check_losses(self, losses: Mapping[str, LossTerm]) -> dict[str, LossTerm]:
-        if not isinstance(losses, Mapping) or not losses:
-            raise TypeError("losses must be a non-empty mapping {name: LossTerm}, e.g. {'kd': LogitKD()}.")
+        if not isinstance(losses, Mapping):
+            raise TypeError(f"losses must be a mapping {{name: LossTerm}}, e.g. {{'kd': LogitKD()}}, got "
+                            f"{type(losses).__name__}.")
+        if not losses:
+            raise ValueError("losses must be a non-empty mapping {name: LossTerm}, e.g. {'kd': LogitKD()}, got {}.")
         for name, term in losses.items():
             if not isinstance(name, str) or not _TERM_NAME.match(name) or name in _RESERVED_TERM_NAMES:
                 raise ValueError(

@@ -127,3 +127,25 @@ def test_validation_helpers_one_exception_type_per_fault():
         check_choice("mode", "c", ("a", "b"))
     with pytest.raises(TypeError, match="t must be a torch.Tensor, got list"):
         check_tensor("t", [1])
+
+
+def test_distillation_module_arguments_follow_the_convention():
+    from lightning_distill import DistillationModule
+
+    student = torch.nn.Linear(2, 2)
+    for kwargs, error, match in (
+        ({"vocab_mismatch": "trim"}, ValueError, r"vocab_mismatch must be one of \('error', 'slice'\), got 'trim'"),
+        ({"lr_scheduler_interval": "batch"}, ValueError, "lr_scheduler_interval must be one of"),
+        ({"metrics_every_n_steps": 0}, ValueError, "metrics_every_n_steps must be >= 1 or None, got 0"),
+        ({"metrics_every_n_steps": "5"}, TypeError, "metrics_every_n_steps must be an int or None, got '5'"),
+        ({"ignore_index": -100.0}, TypeError, "ignore_index must be an int, got -100.0"),
+        ({"losses": {}}, ValueError, "losses must be a non-empty mapping"),
+        ({"losses": [TaskLoss()]}, TypeError, "losses must be a mapping.*got list"),
+        ({"losses": {"kd": "x"}}, TypeError, "not a LossTerm"),
+    ):
+        with pytest.raises(error, match=match):
+            DistillationModule(student, **kwargs)
+    with pytest.raises(ValueError, match="weight must be a finite number >= 0, got -1.0"):
+        TaskLoss(weight=-1)
+    with pytest.raises(TypeError, match="temperature must be a number, got '2'"):
+        LogitKD(temperature="2")
