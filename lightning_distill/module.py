@@ -26,6 +26,7 @@ from torchmetrics import MeanMetric
 from lightning_distill import __version__
 from lightning_distill.checkpoint import CheckedCheckpointIO, checkpoint_errors
 from lightning_distill.losses import functional as LF
+from lightning_distill.losses import registry
 from lightning_distill.losses.terms import LogitKD, LossTerm, TaskLoss
 from lightning_distill.models.adapters import (
     call_model,
@@ -39,6 +40,7 @@ from lightning_distill.models.adapters import (
 from lightning_distill.models.hf import freeze
 from lightning_distill.models.identity import describe_model
 from lightning_distill.types import LossInputs, SparseTargets, TeacherTargets
+from lightning_distill.validation import check_choice, check_int
 
 __all__ = ["DistillationModule"]
 
@@ -46,7 +48,7 @@ Stage = Literal["train", "val", "test"]
 _TERM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RESERVED_TERM_NAMES = frozenset({"loss", "agreement", "kl"})
 _VOCAB_POLICIES = ("error", "slice")
-_NO_NEG_INF = ("reverse_kl", "logit_mse")  # divergences that turn a teacher's -inf into inf
+_NO_NEG_INF = registry.no_neg_inf_names()  # divergences that turn a teacher's -inf into inf
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -145,12 +147,10 @@ class DistillationModule(L.LightningModule):
             raise TypeError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}.")
         if teacher is not None and unwrap_model(teacher) is unwrap_model(student):
             raise ValueError("teacher and student are the same object; pass a separate (copied) teacher.")
-        if vocab_mismatch not in _VOCAB_POLICIES:
-            raise ValueError(f"vocab_mismatch must be one of {_VOCAB_POLICIES}, got {vocab_mismatch!r}.")
-        if lr_scheduler_interval not in ("step", "epoch"):
-            raise ValueError(f"lr_scheduler_interval must be 'step' or 'epoch', got {lr_scheduler_interval!r}.")
-        if metrics_every_n_steps is not None and metrics_every_n_steps < 1:
-            raise ValueError(f"metrics_every_n_steps must be >= 1 or None, got {metrics_every_n_steps}.")
+        check_choice("vocab_mismatch", vocab_mismatch, _VOCAB_POLICIES)
+        check_choice("lr_scheduler_interval", lr_scheduler_interval, ("step", "epoch"))
+        check_int("metrics_every_n_steps", metrics_every_n_steps, low=1, allow_none=True)
+        check_int("ignore_index", ignore_index)
 
         self.save_hyperparameters(
             "lr_scheduler_interval", "shift_labels", "ignore_index", "vocab_mismatch",
@@ -185,8 +185,11 @@ class DistillationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ construction checks
     def _check_losses(self, losses: Mapping[str, LossTerm]) -> dict[str, LossTerm]:
-        if not isinstance(losses, Mapping) or not losses:
-            raise TypeError("losses must be a non-empty mapping {name: LossTerm}, e.g. {'kd': LogitKD()}.")
+        if not isinstance(losses, Mapping):
+            raise TypeError(f"losses must be a mapping {{name: LossTerm}}, e.g. {{'kd': LogitKD()}}, got "
+                            f"{type(losses).__name__}.")
+        if not losses:
+            raise ValueError("losses must be a non-empty mapping {name: LossTerm}, e.g. {'kd': LogitKD()}, got {}.")
         for name, term in losses.items():
             if not isinstance(name, str) or not _TERM_NAME.match(name) or name in _RESERVED_TERM_NAMES:
                 raise ValueError(
@@ -284,7 +287,7 @@ class DistillationModule(L.LightningModule):
         """Refuse a live teacher's NaN/+inf, an all ``-inf`` row, and any ``-inf`` for the terms
         that cannot take one (``reverse_kl``, ``logit_mse``): one reduction over the vocabulary,
         checked at once on CPU and a step later on CUDA (no host sync on the hot path)."""
-        strict = any(isinstance(t, LogitKD) and t.divergence in _NO_NEG_INF for t in self.losses.values())
+        strict = any(t.no_neg_inf for t in self.losses.values())
         if strict:
             low, high = torch.aminmax(logits.detach(), dim=-1)
             bad = ~torch.isfinite(high) | (low == float("-inf")) | torch.isnan(low)
@@ -323,7 +326,7 @@ class DistillationModule(L.LightningModule):
         named = [ids[r] for r in rows] if isinstance(ids, list | tuple) and len(ids) == len(bad) else None
         who = f"sample id(s) {named}" if named is not None else f"batch row(s) {rows} (no 'sample_id' in the batch)"
         neg = (" or -inf (which " + " / ".join(_NO_NEG_INF) + " cannot compare)"
-               if any(isinstance(t, LogitKD) and t.divergence in _NO_NEG_INF for t in self.losses.values())
+               if any(t.no_neg_inf for t in self.losses.values())
                else "")
         raise ValueError(
             f"the teacher's logits contain NaN or +inf (or a row of only -inf){neg} at {where}, for {who}; "
@@ -361,7 +364,7 @@ class DistillationModule(L.LightningModule):
             return
         self._checked_batch = True
         vocab = inputs.student_logits.shape[-1]
-        if inputs.labels is not None and any(isinstance(t, TaskLoss) for t in self.losses.values()):
+        if inputs.labels is not None and any(t.reads_labels for t in self.losses.values()):
             valid = inputs.labels[inputs.labels != self.ignore_index]
             if valid.numel():
                 low, high = int(valid.min()), int(valid.max())
@@ -419,7 +422,7 @@ class DistillationModule(L.LightningModule):
             target = teacher.logits if teacher.logits is not None else teacher.sparse
             sums[kd_name], sums[task_name], _ = LF.fused_forward_kl_and_ce(
                 student_logits, target, labels, ignore_index=self.ignore_index,
-                chunk_size=active[kd_name].chunk_size)
+                chunk_size=getattr(active[kd_name], "chunk_size", None))
         for name, term in active.items():
             if name in sums:
                 continue
@@ -442,13 +445,13 @@ class DistillationModule(L.LightningModule):
 
     @staticmethod
     def _fusable(active: Mapping[str, LossTerm], inputs: LossInputs, same_vocab: bool) -> tuple[str, str] | None:
-        """A (LogitKD forward_kl at T=1, TaskLoss) pair that can share one softmax, if there is one."""
+        """A (``fused_role="kd"``, ``fused_role="task"``) pair of terms that can share one softmax
+        (forward KL at T=1 and the task loss), if there is one."""
         teacher = inputs.teacher
         if not same_vocab or teacher is None or not teacher.has_distribution or inputs.labels is None:
             return None
-        kd = next((n for n, t in active.items() if type(t) is LogitKD and t.divergence == "forward_kl"
-                   and t.temperature == 1.0), None)
-        task = next((n for n, t in active.items() if type(t) is TaskLoss), None)
+        kd = next((n for n, t in active.items() if t.fused_role == "kd"), None)
+        task = next((n for n, t in active.items() if t.fused_role == "task"), None)
         return None if kd is None or task is None else (kd, task)
 
     def check_cached_vocab(self, vs: int, vt: int, *, sparse: bool) -> None:

@@ -10,40 +10,53 @@ Schedules change ``weight`` and ``temperature`` between steps; terms read them a
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 
 from lightning_distill.losses import functional as LF
+from lightning_distill.losses import registry
 from lightning_distill.types import LossInputs
+from lightning_distill.validation import check_int, check_number
 
 __all__ = ["LogitKD", "LossTerm", "TaskLoss"]
 
 
-def _check_number(name: str, value: Any, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value}.")
-    return value
+FusedRole = Literal["kd", "task"]
 
 
 class LossTerm(nn.Module):
     """Base class of a named, weighted loss term.
 
     Subclasses implement :meth:`forward` returning a float32 scalar: the term summed over the
-    valid positions of the micro-batch (not averaged). Set ``requires_teacher = True`` when the
-    term reads teacher targets.
+    valid positions of the micro-batch (not averaged). What the module needs to know about a
+    term, the term declares (the module never asks for its class):
+
+    * ``requires_teacher``: it reads teacher targets (the module then runs the teacher or reads
+      the cache, and hands the term the logits over the shared vocabulary);
+    * ``reads_labels``: it reads the dataset's labels as class ids of the student (the module
+      checks their range on the first batch);
+    * ``fused_role``: ``"kd"`` (forward KL at T = 1) or ``"task"`` (hard-label cross-entropy)
+      when the term's value is exactly that half of
+      :func:`~lightning_distill.losses.functional.fused_forward_kl_and_ce`; the module then
+      computes a ``"kd"`` and a ``"task"`` term together, in one pass. ``None``: never fused;
+    * ``no_neg_inf``: a teacher logit of ``-inf`` makes its value infinite (the module refuses
+      such a teacher output).
 
     Args:
         weight: multiplier of this term in the total loss, ``>= 0``.
     """
 
     requires_teacher: bool = False
+    reads_labels: bool = False
+
+    @property
+    def fused_role(self) -> FusedRole | None:
+        return None
+
+    @property
+    def no_neg_inf(self) -> bool:
+        return False
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
@@ -55,7 +68,7 @@ class LossTerm(nn.Module):
 
     @weight.setter
     def weight(self, value: float) -> None:
-        self._weight = _check_number("weight", value, positive=False)
+        self._weight = check_number("weight", value, low=0.0)
 
     def forward(self, inputs: LossInputs) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement forward(inputs).")
@@ -76,6 +89,13 @@ class TaskLoss(LossTerm):
         TaskLoss(weight=0.5)
     """
 
+    reads_labels = True
+
+    @property
+    def fused_role(self) -> FusedRole | None:
+        # A subclass that computes something else does not join the fused path.
+        return "task" if type(self).forward is TaskLoss.forward else None
+
     def forward(self, inputs: LossInputs) -> Tensor:
         total, _ = LF.cross_entropy(
             inputs.student_logits, inputs.labels, ignore_index=inputs.ignore_index,
@@ -91,8 +111,9 @@ class LogitKD(LossTerm):
     """Response-based distillation: a divergence between teacher and student logits.
 
     Args:
-        divergence: one of ``forward_kl``, ``reverse_kl``, ``generalized_jsd``,
-            ``skew_forward_kl``, ``skew_reverse_kl``, ``tvd``, ``logit_mse``.
+        divergence: a name of the divergence registry (:mod:`lightning_distill.losses.registry`):
+            ``forward_kl``, ``reverse_kl``, ``generalized_jsd``, ``skew_forward_kl``,
+            ``skew_reverse_kl``, ``tvd``, ``logit_mse``.
         temperature: both distributions are computed from ``logits / temperature``.
         weight: multiplier in the total loss.
         scale_by_t2: multiply by ``temperature**2`` (Hinton et al. 2015) so the gradient's
@@ -104,6 +125,7 @@ class LogitKD(LossTerm):
     Raises:
         ValueError: an unknown divergence, a temperature <= 0, a negative weight, or a
             ``beta``/``alpha`` outside its range or given to a divergence that has none.
+        TypeError: a temperature, weight, ``beta`` or ``alpha`` that is not a number.
 
     Example:
         >>> LogitKD("generalized_jsd", temperature=2.0, beta=0.5)
@@ -111,8 +133,6 @@ class LogitKD(LossTerm):
     """
 
     requires_teacher = True
-    _PARAMS = {"generalized_jsd": ("beta", 0.5), "skew_forward_kl": ("alpha", 0.1),
-               "skew_reverse_kl": ("alpha", 0.1)}
 
     def __init__(
         self,
@@ -125,25 +145,30 @@ class LogitKD(LossTerm):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__(weight)
+        entry = registry.get(divergence)
         self._fn = LF.divergence(divergence)
         self.divergence = divergence
         self.temperature = temperature
         self.scale_by_t2 = bool(scale_by_t2)
-        self.chunk_size = chunk_size
+        self.chunk_size = check_int("chunk_size", chunk_size, low=1, allow_none=True)
         given = {k: v for k, v in (("beta", beta), ("alpha", alpha)) if v is not None}
-        wanted = self._PARAMS.get(divergence)
+        wanted = entry.param
         for key in given:
-            if wanted is None or wanted[0] != key:
-                takes = f"takes {wanted[0]}" if wanted else "takes neither beta nor alpha"
+            if wanted is None or wanted.name != key:
+                takes = f"takes {wanted.name}" if wanted else "takes neither beta nor alpha"
                 raise ValueError(f"{key}={given[key]} was given, but divergence={divergence!r} {takes}.")
-        self.params: dict[str, float] = {}
-        if wanted is not None:
-            key, default = wanted
-            value = given.get(key, default)
-            # Validate now (not at the first step) by reusing the functional's own check.
-            zero = torch.zeros(1, 2)
-            self._fn(zero, zero, **{key: value})
-            self.params[key] = float(value)
+        # Checked now (not at the first step), by the registry entry's own range.
+        self.params: dict[str, float] = entry.params(given, caller="LogitKD")
+
+    @property
+    def fused_role(self) -> FusedRole | None:
+        fusable = (self.divergence == "forward_kl" and self.temperature == 1.0
+                   and type(self).forward is LogitKD.forward)
+        return "kd" if fusable else None
+
+    @property
+    def no_neg_inf(self) -> bool:
+        return registry.get(self.divergence).no_neg_inf
 
     @property
     def temperature(self) -> float:
@@ -151,7 +176,7 @@ class LogitKD(LossTerm):
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        self._temperature = _check_number("temperature", value, positive=True)
+        self._temperature = check_number("temperature", value, low=0.0, low_open=True)
 
     def forward(self, inputs: LossInputs) -> Tensor:
         teacher = inputs.teacher
