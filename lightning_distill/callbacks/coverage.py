@@ -103,6 +103,12 @@ class SliceSums(Metric):
     def compute(self) -> dict[str, Tensor]:
         return {field: getattr(self, field).clone() for field in self.fields}
 
+    def sums(self) -> dict[str, Tensor]:
+        """:meth:`compute` as ``(num_slices,)`` tensors (torchmetrics squeezes a single slice to 0-d)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return {field: value.reshape(-1) for field, value in self.compute().items()}
+
 
 def _opt_float(name: str, value: Any, *, low: float | None = None, high: float | None = None) -> float | None:
     if value is None:
@@ -239,9 +245,7 @@ class CoverageSlices(Callback):
         totals = {n: {f: float(self._restored_train.get(n, {}).get(f, 0.0)) for f in _TRAIN_FIELDS}
                   for n in names}
         if self._train is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                sums = self._train.compute()
+            sums = self._train.sums()
             for i, n in enumerate(self._train.slices):
                 for f in _TRAIN_FIELDS:
                     totals.setdefault(n, {g: 0.0 for g in _TRAIN_FIELDS})[f] += float(sums[f][i])
@@ -372,9 +376,7 @@ class CoverageSlices(Callback):
     def compute_rows(self) -> list[dict[str, Any]]:
         """Per-slice rows of the current evaluation (a collective under DDP)."""
         assert self._eval is not None and self.slices is not None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sums = self._eval.compute()
+        sums = self._eval.sums()
         has_teacher = bool(sums["teacher_nll"].abs().sum() > 0 or sums["teacher_correct"].sum() > 0)
         per_slice = {name: {f: float(sums[f][i]) for f in COVERAGE_FIELDS} for i, name in enumerate(self.slices)}
         if not has_teacher:
