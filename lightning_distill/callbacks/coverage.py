@@ -132,6 +132,10 @@ class CoverageSlices(Callback):
     names each one with its numbers, and with ``on_gap="error"`` a :class:`CoverageGapError`
     is raised at the end of ``fit`` / ``test``, after the reports are written.
 
+    Evaluation numbers come from the module's own validation/test step, one forward per batch:
+    the callback switches on ``DistillationModule.eval_sample_sums`` and adds up the per-sample
+    sums the step returns (its ``outputs``); it needs no forward of its own.
+
     Training coverage: ``on_train_batch_end`` counts the valid label positions (``tokens``, the
     count evaluation uses) and samples of each slice the student trained on; the counts
     are summed across ranks and kept in checkpoints, so a resumed run keeps them.
@@ -294,6 +298,9 @@ class CoverageSlices(Callback):
         self._eval.to(pl_module.device)
         if self._train is not None:
             self._train.to(pl_module.device)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.eval_sample_sums = False  # a later run without this callback skips the sums
 
     # ------------------------------------------------------------------ slice names
     def _names(self, batch: Any, dataloader_idx: int | None, n: int) -> list[str] | None:
