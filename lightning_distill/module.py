@@ -623,6 +623,8 @@ class DistillationModule(L.LightningModule):
             self.log(f"{stage}/{name}", metrics[name], on_step=False, on_epoch=True,
                      metric_attribute=f"metrics.{key}.{name}", **kwargs)
 
+        wanted = self.eval_sample_sums and not (self._trainer is not None and self.trainer.sanity_checking)
+        per_sample = self.sample_sums(out["student_logits"], out["labels"], out["targets"]) if wanted else None
         count = out["count"]
         weight = count.float().clamp_min(1e-12)
         for name, value in out["sums"].items():
@@ -630,15 +632,18 @@ class DistillationModule(L.LightningModule):
             log(name)
         metrics["loss"].update(out["weighted"] / weight, weight)
         log("loss", prog_bar=stage == "val")
-        extra = self._agreement_and_kl(out["loss_inputs"], kl=out["kl"])
+        if per_sample is not None and out["targets"] is not None and out["targets"].logits is not None:
+            # Dense targets: the per-sample agreement and KL are the same functions on the same
+            # (vocabulary-matched) logits; their totals serve the batch metrics (no second pass).
+            extra = (per_sample["agreement"].sum(), out["kl"] if out["kl"] is not None else per_sample["kl"].sum())
+        else:
+            extra = self._agreement_and_kl(out["loss_inputs"], kl=out["kl"])
         if extra is not None:
             metrics["agreement"].update(extra[0] / weight, weight)
             metrics["kl"].update(extra[1] / weight, weight)
             log("agreement")
             log("kl")
-        if not self.eval_sample_sums or (self._trainer is not None and self.trainer.sanity_checking):
-            return None
-        return self.sample_sums(out["student_logits"], out["labels"], out["targets"])
+        return per_sample
 
     def configure_optimizers(self) -> OptimizerLRScheduler:
         params = [p for p in self.student.parameters() if p.requires_grad]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COVERAGE_FIELDS", "METRICS", "TABLE_KEYS", "SliceStats", "coverage_markdown", "coverage_rows",
+__all__ = ["COVERAGE_FIELDS", "METRICS", "TABLE_KEYS", "SliceStats", "card_rows", "coverage_markdown", "coverage_rows",
            "describe_row", "fmt", "format_coverage_table", "format_slice_table", "markdown_table",
            "plot_retention", "retention", "stats_from_sums", "write_coverage_reports"]
 
@@ -176,6 +176,13 @@ def coverage_rows(per_slice: Mapping[str, Mapping[str, float | None]],
         if reasons:
             r["gap"], r["gap_reason"] = True, "; ".join(reasons)
     return rows
+
+
+def card_rows(stats: Mapping[str, SliceStats]) -> list[dict[str, Any]]:
+    """Slice rows for the distillation card when no ``CoverageSlices`` ran (perplexity, no gap rule)."""
+    return [{"slice": n, "tokens": s.tokens, "teacher_metric": s.teacher_perplexity,
+             "student_metric": s.student_perplexity, "retention": s.retention, "gap": None}
+            for n, s in stats.items()]
 
 
 # ---------------------------------------------------------------------- tables
