@@ -367,9 +367,9 @@ def _card(module: Any, datamodule: Any, trainer: Any, stats: Mapping[str, Any], 
                                                                 "max_gap_to_best")},
                "gaps": [r["slice"] for r in slices if r["gap"]]}
     else:
-        slices = [{"slice": n, "tokens": s.tokens, "teacher_metric": s.teacher_perplexity,
-                   "student_metric": s.student_perplexity, "retention": s.retention, "gap": None}
-                  for n, s in stats.items()]
+        from lightning_distill.reporting import card_rows
+
+        slices = card_rows(stats)
         cov = None
     schedules = {}
     for cb in trainer.callbacks:

@@ -13,6 +13,7 @@ from torch import nn
 from lightning_distill import __version__
 from lightning_distill.models.adapters import is_hf_model, unwrap_model
 from lightning_distill.models.identity import describe_model
+from lightning_distill.reporting import fmt
 
 __all__ = ["CARD_NAME", "RECORD_NAME", "card_markdown", "distillation_card", "export_student", "versions", "write_card"]
 
@@ -105,12 +106,6 @@ def distillation_card(*, student: nn.Module, teacher: dict[str, Any] | None, dat
     }
 
 
-def _cell(value: Any, spec: str = "") -> str:
-    if value is None:
-        return "-"
-    return format(value, spec) if spec and isinstance(value, (int, float)) else str(value)
-
-
 def _cache_line(cache: Any) -> str:
     if not isinstance(cache, dict):
         return str(cache)
@@ -135,10 +130,10 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines = ["# Distillation card", "",
              f"- created: {card.get('created')}",
              f"- teacher: {teacher.get('name_or_path') or teacher.get('class')} "
-             f"({_cell(teacher.get('num_parameters'), ',')} parameters, weights sha256 "
-             f"`{_cell(teacher.get('weights_sha256'))[:16]}`)",
-             f"- student: {student.get('class')} ({_cell(student.get('num_parameters'), ',')} parameters, "
-             f"weights sha256 `{_cell(student.get('weights_sha256'))[:16]}`)",
+             f"({fmt(teacher.get('num_parameters'), ',')} parameters, weights sha256 "
+             f"`{fmt(teacher.get('weights_sha256'))[:16]}`)",
+             f"- student: {student.get('class')} ({fmt(student.get('num_parameters'), ',')} parameters, "
+             f"weights sha256 `{fmt(student.get('weights_sha256'))[:16]}`)",
              *([f"- student cut from the teacher: {_derived_line(student['derived_from_teacher'])}"]
                if student.get("derived_from_teacher") else []),
              f"- data: fingerprint `{data.get('fingerprint')}`, trained on slices "
@@ -151,8 +146,8 @@ def card_markdown(card: dict[str, Any]) -> str:
              "", "## Slices: coverage and retention", "",
              "| slice | train tokens | teacher | student | retention | gap |", "|---|---|---|---|---|---|"]
     for r in data.get("slices") or []:
-        lines.append(f"| {r.get('slice')} | {_cell(r.get('train_tokens'))} | {_cell(r.get('teacher_metric'), '.3f')} "
-                     f"| {_cell(r.get('student_metric'), '.3f')} | {_cell(r.get('retention'), '.3f')} "
+        lines.append(f"| {r.get('slice')} | {fmt(r.get('train_tokens'))} | {fmt(r.get('teacher_metric'), '.3f')} "
+                     f"| {fmt(r.get('student_metric'), '.3f')} | {fmt(r.get('retention'), '.3f')} "
                      f"| {'GAP' if r.get('gap') else ''} |")
     if coverage:
         gaps = coverage.get("gaps") or []

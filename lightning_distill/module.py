@@ -18,12 +18,12 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_distill import __version__
+from lightning_distill.alignment import align_labels, split_batch
 from lightning_distill.checkpoint import CheckedCheckpointIO, checkpoint_errors
 from lightning_distill.losses import functional as LF
 from lightning_distill.losses import registry
@@ -172,6 +172,8 @@ class DistillationModule(L.LightningModule):
         self.vocab_mismatch = vocab_mismatch
         self.metrics_every_n_steps = metrics_every_n_steps
         self.save_teacher_weights = bool(save_teacher_weights)
+        #: Validation/test steps return per-sample sums (:meth:`sample_sums`); CoverageSlices turns it on.
+        self.eval_sample_sums = False
 
         # Eval metrics per stage and dataloader (``val``, ``val_1``, ...), made on first use.
         self.metrics = nn.ModuleDict()
@@ -238,34 +240,10 @@ class DistillationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ the data path
     def _split_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
-        if isinstance(batch, Mapping):
-            return batch, batch.get("labels")
-        if isinstance(batch, (tuple, list)) and len(batch) == 2:
-            return batch[0], batch[1]
-        raise TypeError(
-            f"a batch must be a mapping (input_ids, attention_mask, labels, ...) or an (inputs, target) "
-            f"pair, got {type(batch).__name__}"
-            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "") + "."
-        )
+        return split_batch(batch)
 
     def _aligned_labels(self, labels: Tensor | None, inputs: Any, logits: Tensor) -> Tensor | None:
-        if labels is None and self.shift_labels and isinstance(inputs, Mapping) and "input_ids" in inputs:
-            labels = inputs["input_ids"]
-            mask = inputs.get("attention_mask")
-            if mask is not None:
-                labels = labels.masked_fill(mask == 0, self.ignore_index)
-        if labels is None:
-            return None
-        if self.shift_labels:
-            # Shift the labels, not the logits: logits stay contiguous (no copy of (B, T, V)).
-            labels = F.pad(labels[..., 1:], (0, 1), value=self.ignore_index)
-        if labels.shape != logits.shape[:-1]:
-            raise ValueError(
-                f"labels of shape {tuple(labels.shape)} do not match the student's logits "
-                f"{tuple(logits.shape)} (one label per position expected); check the batch's "
-                "'labels' or pass student_logits_fn to reshape the output."
-            )
-        return labels
+        return align_labels(labels, inputs, logits, shift_labels=self.shift_labels, ignore_index=self.ignore_index)
 
     def _teacher_needed(self, stage: Stage, active: Mapping[str, LossTerm]) -> bool:
         return stage != "train" or self._metrics_step() or any(t.requires_teacher for t in active.values())
@@ -399,6 +377,7 @@ class DistillationModule(L.LightningModule):
 
         active = {n: t for n, t in self.losses.items() if t.weight > 0}
         teacher = self.teacher_targets(batch, inputs) if self._teacher_needed(stage, active) else None
+        targets = teacher  # as they came, for the per-sample evaluation sums
         kd_logits = student_logits
         if teacher is not None and teacher.logits is not None:
             kd_logits, teacher_logits = self._match_vocab(student_logits, teacher.logits)
@@ -441,7 +420,8 @@ class DistillationModule(L.LightningModule):
         # The fused KD term is forward KL at T=1: the same number the agreement/KL metrics report.
         kl = sums[fused[0]].detach() if fused is not None else None
         return {"sums": sums, "weighted": weighted, "count": count, "loss_inputs": loss_inputs,
-                "batch_size": _batch_size(labels, student_logits), "kl": kl}
+                "batch_size": _batch_size(labels, student_logits), "kl": kl,
+                "student_logits": student_logits, "labels": labels, "targets": targets}
 
     @staticmethod
     def _fusable(active: Mapping[str, LossTerm], inputs: LossInputs, same_vocab: bool) -> tuple[str, str] | None:
@@ -499,19 +479,45 @@ class DistillationModule(L.LightningModule):
 
     @torch.no_grad()
     def evaluate_batch(self, batch: Any) -> dict[str, Tensor]:
-        """Per-sample evaluation numbers for one batch, with the same alignment as training.
+        """Per-sample evaluation numbers for one batch (one forward; see :meth:`sample_sums`).
 
-        Returns a dict of 1-D tensors over the batch's samples: ``tokens`` (valid positions),
-        ``student_nll`` and ``teacher_nll`` (summed cross-entropy against the labels, in nats),
-        ``agreement`` (positions whose top-1 tokens match) and ``kl`` (summed forward KL at
-        temperature 1), ``correct`` and ``teacher_correct`` (valid positions whose argmax is the
-        label: accuracy = correct / tokens). Teacher entries are absent when there is no teacher.
-        Slice-wise reports (perplexity = exp(nll / tokens)) are sums of these.
+        Raises:
+            ValueError: the batch has no labels (nor ``input_ids`` for a causal LM).
         """
-        inputs, labels = self._split_batch(batch)
+        inputs, labels = split_batch(batch)
         student_logits = logits_from_output(call_model(self.student, inputs), self.student_logits_fn,
                                             who="student")
         labels = self._aligned_labels(labels, inputs, student_logits)
+        if labels is None:
+            raise ValueError("evaluate_batch needs labels (or input_ids for a causal LM) to score the student.")
+        return self.sample_sums(student_logits, labels, self.teacher_targets(batch, inputs))
+
+    @torch.no_grad()
+    def sample_sums(self, student_logits: Tensor, labels: Tensor | None,
+                    teacher: TeacherTargets | None) -> dict[str, Tensor]:
+        """Per-sample evaluation sums from one forward's logits, with the same alignment as training.
+
+        The validation/test step returns these when :attr:`eval_sample_sums` is on (as
+        :class:`~lightning_distill.callbacks.CoverageSlices` sets it), and :meth:`evaluate_batch`
+        when called on its own, so a batch is scored by one forward either way.
+
+        Args:
+            student_logits: the student's logits, ``(..., V)``.
+            labels: labels aligned to the logits (:func:`~lightning_distill.alignment.align_labels`).
+            teacher: the teacher's targets for the batch as they came (before any vocabulary
+                slicing), or ``None``.
+
+        Returns:
+            A dict of 1-D tensors over the batch's samples: ``tokens`` (valid positions),
+            ``student_nll`` and ``teacher_nll`` (summed cross-entropy against the labels, in nats),
+            ``agreement`` (positions whose top-1 tokens match) and ``kl`` (summed forward KL at
+            temperature 1), ``correct`` and ``teacher_correct`` (valid positions whose argmax is the
+            label: accuracy = correct / tokens). Teacher entries are absent when there is no teacher.
+            Slice-wise reports (perplexity = exp(nll / tokens)) are sums of these.
+
+        Raises:
+            ValueError: no labels; labels a smaller teacher vocabulary cannot score.
+        """
         if labels is None:
             raise ValueError("evaluate_batch needs labels (or input_ids for a causal LM) to score the student.")
         per_sample = (labels.shape[0], -1)
@@ -522,7 +528,6 @@ class DistillationModule(L.LightningModule):
                                             reduction="none").reshape(per_sample).sum(-1),
             "correct": (LF.is_top1(student_logits, labels) & mask).reshape(per_sample).sum(-1),
         }
-        teacher = self.teacher_targets(batch, inputs)
         if teacher is not None and teacher.logits is not None:
             s, t = self._match_vocab(student_logits, teacher.logits)
             vt = teacher.logits.shape[-1]
@@ -596,11 +601,11 @@ class DistillationModule(L.LightningModule):
         if grads:
             torch._foreach_mul_(grads, scale.to(grads[0].device))
 
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, "val", dataloader_idx)
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor] | None:
+        return self._eval_step(batch, "val", dataloader_idx)
 
-    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, "test", dataloader_idx)
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor] | None:
+        return self._eval_step(batch, "test", dataloader_idx)
 
     def _eval_metrics(self, stage: Stage, dataloader_idx: int) -> tuple[str, nn.ModuleDict]:
         """The metrics of one eval dataloader (``val``, ``val_1``, ...), made on first use."""
@@ -610,7 +615,9 @@ class DistillationModule(L.LightningModule):
             self.metrics[key] = nn.ModuleDict({n: MeanMetric() for n in names}).to(self.device)
         return key, self.metrics[key]
 
-    def _eval_step(self, batch: Any, stage: Stage, dataloader_idx: int = 0) -> None:
+    def _eval_step(self, batch: Any, stage: Stage, dataloader_idx: int = 0) -> dict[str, Tensor] | None:
+        """Log the eval metrics; return :meth:`sample_sums` of the same forward when
+        :attr:`eval_sample_sums` is on (not in the sanity check), else ``None``."""
         out = self._shared_step(batch, stage)
         # One metric object per (stage, dataloader, term): Lightning adds /dataloader_idx_k to the key.
         key, metrics = self._eval_metrics(stage, dataloader_idx)
@@ -619,6 +626,8 @@ class DistillationModule(L.LightningModule):
             self.log(f"{stage}/{name}", metrics[name], on_step=False, on_epoch=True,
                      metric_attribute=f"metrics.{key}.{name}", **kwargs)
 
+        wanted = self.eval_sample_sums and not (self._trainer is not None and self.trainer.sanity_checking)
+        per_sample = self.sample_sums(out["student_logits"], out["labels"], out["targets"]) if wanted else None
         count = out["count"]
         weight = count.float().clamp_min(1e-12)
         for name, value in out["sums"].items():
@@ -626,12 +635,18 @@ class DistillationModule(L.LightningModule):
             log(name)
         metrics["loss"].update(out["weighted"] / weight, weight)
         log("loss", prog_bar=stage == "val")
-        extra = self._agreement_and_kl(out["loss_inputs"], kl=out["kl"])
+        if per_sample is not None and out["targets"] is not None and out["targets"].logits is not None:
+            # Dense targets: the per-sample agreement and KL are the same functions on the same
+            # (vocabulary-matched) logits; their totals serve the batch metrics (no second pass).
+            extra = (per_sample["agreement"].sum(), out["kl"] if out["kl"] is not None else per_sample["kl"].sum())
+        else:
+            extra = self._agreement_and_kl(out["loss_inputs"], kl=out["kl"])
         if extra is not None:
             metrics["agreement"].update(extra[0] / weight, weight)
             metrics["kl"].update(extra[1] / weight, weight)
             log("agreement")
             log("kl")
+        return per_sample
 
     def configure_optimizers(self) -> OptimizerLRScheduler:
         params = [p for p in self.student.parameters() if p.requires_grad]

@@ -326,3 +326,27 @@ def test_unknown_slice_in_a_training_batch_is_named_as_such(tmp_path):
     cb = CoverageSlices(slices=["a"], min_retention=None, min_relative_retention=None)
     with pytest.raises(ValueError, match=r"unknown slice\(s\) \['b'\] in a training batch"):
         trainer(tmp_path, [cb], max_steps=2).fit(make_module(), data)
+
+
+def test_one_forward_per_eval_batch_and_a_single_slice(tmp_path):
+    """The step's own forward feeds the callback: each model runs once per batch, as without it."""
+    calls = {"student": 0, "teacher": 0}
+
+    def counted(module: DistillationModule) -> DistillationModule:
+        for name in calls:
+            getattr(module, name).register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+        return module
+
+    items = [{**item, "slice": "all"} for item in lm_items()]
+    data = DataLoader(Items(items), batch_size=3)  # 3 batches
+    trainer(tmp_path / "plain", []).test(counted(make_module()), data, verbose=False)
+    assert calls == {"student": 3, "teacher": 3}
+    calls.update(student=0, teacher=0)
+    cb = CoverageSlices(slices=["all"], min_retention=None)  # one slice: a 1-element state
+    module = counted(make_module())
+    trainer(tmp_path, [cb]).test(module, data, verbose=False)
+    assert calls == {"student": 3, "teacher": 3}
+    (row,) = cb.last_rows
+    e = expected_lm(module, items)["all"]
+    assert row["samples"] == len(items) and row["tokens"] == e["tokens"]
+    assert row["retention"] == pytest.approx(math.exp((e["t_nll"] - e["s_nll"]) / e["tokens"]), rel=1e-5)

@@ -19,7 +19,6 @@ All sums (tokens, NLL, agreement, KL, correct predictions, training coverage) li
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -34,14 +33,23 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_distill.alignment import valid_positions
+from lightning_distill.reporting import (
+    COVERAGE_FIELDS,
+    METRICS,
+    TABLE_KEYS,
+    coverage_rows,
+    describe_row,
+    format_coverage_table,
+    plot_retention,
+    retention,
+    write_coverage_reports,
+)
+
 __all__ = ["COVERAGE_FIELDS", "CoverageGapError", "CoverageSlices", "SliceSums", "coverage_rows",
            "format_coverage_table", "plot_retention", "retention"]
 
-#: Per-slice sums kept for held-out evaluation (``evaluate_batch`` keys plus ``samples``).
-COVERAGE_FIELDS = ("samples", "tokens", "student_nll", "teacher_nll", "agreement", "kl", "correct",
-                   "teacher_correct")
 _TRAIN_FIELDS = ("samples", "tokens")
-_METRICS = ("perplexity", "accuracy")
 _ON_GAP = ("warn", "error")
 
 
@@ -95,27 +103,11 @@ class SliceSums(Metric):
     def compute(self) -> dict[str, Tensor]:
         return {field: getattr(self, field).clone() for field in self.fields}
 
-
-def retention(metric: str, *, tokens: float, student_nll: float | None = None,
-              teacher_nll: float | None = None, correct: float | None = None,
-              teacher_correct: float | None = None) -> float | None:
-    """Student relative to teacher, 1.0 = as good as the teacher (see the module docstring).
-
-    ``perplexity``: ``exp((teacher_nll - student_nll) / tokens)``; ``accuracy``:
-    ``correct / teacher_correct``. ``None`` when it is undefined (no tokens, no teacher, or a
-    teacher with accuracy 0).
-    """
-    if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}.")
-    if tokens <= 0:
-        return None
-    if metric == "perplexity":
-        if teacher_nll is None or student_nll is None:
-            return None
-        return math.exp((teacher_nll - student_nll) / tokens)
-    if teacher_correct is None or correct is None or teacher_correct <= 0:
-        return None
-    return correct / teacher_correct
+    def sums(self) -> dict[str, Tensor]:
+        """:meth:`compute` as ``(num_slices,)`` tensors (torchmetrics squeezes a single slice to 0-d)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return {field: value.reshape(-1) for field, value in self.compute().items()}
 
 
 def _opt_float(name: str, value: Any, *, low: float | None = None, high: float | None = None) -> float | None:
@@ -140,8 +132,12 @@ class CoverageSlices(Callback):
     names each one with its numbers, and with ``on_gap="error"`` a :class:`CoverageGapError`
     is raised at the end of ``fit`` / ``test``, after the reports are written.
 
+    Evaluation numbers come from the module's own validation/test step, one forward per batch:
+    the callback switches on ``DistillationModule.eval_sample_sums`` and adds up the per-sample
+    sums the step returns (its ``outputs``); it needs no forward of its own.
+
     Training coverage: ``on_train_batch_end`` counts the valid label positions (``tokens``, the
-    count ``evaluate_batch`` uses) and samples of each slice the student trained on; the counts
+    count evaluation uses) and samples of each slice the student trained on; the counts
     are summed across ranks and kept in checkpoints, so a resumed run keeps them.
 
     Args:
@@ -208,8 +204,8 @@ class CoverageSlices(Callback):
             if slices is not None and set(dataloader_names) - set(slices):
                 raise ValueError(f"dataloader_names {sorted(set(dataloader_names) - set(slices))} are not "
                                  f"among slices={slices}.")
-        if metric not in _METRICS:
-            raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}.")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
         if on_gap not in _ON_GAP:
             raise ValueError(f"on_gap must be one of {_ON_GAP}, got {on_gap!r}.")
         if not isinstance(count_training, bool):
@@ -253,9 +249,7 @@ class CoverageSlices(Callback):
         totals = {n: {f: float(self._restored_train.get(n, {}).get(f, 0.0)) for f in _TRAIN_FIELDS}
                   for n in names}
         if self._train is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                sums = self._train.compute()
+            sums = self._train.sums()
             for i, n in enumerate(self._train.slices):
                 for f in _TRAIN_FIELDS:
                     totals.setdefault(n, {g: 0.0 for g in _TRAIN_FIELDS})[f] += float(sums[f][i])
@@ -290,6 +284,8 @@ class CoverageSlices(Callback):
         if not hasattr(pl_module, "evaluate_batch"):
             raise ValueError(f"CoverageSlices needs a module with evaluate_batch(batch) (a "
                              f"DistillationModule), got {type(pl_module).__name__}.")
+        # The module's eval step returns the per-sample sums of its own forward: one forward per batch.
+        pl_module.eval_sample_sums = True
         if self._eval is None:
             self._eval = SliceSums(self.slices, COVERAGE_FIELDS)
         if self._train is None and self.count_training:
@@ -302,6 +298,9 @@ class CoverageSlices(Callback):
         self._eval.to(pl_module.device)
         if self._train is not None:
             self._train.to(pl_module.device)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.eval_sample_sums = False  # a later run without this callback skips the sums
 
     # ------------------------------------------------------------------ slice names
     def _names(self, batch: Any, dataloader_idx: int | None, n: int) -> list[str] | None:
@@ -325,7 +324,7 @@ class CoverageSlices(Callback):
                            batch_idx: int) -> None:
         if self._train is None:
             return
-        tokens = _valid_positions(pl_module, batch)
+        tokens = valid_positions(batch, shift_labels=pl_module.shift_labels, ignore_index=pl_module.ignore_index)
         names = self._names(batch, None, tokens.shape[0])
         if names is None:
             return
@@ -347,9 +346,11 @@ class CoverageSlices(Callback):
         if self._eval is not None:
             self._eval.reset()
 
-    def _batch(self, pl_module: L.LightningModule, batch: Any, dataloader_idx: int) -> None:
+    def _batch(self, pl_module: L.LightningModule, outputs: Any, batch: Any, dataloader_idx: int) -> None:
         assert self._eval is not None
-        out = pl_module.evaluate_batch(batch)
+        # The eval step's per-sample sums (DistillationModule.sample_sums); a module whose step
+        # returns none (e.g. a subclass's own validation_step) is scored by a forward of its own.
+        out = outputs if isinstance(outputs, Mapping) and "tokens" in outputs else pl_module.evaluate_batch(batch)
         n = out["tokens"].shape[0]
         names = self._names(batch, dataloader_idx, n)
         if names is None:
@@ -366,11 +367,11 @@ class CoverageSlices(Callback):
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if not trainer.sanity_checking:
-            self._batch(pl_module, batch, dataloader_idx)
+            self._batch(pl_module, outputs, batch, dataloader_idx)
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._batch(pl_module, batch, dataloader_idx)
+        self._batch(pl_module, outputs, batch, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -382,9 +383,7 @@ class CoverageSlices(Callback):
     def compute_rows(self) -> list[dict[str, Any]]:
         """Per-slice rows of the current evaluation (a collective under DDP)."""
         assert self._eval is not None and self.slices is not None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sums = self._eval.compute()
+        sums = self._eval.sums()
         has_teacher = bool(sums["teacher_nll"].abs().sum() > 0 or sums["teacher_correct"].sum() > 0)
         per_slice = {name: {f: float(sums[f][i]) for f in COVERAGE_FIELDS} for i, name in enumerate(self.slices)}
         if not has_teacher:
@@ -434,23 +433,12 @@ class CoverageSlices(Callback):
         for r in self.last_rows:
             if r["gap"]:
                 rank_zero_warn(f"coverage gap on slice {r['slice']!r} ({stage}, step {step}): "
-                               f"{_describe(r, self.metric)}; {r['gap_reason']}. The distillation data "
+                               f"{describe_row(r, self.metric)}; {r['gap_reason']}. The distillation data "
                                f"covered {int(r['train_tokens'])} training tokens of it.")
 
     def write_reports(self, directory: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
         """Write ``coverage.json``, ``coverage.md`` and ``coverage.png`` into ``directory``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "coverage.json").write_text(json.dumps({**record, "history": self.history}, indent=2))
-        rows = record["slices"]
-        title = f"Coverage and retention per slice ({record['stage']}, step {record['step']})"
-        lines = [f"# {title}", "", format_coverage_table(rows, self.metric), "",
-                 _definition(self.metric), "", _rule_text(record["thresholds"]), ""]
-        gaps = record["gaps"]
-        lines.append(f"**Coverage gaps: {', '.join(gaps)}**" if gaps else "No coverage gap.")
-        lines += ["", "![retention per slice](coverage.png)", ""]
-        (directory / "coverage.md").write_text("\n".join(lines))
-        plot_retention(rows, directory / "coverage.png", title=title, thresholds=record["thresholds"])
+        write_coverage_reports(directory, record, self.history)
 
     def _log_wandb(self, trainer: L.Trainer, rows: list[dict[str, Any]], stage: str) -> None:
         try:
@@ -462,7 +450,7 @@ class CoverageSlices(Callback):
             return
         import wandb
 
-        columns = list(_TABLE_KEYS)
+        columns = list(TABLE_KEYS)
         data = [[r[k] for k in columns] for r in rows]
         for logger in loggers:
             table = wandb.Table(columns=columns, data=data)
@@ -484,164 +472,7 @@ class CoverageSlices(Callback):
     def _raise_if_gaps(self, stage: str) -> None:
         gaps = [r for r in self.last_rows if r["gap"]]
         if self.on_gap == "error" and gaps:
-            details = "; ".join(f"{r['slice']}: {_describe(r, self.metric)}, {r['gap_reason']}" for r in gaps)
+            details = "; ".join(f"{r['slice']}: {describe_row(r, self.metric)}, {r['gap_reason']}" for r in gaps)
             raise CoverageGapError(f"coverage gap(s) after {stage} on slice(s) "
                                    f"{[r['slice'] for r in gaps]} — {details}. Reports are written; add "
                                    "training data for these slices or lower the thresholds.")
-
-
-# ---------------------------------------------------------------------- helpers
-_TABLE_KEYS = ("slice", "samples", "tokens", "train_samples", "train_tokens", "teacher_metric",
-               "student_metric", "retention", "agreement", "kl", "gap")
-
-
-def _valid_positions(pl_module: Any, batch: Any) -> Tensor:
-    """Valid label positions per sample, as ``evaluate_batch`` counts them (same alignment)."""
-    inputs, labels = pl_module._split_batch(batch)
-    source = labels
-    if source is None and isinstance(inputs, Mapping):
-        source = inputs.get("input_ids")
-    if source is None:
-        raise ValueError("CoverageSlices cannot count training tokens: the batch has no labels or input_ids.")
-    fake_logits = torch.empty((*source.shape, 1), device="meta")
-    aligned = pl_module._aligned_labels(labels, inputs, fake_logits)
-    if aligned is None:  # pragma: no cover - source is not None above
-        return torch.ones(source.shape[0], dtype=torch.long, device=source.device)
-    return (aligned != pl_module.ignore_index).reshape(aligned.shape[0], -1).sum(-1)
-
-
-def coverage_rows(per_slice: Mapping[str, Mapping[str, float | None]],
-                  train: Mapping[str, Mapping[str, float]] | None = None, *, metric: str = "perplexity",
-                  min_retention: float | None = None, min_relative_retention: float | None = None,
-                  max_gap_to_best: float | None = None) -> list[dict[str, Any]]:
-    """From per-slice sums (``COVERAGE_FIELDS``) to table rows with retention and gap flags."""
-    rows = []
-    for name, s in per_slice.items():
-        tokens = float(s.get("tokens") or 0.0)
-        denom = max(tokens, 1.0)
-        teacher_nll, correct, teacher_correct = s.get("teacher_nll"), s.get("correct"), s.get("teacher_correct")
-        if metric == "perplexity":
-            student_metric = math.exp(s["student_nll"] / denom) if tokens > 0 else None
-            teacher_metric = math.exp(teacher_nll / denom) if tokens > 0 and teacher_nll is not None else None
-        else:
-            student_metric = correct / denom if tokens > 0 and correct is not None else None
-            teacher_metric = (teacher_correct / denom if tokens > 0 and teacher_correct is not None else None)
-        agreement, kl = s.get("agreement"), s.get("kl")
-        tr = (train or {}).get(name, {})
-        rows.append({
-            "slice": name, "samples": int(s.get("samples") or 0), "tokens": int(tokens),
-            "train_samples": int(tr.get("samples", 0)), "train_tokens": int(tr.get("tokens", 0)),
-            "teacher_metric": teacher_metric, "student_metric": student_metric,
-            "retention": retention(metric, tokens=tokens, student_nll=s.get("student_nll"), teacher_nll=teacher_nll,
-                                   correct=correct, teacher_correct=teacher_correct),
-            "agreement": agreement / denom if agreement is not None and tokens > 0 else None,
-            "kl": kl / denom if kl is not None and tokens > 0 else None,
-            "gap": False, "gap_reason": None,
-        })
-    scored = [r["retention"] for r in rows if r["retention"] is not None]
-    best = max(scored) if scored else None
-    for r in rows:
-        value = r["retention"]
-        if value is None:
-            continue
-        reasons = []
-        if min_retention is not None and value < min_retention:
-            reasons.append(f"retention {value:.3f} < min_retention {min_retention:g}")
-        if min_relative_retention is not None and best is not None and value < min_relative_retention * best:
-            reasons.append(f"retention {value:.3f} < {min_relative_retention:g} x best slice's {best:.3f}")
-        if max_gap_to_best is not None and best is not None and value < best - max_gap_to_best:
-            reasons.append(f"retention {value:.3f} < best {best:.3f} - max_gap_to_best {max_gap_to_best:g}")
-        if reasons:
-            r["gap"], r["gap_reason"] = True, "; ".join(reasons)
-    return rows
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _metric_label(metric: str) -> str:
-    return "ppl" if metric == "perplexity" else "acc"
-
-
-def _describe(row: Mapping[str, Any], metric: str) -> str:
-    label = _metric_label(metric)
-    return (f"retention {_fmt(row['retention'], '.3f')} (teacher {label} {_fmt(row['teacher_metric'], '.3f')}, "
-            f"student {label} {_fmt(row['student_metric'], '.3f')}, {row['tokens']} eval tokens)")
-
-
-def format_coverage_table(rows: Sequence[Mapping[str, Any]], metric: str = "perplexity") -> str:
-    """A markdown table: per slice, training coverage next to retention, and a GAP marker."""
-    label = _metric_label(metric)
-    spec = ".2f" if metric == "perplexity" else ".3f"
-    header = ["slice", "train tokens", "eval tokens", f"teacher {label}", f"student {label}", "retention",
-              "top-1 agree", "KL(t||s)", "gap"]
-    table = [header, ["---"] * len(header)]
-    for r in rows:
-        table.append([r["slice"], str(r["train_tokens"]), str(r["tokens"]), _fmt(r["teacher_metric"], spec),
-                      _fmt(r["student_metric"], spec), _fmt(r["retention"], ".3f"), _fmt(r["agreement"], ".3f"),
-                      _fmt(r["kl"], ".3f"), "GAP" if r["gap"] else ""])
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    return "\n".join("| " + " | ".join(("-" * widths[i]) if row[i] == "---" else row[i].ljust(widths[i])
-                                       for i in range(len(header))) + " |" for row in table)
-
-
-def _definition(metric: str) -> str:
-    if metric == "perplexity":
-        return ("*Retention* = teacher perplexity / student perplexity (1.0: as good as the teacher; "
-                "0.5: twice the teacher's perplexity). *Train tokens*: label positions of the slice the "
-                "student trained on.")
-    return ("*Retention* = student accuracy / teacher accuracy (1.0: as good as the teacher). "
-            "*Train tokens*: labelled examples/positions of the slice the student trained on.")
-
-
-def _rule_text(thresholds: Mapping[str, float | None]) -> str:
-    rules = []
-    if thresholds.get("min_retention") is not None:
-        rules.append(f"retention < {thresholds['min_retention']:g}")
-    if thresholds.get("min_relative_retention") is not None:
-        rules.append(f"retention < {thresholds['min_relative_retention']:g} x the best slice's retention")
-    if thresholds.get("max_gap_to_best") is not None:
-        rules.append(f"retention < best - {thresholds['max_gap_to_best']:g}")
-    return "A slice is a coverage gap if " + (" or ".join(rules) if rules else "never (no threshold set)") + "."
-
-
-def plot_retention(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], *, title: str = "",
-                   thresholds: Mapping[str, float | None] | None = None) -> Path:
-    """A PNG bar chart of retention per slice (gaps in red) with the threshold lines."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    thresholds = thresholds or {}
-    names = [r["slice"] for r in rows]
-    values = [r["retention"] if r["retention"] is not None else 0.0 for r in rows]
-    colors = ["#d62728" if r["gap"] else "#2ca02c" for r in rows]
-    fig = Figure(figsize=(max(4.0, 1.2 * len(rows) + 2), 3.2), dpi=100)
-    ax = fig.subplots()
-    bars = ax.bar(names, values, color=colors)
-    for bar, r in zip(bars, rows, strict=True):
-        label = _fmt(r["retention"], ".3f") + (" GAP" if r["gap"] else "")
-        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                    fontsize=8)
-    scored = [r["retention"] for r in rows if r["retention"] is not None]
-    if thresholds.get("min_retention") is not None:
-        ax.axhline(thresholds["min_retention"], color="black", linestyle="--", linewidth=1,
-                   label=f"min_retention {thresholds['min_retention']:g}")
-    if scored and thresholds.get("min_relative_retention") is not None:
-        line = thresholds["min_relative_retention"] * max(scored)
-        ax.axhline(line, color="gray", linestyle=":", linewidth=1,
-                   label=f"{thresholds['min_relative_retention']:g} x best = {line:.3f}")
-    if scored and thresholds.get("max_gap_to_best") is not None:
-        line = max(scored) - thresholds["max_gap_to_best"]
-        ax.axhline(line, color="purple", linestyle="-.", linewidth=1, label=f"best - gap = {line:.3f}")
-    ax.set_ylabel("retention (1.0 = teacher)")
-    ax.set_ylim(0, max([1.05, *[v * 1.15 for v in values]]))
-    ax.set_title(title, fontsize=9)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, format="png")
-    return path

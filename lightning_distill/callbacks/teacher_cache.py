@@ -34,6 +34,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from lightning_distill.alignment import align_labels, split_batch
 from lightning_distill.cache.fingerprint import (
     CacheMismatchError,
     cache_fingerprint,
@@ -520,14 +521,15 @@ class TeacherCache(Callback):
                         + ". Add the id to each dataset item (or set sample_id_key)."
                     )
                 batch = move_data_to_device(batch, device)
-                inputs, labels = module._split_batch(batch)
+                inputs, labels = split_batch(batch)
                 wants_hidden = bool(spec.hidden_layers)
                 output = call_model(teacher, inputs, **({"output_hidden_states": True} if wants_hidden else {}))
                 logits = logits_from_output(output, getattr(module, "teacher_logits_fn", None), who="teacher")
                 if logits.shape[-1] != spec.vocab_size:
                     raise ValueError(f"the teacher returned {logits.shape[-1]} logits per position but the cache was "
                                      f"started for {spec.vocab_size}; the teacher changed, rebuild the cache.")
-                aligned = module._aligned_labels(labels, inputs, logits) if labels is not None else None
+                aligned = (align_labels(labels, inputs, logits, shift_labels=module.shift_labels,
+                                        ignore_index=module.ignore_index) if labels is not None else None)
                 sample_ids = torch.as_tensor(batch[self.sample_id_key]).reshape(-1)
                 n = sample_ids.numel()
                 if seq2seq:  # targets at the decoder's positions
@@ -758,7 +760,7 @@ def _probe_vocab(module: Any, loader: DataLoader) -> int:
     """The width of the teacher's logits, from one forward pass (a teacher without a config)."""
     batch = next(iter(loader))
     device = next((p.device for p in module.teacher.parameters()), torch.device("cpu"))
-    inputs, _ = module._split_batch(move_data_to_device(batch, device))
+    inputs, _ = split_batch(move_data_to_device(batch, device))
     logits = logits_from_output(call_model(module.teacher, inputs), getattr(module, "teacher_logits_fn", None),
                                 who="teacher")
     return int(logits.shape[-1])
