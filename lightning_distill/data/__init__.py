@@ -38,9 +38,10 @@ transformers).
 
 from __future__ import annotations
 
+from lightning_distill.paths import cache_root
+
 from .corpus import Document, corpus_fingerprint, demo_corpus
 from .datamodule import SliceCount, SlicedTextDataModule, TokenBlockDataset, assign_splits
-from .paths import cache_root
 from .text import TextDataModule
 from .tokenizer import EOS_TOKEN, tokenizer_fingerprint, train_bpe_tokenizer
 

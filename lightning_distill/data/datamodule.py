@@ -17,8 +17,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerFast
 
+from lightning_distill.paths import cache_root
+
 from .corpus import Document, corpus_fingerprint, demo_corpus
-from .paths import cache_root
 from .tokenizer import tokenizer_fingerprint, train_bpe_tokenizer
 
 __all__ = [

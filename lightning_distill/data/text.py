@@ -48,8 +48,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_distill.paths import cache_root
+
 from .datamodule import SPLITS, SliceCount
-from .paths import cache_root
 
 __all__ = ["TextDataModule", "TextDocument", "TextRowDataset", "collate_rows", "vocab_size_of"]
 
