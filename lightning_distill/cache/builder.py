@@ -29,7 +29,12 @@ from lightning_distill.cache.fingerprint import (
     tokenizer_fingerprint,
 )
 from lightning_distill.cache.format import KINDS, CacheSpec, encode_sample
-from lightning_distill.cache.layout import decoder_lengths, positions, sample_hashes
+from lightning_distill.cache.layout import (
+    dataset_sample_ids,
+    decoder_lengths,
+    positions,
+    sample_hashes,
+)
 from lightning_distill.cache.reader import SplitReader
 from lightning_distill.cache.storage import CacheStorage
 from lightning_distill.cache.writer import (
@@ -277,7 +282,7 @@ class CacheBuilder:
         for split, loader in loaders.items():
             if split in self.readers:
                 continue
-            ids = _dataset_sample_ids(loader.dataset, self.sample_id_key)
+            ids = dataset_sample_ids(loader.dataset, self.sample_id_key)
             self.built[split] = 0
             # Several ranks check under the lock only (all of them then read the same files).
             reader = self._complete_reader(split, ids) if world == 1 else None
@@ -560,28 +565,6 @@ def _to_device(data: Any, device: torch.device) -> Any:
     if isinstance(data, (list, tuple)):
         return type(data)(_to_device(value, device) for value in data)
     return data
-
-
-def _dataset_sample_ids(dataset: Any, key: str) -> Tensor:
-    ids = getattr(dataset, "sample_ids", None)
-    if ids is not None:
-        return torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
-    try:
-        n = len(dataset)
-    except TypeError:
-        raise ValueError("TeacherCache needs a map-style dataset (with __len__ and __getitem__); an iterable "
-                         "dataset has no stable sample positions.") from None
-    out = []
-    for i in range(n):
-        item = dataset[i]
-        if not isinstance(item, Mapping) or key not in item:
-            raise ValueError(f"dataset item {i} has no {key!r}; TeacherCache needs a stable per-sample id in each "
-                             "item (or a dataset.sample_ids attribute).")
-        out.append(int(item[key]))
-    ids = torch.tensor(out, dtype=torch.int64)
-    if ids.unique().numel() != ids.numel():
-        raise ValueError(f"the dataset's {key!r} values are not unique; every sample needs its own id.")
-    return ids
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Where a batch's targets sit: the positions stored per sample, and the per-sample token hash.
 
-A split's ``layout.json`` says how its samples were laid out at build time:
+Samples are found by their stable id (:func:`dataset_sample_ids`). A split's ``layout.json`` says how its samples were laid out at build time:
 
 * ``tokens`` (a causal LM): one target per input position up to the attention mask's length;
   the hash covers those positions' input ids;
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lightning_distill.cache.fingerprint import token_hash
 
-__all__ = ["decoder_lengths", "decoder_tokens", "positions", "sample_hashes"]
+__all__ = ["dataset_sample_ids", "decoder_lengths", "decoder_tokens", "positions", "sample_hashes"]
 
 
 def decoder_tokens(batch: Mapping[str, Any]) -> Tensor | None:
@@ -94,3 +94,30 @@ def positions(batch: Mapping[str, Any], logits: Tensor, n: int) -> tuple[str, Te
                              "padding_side='right').")
         return "tokens", lengths.cpu()
     return "tokens", torch.full((n,), width, dtype=torch.int64)
+
+
+def dataset_sample_ids(dataset: Any, key: str) -> Tensor:
+    """Every sample id of a map-style dataset: its ``sample_ids``, else each item's ``key``.
+
+    Raises:
+        ValueError: an iterable dataset, an item without ``key``, or ids that repeat.
+    """
+    ids = getattr(dataset, "sample_ids", None)
+    if ids is not None:
+        return torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+    try:
+        n = len(dataset)
+    except TypeError:
+        raise ValueError("TeacherCache needs a map-style dataset (with __len__ and __getitem__); an iterable "
+                         "dataset has no stable sample positions.") from None
+    out = []
+    for i in range(n):
+        item = dataset[i]
+        if not isinstance(item, Mapping) or key not in item:
+            raise ValueError(f"dataset item {i} has no {key!r}; TeacherCache needs a stable per-sample id in each "
+                             "item (or a dataset.sample_ids attribute).")
+        out.append(int(item[key]))
+    ids = torch.tensor(out, dtype=torch.int64)
+    if ids.unique().numel() != ids.numel():
+        raise ValueError(f"the dataset's {key!r} values are not unique; every sample needs its own id.")
+    return ids

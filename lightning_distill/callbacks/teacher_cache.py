@@ -263,6 +263,7 @@ class TeacherCache(CacheBuilder, Callback):
         self.attach("test", pl_module, batch)
 
     def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint records of the cache: its kind, folder and fingerprint key."""
         return {"kind": self.kind, "dirpath": self.storage.url if self.storage else self.dirpath,
                 "fingerprint": fingerprint_key(self.fingerprint) if self.fingerprint else None}
 
