@@ -390,7 +390,10 @@ class CacheBuilder:
         if storage.is_file():
             raise ValueError(f"TeacherCache(dirpath={url!r}) is a file, not a folder; pass a folder path (new or "
                              "holding a cache), e.g. a sibling of that file, or move the file away.")
-        if not storage.exists(MANIFEST) and not storage.is_empty():  # before a lock file goes into that folder
+        # Before a lock file goes into that folder; one listing, as another job may be writing the
+        # manifest right now (under its lock: a temporary file, renamed when complete).
+        names = storage.list()
+        if MANIFEST not in names and any(not n.startswith(f"{MANIFEST}.tmp-") for n in names):
             raise ValueError(f"{storage.url} holds files but no {MANIFEST}; point TeacherCache(dirpath=...) "
                              "at an empty or new folder so nothing of yours is overwritten.")
         with contextlib.ExitStack() as held:
