@@ -345,7 +345,8 @@ def _build_cache_only(cache: Any, module: Any, datamodule: Any, started: float) 
     if cache is None:
         raise ValueError("build_cache_only=true needs a TeacherCache callback; add one, e.g. "
                          "callbacks=teacher_cache_sampled (or experiment=demo_cached).")
-    splits = cache.prepare(module, datamodule)
+    splits = cache.build(module, cache.split_loaders(datamodule), tokenizer=getattr(datamodule, "tokenizer", None),
+                         data_fingerprint=getattr(datamodule, "data_fingerprint", None))  # one process: no barriers
     report = {"teacher_cache": cache.config(), "seconds": round(time.perf_counter() - started, 1)}
     print(f"\nTeacher cache ({cache.kind}) at {cache.storage.url}:")
     print("| split | samples | built now | tokens | bytes/token | MiB |")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_distill.data.paths import cache_root
+from lightning_distill.paths import cache_root
 
 __all__ = ["demo_teacher", "teacher_cache_dir"]
 

@@ -35,6 +35,7 @@ from lightning_distill.models.adapters import (
     logits_from_output,
     output_vocab_size,
     unwrap_model,
+    vocab_mismatch_message,
     wrapper_prefix,
 )
 from lightning_distill.models.hf import freeze
@@ -325,16 +326,7 @@ class DistillationModule(L.LightningModule):
         if self.vocab_mismatch == "slice":
             shared = min(vs, vt)
             return student_logits[..., :shared], teacher_logits[..., :shared]
-        raise ValueError(self._vocab_message(vs, vt))
-
-    @staticmethod
-    def _vocab_message(vs: int, vt: int) -> str:
-        return (
-            f"student vocabulary ({vs}) and teacher vocabulary ({vt}) differ. If one tokenizer extends "
-            f"the other (padded embedding rows, as Qwen2.5's 151936 vs 152064), pass "
-            f"vocab_mismatch='slice' to compare over the first {min(vs, vt)} entries; if the tokenizers "
-            "differ, the logit losses cannot compare them (a cross-tokenizer loss is needed)."
-        )
+        raise ValueError(vocab_mismatch_message(vs, vt))
 
     def _check_first_batch(self, inputs: LossInputs) -> None:
         """One-off checks on the first batch, before any optimizer step (one host sync)."""
@@ -448,7 +440,7 @@ class DistillationModule(L.LightningModule):
                 "with this student and the teacher attached (under vocab_mismatch='slice' the ids past the "
                 "student's vocabulary are folded), or use a cache built for this student."
                 if self.vocab_mismatch == "slice" else "")
-        raise ValueError(self._vocab_message(vs, vt) + hint)
+        raise ValueError(vocab_mismatch_message(vs, vt) + hint)
 
     def _match_sparse_vocab(self, student_logits: Tensor, sparse: SparseTargets) -> Tensor:
         vs, vt = student_logits.shape[-1], sparse.vocab_size
@@ -675,7 +667,7 @@ class DistillationModule(L.LightningModule):
                         "distillation compares their label distributions, so both need the same label set in the "
                         "same order (their token vocabularies may differ)."
                     )
-                raise ValueError(self._vocab_message(vs, vt))
+                raise ValueError(vocab_mismatch_message(vs, vt))
         if self._uses_deepspeed():
             warnings.warn("DeepSpeed manages gradients itself; the loss is normalised per micro-batch "
                           "instead of per optimizer step.", stacklevel=2)

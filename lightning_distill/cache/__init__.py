@@ -6,10 +6,15 @@
 * :mod:`~lightning_distill.cache.reader`: sample ids -> targets, checksums verified.
 * :mod:`~lightning_distill.cache.fingerprint`: what the cache is of, and the refusal.
 * :mod:`~lightning_distill.cache.storage`: local paths and fsspec URLs, atomic writes.
+* :mod:`~lightning_distill.cache.layout`: positions stored per sample, per-sample token hashes.
+* :mod:`~lightning_distill.cache.builder`: :class:`CacheBuilder` opens, verifies and builds a
+  cache from the teacher, given the rank, the world size and a barrier.
 
-The Lightning side is :class:`lightning_distill.callbacks.TeacherCache`.
+Nothing here imports Lightning or the module. The Lightning side (hooks, the per-batch attach)
+is :class:`lightning_distill.callbacks.TeacherCache`.
 """
 
+from lightning_distill.cache.builder import CacheBuilder
 from lightning_distill.cache.fingerprint import (
     FORMAT_VERSION,
     CacheCorruptedError,
@@ -17,6 +22,7 @@ from lightning_distill.cache.fingerprint import (
     cache_fingerprint,
     check_fingerprint,
     token_hash,
+    tokenizer_fingerprint,
 )
 from lightning_distill.cache.format import KINDS, CacheSpec, encode_sample
 from lightning_distill.cache.reader import SplitReader
@@ -31,6 +37,7 @@ from lightning_distill.cache.writer import (
 __all__ = [
     "FORMAT_VERSION",
     "KINDS",
+    "CacheBuilder",
     "CacheCorruptedError",
     "CacheMismatchError",
     "CacheSpec",
@@ -43,5 +50,6 @@ __all__ = [
     "encode_sample",
     "merge_index",
     "token_hash",
+    "tokenizer_fingerprint",
     "write_manifest",
 ]

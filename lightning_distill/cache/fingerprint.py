@@ -35,6 +35,7 @@ __all__ = [
     "check_fingerprint",
     "fingerprint_key",
     "token_hash",
+    "tokenizer_fingerprint",
 ]
 
 #: Version of the on-disk layout (file names, tensor names, dtypes). Bump on any change.
@@ -87,6 +88,24 @@ def cache_fingerprint(
         "params": dict(params),
         "format": FORMAT_VERSION,
     })
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Return a short hex digest of a fast tokenizer's full serialisation.
+
+    The data package keys its tokenized data with it and the teacher cache its targets.
+
+    Args:
+        tokenizer: a fast (``tokenizers``-backed) tokenizer.
+
+    Returns:
+        16 hex characters; equal tokenizers (vocabulary, merges, special tokens) hash equal.
+
+    Raises:
+        AttributeError: a slow tokenizer (no ``backend_tokenizer``).
+    """
+    data = tokenizer.backend_tokenizer.to_str().encode("utf-8")
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def fingerprint_key(fingerprint: Mapping[str, Any]) -> str:

@@ -17,66 +17,29 @@ Kinds (what is stored per position; bytes per token measured in ``benchmarks/tea
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import logging
-import math
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from lightning_distill.alignment import align_labels, split_batch
-from lightning_distill.cache.fingerprint import (
-    CacheMismatchError,
-    cache_fingerprint,
-    check_fingerprint,
-    fingerprint_key,
-    token_hash,
-)
-from lightning_distill.cache.format import KINDS, CacheSpec, encode_sample
-from lightning_distill.cache.reader import SplitReader
-from lightning_distill.cache.storage import CacheStorage
-from lightning_distill.cache.writer import (
-    MANIFEST,
-    ShardWriter,
-    completed_sample_ids,
-    merge_index,
-    write_manifest,
-)
-from lightning_distill.models.adapters import (
-    call_model,
-    is_seq2seq,
-    logits_from_output,
-    output_vocab_size,
-)
+from lightning_distill.cache.builder import SPLITS, CacheBuilder
+from lightning_distill.cache.fingerprint import fingerprint_key
+from lightning_distill.cache.layout import decoder_tokens, sample_hashes
+from lightning_distill.models.adapters import output_vocab_size
 
 __all__ = ["TeacherCache"]
 
 log = logging.getLogger(__name__)
 
-#: Dense caches above this vocabulary get a warning: 2 * V bytes per token is 16 KiB at V = 8192,
-#: 16 GB per million tokens, where ``sampled`` with N = 50 stays under 100 bytes per token.
-DENSE_WARN_VOCAB = 8192
-_SPLIT_HOOKS = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader"}
 
-
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}={value!r} is invalid; pass an integer {bound}.")
-    return value
-
-
-class TeacherCache(Callback):
+class TeacherCache(CacheBuilder, Callback):
     """Compute the teacher's targets once per sample, store them, and serve them to every later step.
 
     On ``fit`` (and ``validate``/``test``) the callback opens the cache for each configured
@@ -104,38 +67,20 @@ class TeacherCache(Callback):
     ``sample_temperature`` and importance-reweighted at other temperatures. Dense targets are
     exact at every temperature (up to 16-bit rounding). See ``docs/teacher_cache.md``.
 
+    The cache itself (opening, checking, building; no Lightning) is
+    :class:`~lightning_distill.cache.builder.CacheBuilder`, whose arguments this callback takes;
+    the callback adds the Lightning hooks, the ranks and barriers of the Trainer, the release of
+    the teacher and the per-batch :meth:`attach`. ``hidden_layers`` are stored and read back
+    (``TeacherTargets.hidden_states``) but no loss reads them yet: the feature losses will.
+
     Args:
-        dirpath: cache folder, local path or fsspec URL (``s3://bucket/cache``, ``memory://c``).
-            ``None``: ``<cache root>/teacher_targets/<fingerprint>`` (a new folder per
-            fingerprint, so nothing is ever refused there).
-        kind: ``"dense"``, ``"topk"`` or ``"sampled"``.
-        k: ``topk``: ids per position.
-        num_samples: ``sampled``: draws per position (``N``; 50 is the paper's setting).
-        sample_temperature: ``sampled``: temperature of the teacher distribution drawn from.
-        seed: ``sampled``: seed of the draws.
-        store_logprobs: ``sampled``: also store each drawn id's log-probability (+2 bytes per
-            entry) so training may use a temperature other than ``sample_temperature``
-            (importance-reweighted); without them the cache is exact at ``sample_temperature``
-            and training at another temperature is refused.
-        dtype: ``"float16"`` or ``"bfloat16"`` for dense logits and hidden states.
-        hidden_layers: also store the teacher's ``hidden_states[i]`` for these ``i``.
-        splits: splits to cache, of ``train``, ``val``, ``test``; a split whose dataloader is
-            missing is skipped. Splits left out keep a live teacher.
-        build_batch_size: batch size of the teacher during the build (default: the loader's).
-        shard_mb: a shard is written every this many MiB (before compression).
-        compression: ``"zlib"`` (default; sparse targets shrink by about a third to a half)
-            or ``None``.
-        on_mismatch: ``"error"`` (default) or ``"rebuild"``: wipe a cache built for something
-            else and build it anew.
-        release_teacher: drop the teacher from the module once every split that may need it is
-            cached: with a datamodule, those it has loaders for; with loaders passed to ``fit``,
-            train, val and test (a later ``trainer.test(module, loader)`` brings its split then).
-        max_shards_in_memory: loaded shards kept per split.
-        sample_id_key: the batch key holding the stable sample ids.
-        input_key: the batch key holding token ids (hashed per sample to catch changed data);
-            ``None`` skips that check.
-        progress: show a progress bar while building (rank 0).
-        storage_options: passed to fsspec (credentials, endpoints).
+        those of :class:`~lightning_distill.cache.builder.CacheBuilder`, documented there:
+        ``dirpath`` (``None``: a folder per fingerprint under the cache root), ``kind``, the
+        kind's parameters (``k``, ``num_samples``, ``sample_temperature``, ``seed``,
+        ``store_logprobs``, ``dtype``, ``hidden_layers``), ``splits``, ``release_teacher``, and
+        how it is built and read (``build_batch_size``, ``shard_mb``, ``compression``,
+        ``on_mismatch``, ``max_shards_in_memory``, ``sample_id_key``, ``input_key``,
+        ``progress``, ``storage_options``).
 
     Raises:
         ValueError: on a bad argument (named, with the fix); a ``dirpath`` that is a file or a folder
@@ -148,437 +93,52 @@ class TeacherCache(Callback):
         >>> L.Trainer(callbacks=[cache]).fit(module, datamodule)  # doctest: +SKIP
     """
 
-    def __init__(
-        self,
-        dirpath: str | None = None,
-        kind: str = "sampled",
-        *,
-        k: int = 32,
-        num_samples: int = 50,
-        sample_temperature: float = 1.0,
-        seed: int = 0,
-        store_logprobs: bool = False,
-        dtype: str = "float16",
-        hidden_layers: Sequence[int] | None = None,
-        splits: Sequence[str] = ("train", "val", "test"),
-        build_batch_size: int | None = None,
-        shard_mb: float = 256.0,
-        compression: str | None = "zlib",
-        on_mismatch: str = "error",
-        release_teacher: bool = True,
-        max_shards_in_memory: int = 8,
-        sample_id_key: str = "sample_id",
-        input_key: str | None = "input_ids",
-        progress: bool = True,
-        storage_options: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"kind={kind!r} is not a cache kind; use one of {list(KINDS)}.")
-        _check_int("k", k, 1)
-        _check_int("num_samples", num_samples, 1, 65535)
-        if isinstance(sample_temperature, bool) or not isinstance(sample_temperature, (int, float)) \
-                or not math.isfinite(sample_temperature) or sample_temperature <= 0:
-            raise ValueError(f"sample_temperature={sample_temperature!r} is invalid; pass a number > 0 (1.0 samples "
-                             "the teacher's own distribution).")
-        _check_int("seed", seed, 0)
-        if dtype not in ("float16", "bfloat16"):
-            raise ValueError(f"dtype={dtype!r} is invalid; use 'float16' or 'bfloat16'.")
-        if isinstance(splits, str):
-            splits = [splits]
-        unknown = [s for s in splits if s not in _SPLIT_HOOKS]
-        if unknown or not splits:
-            raise ValueError(f"splits={list(splits)!r} is invalid; choose from {list(_SPLIT_HOOKS)}.")
-        if build_batch_size is not None:
-            _check_int("build_batch_size", build_batch_size, 1)
-        if not isinstance(shard_mb, (int, float)) or isinstance(shard_mb, bool) or shard_mb <= 0:
-            raise ValueError(f"shard_mb={shard_mb!r} is invalid; pass a size in MiB > 0.")
-        if compression not in (None, "zlib"):
-            raise ValueError(f"compression={compression!r} is invalid; use 'zlib' or None.")
-        if on_mismatch not in ("error", "rebuild"):
-            raise ValueError(f"on_mismatch={on_mismatch!r} is invalid; use 'error' or 'rebuild'.")
-        _check_int("max_shards_in_memory", max_shards_in_memory, 1)
-        layers = tuple(int(i) for i in (hidden_layers or ()))
-        self.dirpath = None if dirpath is None else str(dirpath)
-        self.kind = kind
-        self.k = k
-        self.num_samples = num_samples
-        self.sample_temperature = float(sample_temperature)
-        self.seed = seed
-        self.store_logprobs = bool(store_logprobs)
-        self.compression = compression
-        self.dtype = dtype
-        self.hidden_layers = layers
-        self.splits = tuple(dict.fromkeys(splits))
-        self.build_batch_size = build_batch_size
-        self.shard_bytes = int(shard_mb * 2**20)
-        self.on_mismatch = on_mismatch
-        self.release_teacher = bool(release_teacher)
-        self.max_shards_in_memory = max_shards_in_memory
-        self.sample_id_key = sample_id_key
-        self.input_key = input_key
-        self.progress = bool(progress)
-        self.storage_options = dict(storage_options or {})
-
-        self.storage: CacheStorage | None = None
-        self.spec: CacheSpec | None = None
-        self.fingerprint: dict[str, Any] | None = None
-        self.readers: dict[str, SplitReader] = {}
-        self.built: dict[str, int] = {}  # samples this process's build wrote, per split
-        self._layout: dict[str, dict[str, str]] = {}  # per split: layout.json (positions, token hash scheme)
-
-    # ------------------------------------------------------------------ identity
-    def config(self) -> dict[str, Any]:
-        """Plain values describing the cache (for the distillation card)."""
-        out: dict[str, Any] = {"kind": self.kind, "dirpath": self.storage.url if self.storage else self.dirpath,
-                               "params": self.spec.params() if self.spec else None,
-                               "fingerprint": fingerprint_key(self.fingerprint) if self.fingerprint else None}
-        out["splits"] = {name: {**reader.describe(), "built_now": self.built.get(name, 0)}
-                         for name, reader in self.readers.items()}
-        return out
-
-    def _spec(self, vocab_size: int, fold_vocab: int | None = None) -> CacheSpec:
-        return CacheSpec(kind=self.kind, vocab_size=int(vocab_size), k=self.k if self.kind == "topk" else None,
-                         num_samples=self.num_samples if self.kind == "sampled" else None,
-                         sample_temperature=self.sample_temperature if self.kind == "sampled" else 1.0,
-                         seed=self.seed if self.kind == "sampled" else 0, dtype=self.dtype,
-                         hidden_layers=self.hidden_layers,
-                         store_logprobs=self.store_logprobs if self.kind == "sampled" else True,
-                         compression=self.compression, fold_vocab=fold_vocab)
-
-    def _fingerprint(self, module: Any, datamodule: Any, spec_params: dict[str, Any]) -> dict[str, Any]:
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        tok = None
-        if tokenizer is not None:
-            from lightning_distill.data.tokenizer import tokenizer_fingerprint
-
-            try:
-                tok = tokenizer_fingerprint(tokenizer)
-            except AttributeError:  # a slow tokenizer: its class and size stand in
-                tok = f"{type(tokenizer).__name__}:{len(tokenizer)}"
-        data = getattr(datamodule, "data_fingerprint", None)
-        params = {**spec_params, "shift_labels": bool(getattr(module, "shift_labels", False)),
-                  "ignore_index": int(getattr(module, "ignore_index", -100))}
-        return cache_fingerprint(teacher=module.teacher_identity, tokenizer=tok, data=data, kind=self.kind,
-                                 params=params)
-
-    # ------------------------------------------------------------------ opening and building
     def prepare(self, module: Any, datamodule: Any = None, *, trainer: L.Trainer | None = None,
                 splits: Sequence[str] | None = None, loaders: Mapping[str, DataLoader] | None = None) -> dict[str, Any]:
         """Open (building what is missing) the cache of each split; usable without a Trainer.
 
-        This is what the callback runs at ``fit``/``validate``/``test`` start, and what
-        ``lightning-distill ... +build_cache_only=true`` runs on its own.
+        This is what the callback runs at ``fit``/``validate``/``test`` start: the splits'
+        loaders from ``loaders``, the datamodule or the Trainer, the ranks and barriers from the
+        Trainer, then :meth:`~lightning_distill.cache.builder.CacheBuilder.build`.
 
         Args:
             module: a :class:`~lightning_distill.module.DistillationModule` (its teacher runs).
-            datamodule: where the splits' dataloaders come from.
+            datamodule: where the splits' dataloaders (and the tokenizer and data fingerprint) come from.
             trainer: the Trainer, for ranks and barriers (``None``: one process).
             splits: splits to prepare (default: this callback's ``splits``).
             loaders: ``{split: DataLoader}`` to use instead of the datamodule's.
 
         Returns:
             ``{split: {"samples", "positions", "bytes", "bytes_per_token", "built"}}``.
+
+        Raises:
+            ValueError: no dataloader for any of the splits (and what :meth:`build` raises).
         """
-        rank = trainer.global_rank if trainer is not None else 0
         world = trainer.world_size if trainer is not None else 1
+        return self.build(module, self.split_loaders(datamodule, trainer=trainer, splits=splits, loaders=loaders),
+                          tokenizer=getattr(datamodule, "tokenizer", None),
+                          data_fingerprint=getattr(datamodule, "data_fingerprint", None),
+                          rank=trainer.global_rank if trainer is not None else 0, world_size=world,
+                          barrier=trainer.strategy.barrier if trainer is not None else None)
 
-        def barrier(name: str) -> None:
-            if trainer is not None and world > 1:
-                trainer.strategy.barrier(name)
+    def split_loaders(self, datamodule: Any = None, *, trainer: L.Trainer | None = None,
+                      splits: Sequence[str] | None = None,
+                      loaders: Mapping[str, DataLoader] | None = None) -> dict[str, DataLoader]:
+        """``{split: DataLoader}`` of the splits to cache: ``loaders``, then the datamodule's or the Trainer's.
 
-        loaders = dict(loaders or {})
+        Raises:
+            ValueError: none of the splits has a dataloader.
+        """
+        found = dict(loaders or {})
         for split in splits or self.splits:
-            if split not in loaders:
+            if split not in found:
                 loader = _split_loader(split, datamodule, trainer)
                 if loader is not None:
-                    loaders[split] = loader
-        if not loaders:
+                    found[split] = loader
+        if not found:
             raise ValueError(f"TeacherCache found no dataloader for the splits {list(splits or self.splits)}; "
                              "give the Trainer a datamodule (or pass loaders={'train': ...}).")
-
-        teacher = getattr(module, "teacher", None)
-        vocab = output_vocab_size(teacher) if teacher is not None else None
-        if vocab is None and teacher is not None:
-            vocab = _probe_vocab(module, next(iter(loaders.values())))
-        fold = self._fold_vocab(module, vocab)  # refuses a vocabulary mismatch before anything is built
-        if self.storage is None:
-            self._open(module, datamodule, vocab, rank, barrier, fold)
-        assert self.storage is not None and self.spec is not None
-
-        for split, loader in loaders.items():
-            if split in self.readers:
-                continue
-            ids = _dataset_sample_ids(loader.dataset, self.sample_id_key)
-            self.built[split] = 0
-            # Several ranks check under the lock only (all of them then read the same files).
-            reader = self._complete_reader(split, ids) if world == 1 else None
-            if reader is None:
-                with contextlib.ExitStack() as held:
-                    if rank == 0:
-                        # One build of a split at a time, across jobs: a second job waits here,
-                        # then finds the samples the first one built and builds only the rest.
-                        held.enter_context(self.storage.lock(f"build-{split}"))
-                    barrier(f"ld-cache-locked-{split}")
-                    reader = self._build_missing(module, split, loader, ids, rank, world, barrier)
-            self.readers[split] = reader
-            self._layout[split] = self._manifest_layout(split)
-            info = reader.describe()
-            log.info("Teacher cache %s [%s]: %d samples, %.1f bytes/token (%s)", self.kind, split, info["samples"],
-                     info["bytes_per_token"], self.storage.url)
-            if "folded_mass" in info:
-                folded = info["folded_mass"]
-                log.info("Teacher cache %s [%s]: teacher ids >= %d (past the student's vocabulary) held %.3g of the "
-                         "probability per position on average (max %.3g); folded into the %s.", self.kind, split,
-                         self.spec.target_vocab, folded["mean"], folded["max"],
-                         "tail bucket" if self.kind == "topk" else "draws, renormalised over the student's ids")
-        return {split: {**self.readers[split].describe(), "built": self.built.get(split, 0)} for split in loaders}
-
-    def _complete_reader(self, split: str, ids: Tensor) -> SplitReader | None:
-        """The split's reader when its index holds every one of ``ids`` and all its shards, else ``None``."""
-        assert self.storage is not None
-        reader = self._try_reader(split)
-        if reader is None or reader.missing(ids).numel():
-            return None
-        absent = reader.absent_shards()
-        if absent:
-            log.warning("Teacher cache %s [%s]: shards %s are gone; building their samples again.",
-                        self.storage.url, split, absent[:3])
-            return None
-        return reader
-
-    def _build_missing(self, module: Any, split: str, loader: DataLoader, ids: Tensor, rank: int, world: int,
-                       barrier: Any) -> SplitReader:
-        """Build the samples of ``ids`` that no complete shard holds, merge the index (under the split's lock)."""
-        assert self.storage is not None
-        reader = self._complete_reader(split, ids)  # another job may have built them while we waited
-        if reader is not None:
-            return reader
-        done = completed_sample_ids(self.storage, split)
-        todo = [i for i, sid in enumerate(ids.tolist()) if sid not in done]
-        if todo and getattr(module, "teacher", None) is None:
-            raise ValueError(
-                f"the teacher cache at {self.storage.url} lacks {len(todo)} samples of split {split!r} and "
-                "there is no teacher to compute them; attach the teacher once to build them (the cache is then "
-                "reused)."
-            )
-        barrier(f"ld-cache-list-{split}")  # every rank listed before any rank writes
-        if todo:
-            self.built[split] = self._build(module, split, loader, todo[rank::world], rank)
-        barrier(f"ld-cache-built-{split}")
-        if rank == 0:
-            # Under the split's lock no other build is writing here: whatever no sidecar lists
-            # (temporary files, a shard without its sidecar) is a killed build's and goes. A
-            # store without locks keeps them (they are never read).
-            merge_index(self.storage, split, clean=self.storage.local)
-        barrier(f"ld-cache-merged-{split}")
-        reader = self._try_reader(split)
-        if reader is None or reader.missing(ids).numel():
-            raise RuntimeError(f"the cache build of split {split!r} finished without every sample; "
-                               "run it again (it resumes).")
-        return reader
-
-    def _fold_vocab(self, module: Any, vocab: int | None) -> int | None:
-        """The student's vocabulary size when sparse targets must fold the teacher's extra ids, else ``None``.
-
-        Checks the teacher's output width against the student's under the module's
-        ``vocab_mismatch`` before anything is built: ``"error"`` refuses any difference;
-        ``"slice"`` lets dense targets differ (the module compares the shared first ids) and folds
-        sparse ones for a smaller student (ids past its vocabulary carry their mass into the tail
-        bucket, or are left out of the draws).
-        """
-        student = getattr(module, "student", None)
-        student_vocab = output_vocab_size(student) if student is not None else None
-        if vocab is None or student_vocab is None or student_vocab == vocab:
-            return None
-        policy = getattr(module, "vocab_mismatch", "error")
-        if policy != "slice":
-            message = module._vocab_message(student_vocab, vocab) if hasattr(module, "_vocab_message") else (
-                f"student vocabulary ({student_vocab}) and teacher vocabulary ({vocab}) differ.")
-            raise ValueError(message + " (Checked before building the teacher cache: nothing was written.)")
-        return student_vocab if self.kind != "dense" and student_vocab < vocab else None
-
-    def _open(self, module: Any, datamodule: Any, vocab: int | None, rank: int, barrier: Any,
-              fold: int | None = None) -> None:
-        teacher = getattr(module, "teacher", None)
-        probe = self._spec(vocab or 1, fold)
-        fingerprint = self._fingerprint(module, datamodule, probe.params()) if teacher is not None else None
-        url = self.dirpath
-        if url is None:
-            if fingerprint is None:
-                raise ValueError("TeacherCache(dirpath=None) names its folder after the teacher's fingerprint, "
-                                 "so it needs the teacher; pass dirpath=... to read a cache without one.")
-            from lightning_distill.data.paths import cache_root
-
-            url = str(cache_root() / "teacher_targets" / fingerprint_key(fingerprint))
-        storage = CacheStorage(url, **self.storage_options)
-        if storage.is_file():
-            raise ValueError(f"TeacherCache(dirpath={url!r}) is a file, not a folder; pass a folder path (new or "
-                             "holding a cache), e.g. a sibling of that file, or move the file away.")
-        # Refuse a folder of other files before a lock file goes into it. A cache that another job is
-        # creating right now already has its lock file (taken before anything is written), and is
-        # checked again under the lock below.
-        if (not storage.exists(MANIFEST) and not storage.is_empty()
-                and not storage.has_lock("cache")):
-            raise ValueError(f"{storage.url} holds files but no {MANIFEST}; point TeacherCache(dirpath=...) "
-                             "at an empty or new folder so nothing of yours is overwritten.")
-        with contextlib.ExitStack() as held:
-            if fingerprint is not None and rank == 0:
-                # Another job may be creating (or wiping) this cache: one at a time. Only rank 0
-                # locks; the other ranks of this job wait for it at the barriers.
-                held.enter_context(storage.lock("cache"))
-            self._open_locked(storage, fingerprint, vocab, rank, barrier, fold)
-
-    def _open_locked(self, storage: CacheStorage, fingerprint: dict[str, Any] | None, vocab: int | None, rank: int,
-                     barrier: Any, fold: int | None) -> None:
-        # Every rank reads the same state: nobody writes until all have read, so ranks take the
-        # same branches below and their barriers line up.
-        barrier("ld-cache-open")
-        manifest = storage.read_json(MANIFEST) if storage.exists(MANIFEST) else None
-        empty = storage.is_empty()
-        barrier("ld-cache-read")
-        if manifest is not None and fingerprint is not None:
-            try:
-                check_fingerprint(manifest["fingerprint"], fingerprint, where=storage.url)
-            except CacheMismatchError:
-                if self.on_mismatch != "rebuild":
-                    raise
-                barrier("ld-cache-mismatch")
-                if rank == 0:
-                    log.warning("Teacher cache at %s was built for something else; rebuilding it.", storage.url)
-                    for name in storage.list():
-                        storage.remove(name)
-                barrier("ld-cache-wiped")
-                manifest, empty = None, True
-        elif manifest is not None:
-            stored = manifest["fingerprint"]
-            if stored.get("kind") != self.kind:
-                check_fingerprint(stored, {**stored, "kind": self.kind}, where=storage.url)
-            warnings.warn(f"no teacher is attached, so the teacher cache at {storage.url} is trusted to be of "
-                          f"teacher {stored.get('teacher')}.", stacklevel=2)
-            fingerprint = stored
-        if manifest is None:
-            if fingerprint is None:
-                raise ValueError(f"there is no teacher cache at {storage.url} and no teacher to build one; "
-                                 "attach the teacher (teacher=...) for the first run.")
-            if not empty:
-                raise ValueError(f"{storage.url} holds files but no {MANIFEST}; point TeacherCache(dirpath=...) "
-                                 "at an empty or new folder so nothing of yours is overwritten.")
-            if rank == 0:
-                spec = self._spec(vocab, fold)
-                if self.kind == "dense" and vocab > DENSE_WARN_VOCAB:
-                    warnings.warn(
-                        f"a dense teacher cache stores 2 x {vocab} = {2 * vocab} bytes per token; above "
-                        f"{DENSE_WARN_VOCAB} ids prefer kind='topk' or kind='sampled' (tens of bytes per token).",
-                        stacklevel=2)
-                write_manifest(storage, fingerprint, spec, vocab_size=vocab)
-            barrier("ld-cache-manifest")
-            manifest = storage.read_json(MANIFEST)
-        self.storage = storage
-        self.spec = CacheSpec.from_json(manifest["spec"])
-        self.fingerprint = fingerprint
-
-    def _try_reader(self, split: str) -> SplitReader | None:
-        assert self.storage is not None and self.spec is not None
-        if not self.storage.exists(split, "index.json"):
-            return None
-        return SplitReader(self.storage, split, self.spec, max_shards_in_memory=self.max_shards_in_memory)
-
-    def _manifest_layout(self, split: str) -> dict[str, str]:
-        assert self.storage is not None
-        if self.storage.exists(split, "layout.json"):
-            return self.storage.read_json(split, "layout.json")
-        return {"layout": "tokens"}
-
-    @torch.no_grad()
-    def _build(self, module: Any, split: str, loader: DataLoader, indices: list[int], rank: int) -> int:
-        """Run the teacher over ``indices`` of the split's dataset and write their targets."""
-        assert self.storage is not None and self.spec is not None
-        spec = self.spec
-        teacher = module.teacher
-        device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
-        batch_size = self.build_batch_size or loader.batch_size or 16
-        subset = DataLoader(Subset(loader.dataset, indices), batch_size=batch_size, shuffle=False,
-                            collate_fn=loader.collate_fn, num_workers=0)
-        writer = ShardWriter(self.storage, split, rank=rank, shard_bytes=self.shard_bytes,
-                             compression=spec.compression)
-        written = 0
-        bar = None
-        if self.progress and rank == 0 and indices:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(indices), desc=f"Caching teacher targets [{split}, {self.kind}]", unit="sample",
-                       dynamic_ncols=True)
-        layout = None
-        seq2seq = is_seq2seq(teacher)
-        try:
-            for batch in subset:
-                if not isinstance(batch, Mapping) or self.sample_id_key not in batch:
-                    raise ValueError(
-                        f"TeacherCache needs mapping batches with a stable per-sample id under "
-                        f"{self.sample_id_key!r}; got {type(batch).__name__}"
-                        + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else "")
-                        + ". Add the id to each dataset item (or set sample_id_key)."
-                    )
-                batch = move_data_to_device(batch, device)
-                inputs, labels = split_batch(batch)
-                wants_hidden = bool(spec.hidden_layers)
-                output = call_model(teacher, inputs, **({"output_hidden_states": True} if wants_hidden else {}))
-                logits = logits_from_output(output, getattr(module, "teacher_logits_fn", None), who="teacher")
-                if logits.shape[-1] != spec.vocab_size:
-                    raise ValueError(f"the teacher returned {logits.shape[-1]} logits per position but the cache was "
-                                     f"started for {spec.vocab_size}; the teacher changed, rebuild the cache.")
-                aligned = (align_labels(labels, inputs, logits, shift_labels=module.shift_labels,
-                                        ignore_index=module.ignore_index) if labels is not None else None)
-                sample_ids = torch.as_tensor(batch[self.sample_id_key]).reshape(-1)
-                n = sample_ids.numel()
-                if seq2seq:  # targets at the decoder's positions
-                    lay, lengths = "decoder", _decoder_lengths(batch, logits, n, module.ignore_index)
-                else:
-                    lay, lengths = _positions(batch, logits, n, self.input_key)
-                if layout is None:
-                    # "tokens": the hash covers the stored positions' input ids (as it always did);
-                    # "sample"/"decoder": it covers the whole model input (and the decoder's labels).
-                    layout = {"layout": lay, **({"hash": "inputs"} if lay != "tokens" else {})}
-                    self.storage.write_json(layout, split, "layout.json")
-                flat = logits.reshape(n, -1, logits.shape[-1])
-                flat_labels = None if aligned is None else aligned.reshape(n, -1)
-                hidden = None
-                if wants_hidden:
-                    states = getattr(output, "hidden_states", None)
-                    if states is None:
-                        raise ValueError("hidden_layers were requested but the teacher returned no hidden_states; "
-                                         "use a Hugging Face model or drop hidden_layers.")
-                    hidden = [states[i].reshape(n, -1, states[i].shape[-1]) for i in spec.hidden_layers]
-                hashes = (_sample_hashes(batch, self.input_key, layout, lengths)
-                          if self.input_key and self.input_key in batch else torch.zeros(n, dtype=torch.int64))
-                for b in range(n):
-                    length = int(lengths[b])
-                    tensors = encode_sample(
-                        spec, flat[b, :length], None if flat_labels is None else flat_labels[b, :length],
-                        ignore_index=module.ignore_index, split=split, sample_id=int(sample_ids[b]),
-                        hidden=None if hidden is None else [h[b, :length] for h in hidden],
-                    )
-                    writer.add(int(sample_ids[b]), int(hashes[b]), tensors)
-                written += n
-                if bar is not None:
-                    bar.update(n)
-            writer.flush()
-        finally:
-            if bar is not None:
-                bar.close()
-        return written
-
-    def release(self, module: Any) -> None:
-        """Drop the module's teacher (its identity is kept for checkpoints and the card)."""
-        if getattr(module, "teacher", None) is None:
-            return
-        _ = module.teacher_identity  # computed while the weights are still there
-        device = next((p.device for p in module.teacher.parameters()), torch.device("cpu"))
-        module.teacher = None
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        return found
 
     # ------------------------------------------------------------------ Lightning hooks
     def _prepare_for(self, trainer: L.Trainer, pl_module: L.LightningModule, splits: Sequence[str]) -> None:
@@ -611,8 +171,8 @@ class TeacherCache(Callback):
         :meth:`release`).
         """
         if trainer.datamodule is None:
-            return list(_SPLIT_HOOKS)
-        return [s for s in _SPLIT_HOOKS if _split_loader(s, trainer.datamodule, trainer) is not None]
+            return list(SPLITS)
+        return [s for s in SPLITS if _split_loader(s, trainer.datamodule, trainer) is not None]
 
     def _check_vocab(self, pl_module: Any) -> None:
         assert self.spec is not None
@@ -673,9 +233,9 @@ class TeacherCache(Callback):
                              f"got {type(batch).__name__}.")
         ids = torch.as_tensor(batch[self.sample_id_key])
         tokens = batch.get(self.input_key) if self.input_key else None
-        layout = self._layout.get(split, {"layout": "tokens"})
+        layout = self.layouts.get(split, {"layout": "tokens"})
         if layout["layout"] == "decoder":  # an encoder-decoder: one target per decoder position
-            decoder = _decoder_tokens(batch)
+            decoder = decoder_tokens(batch)
             shape = tuple(decoder.shape[:2]) if decoder is not None else (ids.numel(),)
         elif layout["layout"] == "tokens" and isinstance(tokens, Tensor):
             shape = tuple(tokens.shape[:2]) if tokens.dim() >= 2 else (ids.numel(),)
@@ -686,7 +246,7 @@ class TeacherCache(Callback):
         elif layout.get("hash") == "inputs":
             batch["teacher_targets"] = reader.read(
                 ids, shape, pl_module.device,
-                token_hashes=lambda lengths: _sample_hashes(batch, self.input_key, layout, lengths))
+                token_hashes=lambda lengths: sample_hashes(batch, self.input_key, layout, lengths))
         else:
             batch["teacher_targets"] = reader.read(ids, shape, pl_module.device, input_ids=tokens)
 
@@ -703,8 +263,14 @@ class TeacherCache(Callback):
         self.attach("test", pl_module, batch)
 
     def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint records of the cache: its kind, folder and fingerprint key."""
         return {"kind": self.kind, "dirpath": self.storage.url if self.storage else self.dirpath,
                 "fingerprint": fingerprint_key(self.fingerprint) if self.fingerprint else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the cache a checkpoint's run read: a resumed fit with ``dirpath=None`` and no
+        teacher (it was released) opens that folder instead of refusing to name one."""
+        self.restored_dirpath = state_dict.get("dirpath")
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -712,7 +278,7 @@ def _split_loader(split: str, datamodule: Any, trainer: L.Trainer | None) -> Dat
     """The split's DataLoader: from the datamodule, else from where the Trainer gets it."""
     loader = None
     if datamodule is not None:
-        hook = _SPLIT_HOOKS[split]
+        hook = f"{split}_dataloader"
         if isinstance(datamodule, L.LightningDataModule) and not is_overridden(hook, datamodule, L.LightningDataModule):
             return None  # the base class's hook only raises
         fn = getattr(datamodule, hook, None)
@@ -731,107 +297,3 @@ def _split_loader(split: str, datamodule: Any, trainer: L.Trainer | None) -> Dat
     if isinstance(loader, (list, tuple)):
         loader = loader[0] if loader else None
     return loader if isinstance(loader, DataLoader) else None
-
-
-def _dataset_sample_ids(dataset: Any, key: str) -> Tensor:
-    ids = getattr(dataset, "sample_ids", None)
-    if ids is not None:
-        return torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
-    try:
-        n = len(dataset)
-    except TypeError:
-        raise ValueError("TeacherCache needs a map-style dataset (with __len__ and __getitem__); an iterable "
-                         "dataset has no stable sample positions.") from None
-    out = []
-    for i in range(n):
-        item = dataset[i]
-        if not isinstance(item, Mapping) or key not in item:
-            raise ValueError(f"dataset item {i} has no {key!r}; TeacherCache needs a stable per-sample id in each "
-                             "item (or a dataset.sample_ids attribute).")
-        out.append(int(item[key]))
-    ids = torch.tensor(out, dtype=torch.int64)
-    if ids.unique().numel() != ids.numel():
-        raise ValueError(f"the dataset's {key!r} values are not unique; every sample needs its own id.")
-    return ids
-
-
-@torch.no_grad()
-def _probe_vocab(module: Any, loader: DataLoader) -> int:
-    """The width of the teacher's logits, from one forward pass (a teacher without a config)."""
-    batch = next(iter(loader))
-    device = next((p.device for p in module.teacher.parameters()), torch.device("cpu"))
-    inputs, _ = split_batch(move_data_to_device(batch, device))
-    logits = logits_from_output(call_model(module.teacher, inputs), getattr(module, "teacher_logits_fn", None),
-                                who="teacher")
-    return int(logits.shape[-1])
-
-
-def _decoder_tokens(batch: Mapping[str, Any]) -> Tensor | None:
-    """An encoder-decoder batch's decoder-side tokens: its labels, else its ``decoder_input_ids``."""
-    for key in ("labels", "decoder_input_ids"):
-        value = batch.get(key)
-        if isinstance(value, Tensor) and value.dim() >= 2:
-            return value
-    return None
-
-
-def _decoder_lengths(batch: Mapping[str, Any], logits: Tensor, n: int, ignore_index: int) -> Tensor:
-    """Decoder positions to store per sample: up to the last scored label (labels padded with
-    ``ignore_index``), else the ``decoder_attention_mask``'s length, else every position."""
-    width = logits.shape[1] if logits.dim() >= 3 else 1
-    labels = batch.get("labels")
-    if isinstance(labels, Tensor) and labels.dim() == 2 and labels.shape[1] == width:
-        scored = torch.arange(1, width + 1, device=labels.device) * (labels != ignore_index)
-        return scored.max(-1).values.clamp_min(1).to("cpu", torch.int64)
-    mask = batch.get("decoder_attention_mask")
-    if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[1] == width:
-        return mask.sum(-1).clamp_min(1).to("cpu", torch.int64)
-    return torch.full((n,), width, dtype=torch.int64)
-
-
-def _kept_tokens(ids: Tensor, mask: Any) -> tuple[Tensor, Tensor]:
-    """Each row's tokens where ``mask`` is set, moved to the front, and how many there are
-    (so padding, left or right, and the padded width do not change a sample's hash)."""
-    ids = ids.reshape(ids.shape[0], -1)
-    if not isinstance(mask, Tensor) or mask.shape != ids.shape:
-        return ids, torch.full((ids.shape[0],), ids.shape[1], dtype=torch.int64)
-    pad = (mask == 0).to(torch.int8)
-    order = torch.sort(pad, dim=-1, stable=True).indices
-    return ids.gather(-1, order), (pad == 0).sum(-1)
-
-
-def _sample_hashes(batch: Mapping[str, Any], input_key: str, layout: Mapping[str, str], lengths: Tensor) -> Tensor:
-    """Each sample's token hash, as its cache split stores it (``layout.json``'s ``hash``).
-
-    ``tokens`` layout: the input ids of the stored positions. ``hash: inputs``: the whole model
-    input (the ids its attention mask keeps), and for an encoder-decoder also the decoder's
-    labels up to the stored positions, so a changed source *or* target is caught.
-    """
-    ids = batch[input_key]
-    if layout.get("hash") != "inputs":
-        return token_hash(ids, lengths)
-    kept, count = _kept_tokens(ids, batch.get("attention_mask"))
-    hashes = token_hash(kept, count)
-    decoder = _decoder_tokens(batch) if layout.get("layout") == "decoder" else None
-    if decoder is not None:
-        second = token_hash(decoder, lengths)
-        halves = [hashes >> 31, hashes & (2**31 - 1), second >> 31, second & (2**31 - 1)]
-        hashes = token_hash(torch.stack(halves, -1), torch.full_like(hashes, 4))
-    return hashes
-
-
-def _positions(batch: Mapping[str, Any], logits: Tensor, n: int, input_key: str | None) -> tuple[str, Tensor]:
-    """Layout (``tokens`` or ``sample``) and positions to store per sample (right padding only)."""
-    if logits.dim() == 2:
-        return "sample", torch.ones(n, dtype=torch.int64)
-    width = math.prod(logits.shape[1:-1])
-    mask = batch.get("attention_mask")
-    if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[1] == width and logits.dim() == 3:
-        lengths = mask.sum(-1).to(torch.int64)
-        expected = torch.arange(width, device=mask.device) < lengths.unsqueeze(-1)
-        if not torch.equal(mask.bool(), expected):
-            raise ValueError("TeacherCache stores each sample's positions up to its attention mask's length and needs "
-                             "right-padded batches; this batch has left or inner padding (set the tokenizer's "
-                             "padding_side='right').")
-        return "tokens", lengths.cpu()
-    return "tokens", torch.full((n,), width, dtype=torch.int64)

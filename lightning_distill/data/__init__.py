@@ -44,11 +44,12 @@ transformers).
 
 from __future__ import annotations
 
+from lightning_distill.paths import cache_root
+
 from .base import SliceCount
 from .blocks import TokenBlockDataset
 from .corpus import Document, corpus_fingerprint, demo_corpus
 from .datamodule import SlicedTextDataModule
-from .paths import cache_root
 from .splits import assign_splits
 from .text import TextDataModule
 from .tokenizer import EOS_TOKEN, tokenizer_fingerprint, train_bpe_tokenizer

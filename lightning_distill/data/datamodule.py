@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from lightning_distill.paths import cache_root
+
 from .base import (
     SPLITS,
     SliceCount,
@@ -22,7 +24,6 @@ from .base import (
 from .blocks import TokenBlockDataset, concat_with_eos
 from .corpus import Document, corpus_fingerprint, demo_corpus
 from .loaders import ResumableDataLoader
-from .paths import cache_root
 from .splits import assign_splits
 from .tokenizer import tokenizer_fingerprint, train_bpe_tokenizer
 

@@ -38,10 +38,11 @@ from typing import Any
 
 import numpy as np
 
+from lightning_distill.paths import cache_root
+
 from .base import SPLITS, SplitDataModule, check_fractions, check_int, check_slice_names
 from .blocks import TextRowDataset, collate_rows, flatten_rows, pack_blocks, rows_per_document
 from .encode import load_tokenizer, text_tokenizer_fingerprint, tokenize_documents, vocab_size_of
-from .paths import cache_root
 from .sources import TextDocument, TextSource, plain
 from .splits import assign_by_content
 from .store import read_splits, write_splits

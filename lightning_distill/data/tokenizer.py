@@ -29,6 +29,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from lightning_distill.cache.fingerprint import tokenizer_fingerprint
+
 __all__ = [
     "EOS_TOKEN",
     "TOKENIZER_FORMAT_VERSION",
@@ -90,19 +92,6 @@ def train_bpe_tokenizer(
     if path is not None:
         _atomic_write(path, backend.to_str())
     return _wrap(backend)
-
-
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:
-    """Return a short hex digest of a fast tokenizer's full serialisation.
-
-    Args:
-        tokenizer: the tokenizer.
-
-    Returns:
-        16 hex characters; equal tokenizers (vocabulary, merges, special tokens) hash equal.
-    """
-    data = tokenizer.backend_tokenizer.to_str().encode("utf-8")
-    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def _train(texts: list[str], vocab_size: int) -> Tokenizer:

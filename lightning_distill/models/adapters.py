@@ -25,6 +25,7 @@ __all__ = [
     "output_vocab_size",
     "unwrap_model",
     "wrapper_prefix",
+    "vocab_mismatch_message",
 ]
 
 #: Batch keys that describe the sample rather than feed the model.
@@ -259,3 +260,13 @@ def logits_from_output(output: Any, fn: LogitsFn | None = None, *, who: str = "m
     if not isinstance(logits, Tensor):
         raise TypeError(f"the {who}'s logits must be a torch.Tensor, got {type(logits).__name__}.")
     return logits
+
+
+def vocab_mismatch_message(student_vocab: int, teacher_vocab: int) -> str:
+    """The one message for a student and teacher whose output vocabularies differ, with the fixes."""
+    return (
+        f"student vocabulary ({student_vocab}) and teacher vocabulary ({teacher_vocab}) differ. If one tokenizer "
+        f"extends the other (padded embedding rows, as Qwen2.5's 151936 vs 152064), pass "
+        f"vocab_mismatch='slice' to compare over the first {min(student_vocab, teacher_vocab)} entries; if the "
+        "tokenizers differ, the logit losses cannot compare them (a cross-tokenizer loss is needed)."
+    )
