@@ -166,7 +166,7 @@ class CacheBuilder:
         if on_mismatch not in ("error", "rebuild"):
             raise ValueError(f"on_mismatch={on_mismatch!r} is invalid; use 'error' or 'rebuild'.")
         check_int("max_shards_in_memory", max_shards_in_memory, low=1)
-        layers = tuple(int(i) for i in (hidden_layers or ()))
+        layers = tuple(check_int("hidden_layers[i]", i) for i in (hidden_layers or ()))
         self.dirpath = None if dirpath is None else str(dirpath)
         self.kind = kind
         self.k = k
