@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["check_choice", "check_int", "check_number", "check_tensor"]
+__all__ = ["check_bool", "check_choice", "check_int", "check_number", "check_tensor"]
 
 
 def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
@@ -36,48 +36,85 @@ def check_number(
     high: float | None = None,
     low_open: bool = False,
     high_open: bool = False,
+    allow_none: bool = False,
     hint: str = "",
-) -> float:
-    """``value`` as a float: a finite real number inside the given bounds.
+) -> float | None:
+    """``value`` as a float: a finite real number inside the given bounds (or ``None`` when ``allow_none``).
 
     Args:
         name: the argument's name, for the message.
         value: what the caller passed.
         low, high: bounds (``None``: unbounded on that side).
         low_open, high_open: exclude the bound itself.
+        allow_none: ``None`` is allowed (and returned).
         hint: a sentence appended to the message of a bad value (e.g. what to use instead).
 
     Raises:
         TypeError: ``value`` is not a real number (a bool counts as not a number).
         ValueError: NaN, inf, or outside the bounds.
     """
+    if value is None and allow_none:
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+        what = "a number or None" if allow_none else "a number"
+        raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__}).")
     value = float(value)
     outside = (not math.isfinite(value)
                or (low is not None and (value < low or (low_open and value == low)))
                or (high is not None and (value > high or (high_open and value == high))))
     if outside:
         allowed = " ".join(x for x in ("a finite number", _interval(low, high, low_open, high_open)) if x)
+        allowed += " or None" if allow_none else ""
         raise ValueError(f"{name} must be {allowed}, got {value}.{' ' + hint if hint else ''}")
     return value
 
 
-def check_int(name: str, value: Any, *, low: int | None = None, allow_none: bool = False) -> int | None:
-    """``value`` as an int ``>= low`` (or ``None`` when ``allow_none``).
+def check_int(
+    name: str,
+    value: Any,
+    *,
+    low: int | None = None,
+    high: int | None = None,
+    allow_none: bool = False,
+    hint: str = "",
+) -> int | None:
+    """``value`` as an int in ``[low, high]`` (or ``None`` when ``allow_none``).
+
+    Args:
+        name: the argument's name, for the message.
+        value: what the caller passed.
+        low, high: inclusive bounds (``None``: unbounded on that side).
+        allow_none: ``None`` is allowed (and returned).
+        hint: a sentence appended to the message of a bad value.
 
     Raises:
         TypeError: not an int (a bool or a float counts as not an int).
-        ValueError: below ``low``.
+        ValueError: outside ``[low, high]``.
     """
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         what = "an int or None" if allow_none else "an int"
         raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__}).")
-    if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low}{' or None' if allow_none else ''}, got {value}.")
+    if (low is not None and value < low) or (high is not None and value > high):
+        if low is not None and high is not None:
+            allowed = f"an int in [{low}, {high}]"
+        else:
+            allowed = f">= {low}" if low is not None else f"<= {high}"
+        allowed += " or None" if allow_none else ""
+        raise ValueError(f"{name} must be {allowed}, got {value}.{' ' + hint if hint else ''}")
     return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool.
+
+    Raises:
+        TypeError: anything else (``0``/``1`` and ``"true"`` count as not a bool).
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false (a bool), got {value!r} ({type(value).__name__}).")
+    return value
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any], *, hint: str = "") -> Any:

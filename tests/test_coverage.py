@@ -145,16 +145,24 @@ def test_gap_rules_absolute_relative_and_distance_to_best():
     ({"on_gap": "explode"}, "'explode'"),
     ({"min_retention": -1}, "-1"),
     ({"min_relative_retention": 1.5}, "1.5"),
-    ({"max_gap_to_best": "x"}, "'x'"),
     ({"slices": ["a", "a"]}, "'a', 'a'"),
     ({"slices": []}, r"\[\]"),
     ({"slice_key": ""}, "''"),
-    ({"slice_fn": 3}, "3"),
     ({"dataloader_names": []}, "dataloader_names"),
     ({"slices": ["a"], "dataloader_names": ["z"]}, "'z'"),
 ])
 def test_bad_arguments_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
+        CoverageSlices(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"max_gap_to_best": "x"}, "'x'"),
+    ({"slice_fn": 3}, "3"),
+    ({"count_training": 1}, "count_training"),
+])
+def test_arguments_of_the_wrong_kind_are_type_errors(kwargs, message):
+    with pytest.raises(TypeError, match=message):
         CoverageSlices(**kwargs)
 
 

@@ -214,7 +214,7 @@ def test_from_teacher_errors():
         student_from_teacher(None)
     with pytest.raises(TypeError, match="Hugging Face PreTrainedModel teacher, got Linear"):
         student_from_teacher(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="intermediate_size must be an int between 1 and the teacher's 32, got 64"):
+    with pytest.raises(ValueError, match=r"intermediate_size must be an int in \[1, 32\], got 64. \(At most the teacher's 32.\)"):
         student_from_teacher(teacher, intermediate_size=64)
     with pytest.raises(ValueError, match="mlp_selection='random' is not one of"):
         student_from_teacher(teacher, mlp_selection="random")

@@ -427,13 +427,13 @@ def test_a_dirpath_that_is_a_file_is_named_as_a_file(tmp_path):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"kind": "logits"}, "kind='logits' is not a cache kind"),
-    ({"k": 0}, "k=0 is invalid"),
-    ({"num_samples": 0}, "num_samples=0 is invalid"),
-    ({"sample_temperature": 0.0}, "sample_temperature=0.0 is invalid"),
+    ({"k": 0}, "k must be >= 1, got 0"),
+    ({"num_samples": 0}, r"num_samples must be an int in \[1, 65535\], got 0"),
+    ({"sample_temperature": 0.0}, "sample_temperature must be a finite number > 0, got 0.0"),
     ({"dtype": "float32"}, "dtype='float32' is invalid"),
     ({"splits": ["training"]}, "splits=\\['training'\\] is invalid"),
     ({"on_mismatch": "ignore"}, "on_mismatch='ignore' is invalid"),
-    ({"shard_mb": 0}, "shard_mb=0 is invalid"),
+    ({"shard_mb": 0}, "shard_mb must be a finite number > 0, got 0.0"),
 ])
 def test_bad_arguments_name_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -217,17 +217,17 @@ def test_schedule_from_yaml_like_values():
     (dict(shape="step", start=4.0, milestones=[3]), r"exactly one of end .* or gamma"),
     (dict(shape="step", start=4.0, end=1.0, gamma=0.5, milestones=[3]), r"exactly one of end"),
     (dict(shape="step", start=4.0, gamma=0.5), r"needs milestones"),
-    (dict(shape="step", start=4.0, gamma=-1.0, milestones=[3]), r"gamma must be > 0, got -1.0"),
+    (dict(shape="step", start=4.0, gamma=-1.0, milestones=[3]), r"gamma must be a finite number > 0, got -1.0"),
     (dict(shape="linear", start=4.0, gamma=0.5, end=1.0), r"gamma=0.5 is only used by shape='step'"),
     (dict(shape="cosine", start=4.0), r"shape='cosine' needs an end value"),
     (dict(shape="constant", start=4.0, end=1.0), r"constant' takes no end \(got end=1.0"),
     (dict(shape="exponential", start=4.0, end=0.0), r"needs start > 0 and end > 0, got start=4.0, end=0.0"),
     (dict(shape="linear", start=4.0, end=1.0, warmup_steps=3), r"warmup_steps=3 needs warmup_start"),
     (dict(shape="linear", start=4.0, end=1.0, warmup_start=1.0), r"warmup_start=1.0 is given but warmup_steps is 0"),
-    (dict(shape="linear", start=4.0, end=1.0, warmup_steps=-1), r"warmup_steps must be an integer >= 0, got -1"),
+    (dict(shape="linear", start=4.0, end=1.0, warmup_steps=-1), r"warmup_steps must be >= 0, got -1"),
     (dict(shape="linear", start=4.0, end=1.0, warmup_steps=10, warmup_start=1.0, total_steps=10),
      r"total_steps=10 must be greater than warmup_steps=10"),
-    (dict(shape="linear", start=float("nan"), end=1.0), r"start must be finite, got nan"),
+    (dict(shape="linear", start=float("nan"), end=1.0), r"start must be a finite number, got nan"),
 ])
 def test_schedule_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -245,7 +245,7 @@ def test_schedule_validation(kwargs, message):
     (dict(temperature={"shape": "step", "start": 4.0, "gamma": 0.5, "milestones": [9, 3]}),
      r"temperature: milestones must be strictly increasing, got \[9, 3\]"),
     (dict(temperature=2.0, interval="batch"), r"interval must be one of \('step', 'epoch'\), got 'batch'"),
-    (dict(temperature=2.0, total_steps=0), r"total_steps must be an integer >= 1, got 0"),
+    (dict(temperature=2.0, total_steps=0), r"total_steps must be >= 1, got 0"),
     (dict(), r"nothing to schedule"),
     (dict(weights={"kd": 0.5}, terms=["kd"]), r"terms=\['kd'\] is given but there is no temperature schedule"),
 ])

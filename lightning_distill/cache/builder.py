@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -53,6 +52,7 @@ from lightning_distill.models.adapters import (
     vocab_mismatch_message,
 )
 from lightning_distill.paths import cache_root
+from lightning_distill.validation import check_int, check_number
 
 __all__ = ["DENSE_WARN_VOCAB", "SPLITS", "CacheBuilder"]
 
@@ -65,13 +65,6 @@ DENSE_WARN_VOCAB = 8192
 SPLITS = ("train", "val", "test")
 
 Barrier = Callable[[str], None]
-
-
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}={value!r} is invalid; pass an integer {bound}.")
-    return value
 
 
 class CacheBuilder:
@@ -153,13 +146,11 @@ class CacheBuilder:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not a cache kind; use one of {list(KINDS)}.")
-        _check_int("k", k, 1)
-        _check_int("num_samples", num_samples, 1, 65535)
-        if isinstance(sample_temperature, bool) or not isinstance(sample_temperature, (int, float)) \
-                or not math.isfinite(sample_temperature) or sample_temperature <= 0:
-            raise ValueError(f"sample_temperature={sample_temperature!r} is invalid; pass a number > 0 (1.0 samples "
-                             "the teacher's own distribution).")
-        _check_int("seed", seed, 0)
+        check_int("k", k, low=1)
+        check_int("num_samples", num_samples, low=1, high=65535)
+        check_number("sample_temperature", sample_temperature, low=0.0, low_open=True,
+                     hint="1.0 samples the teacher's own distribution.")
+        check_int("seed", seed, low=0)
         if dtype not in ("float16", "bfloat16"):
             raise ValueError(f"dtype={dtype!r} is invalid; use 'float16' or 'bfloat16'.")
         if isinstance(splits, str):
@@ -168,15 +159,14 @@ class CacheBuilder:
         if unknown or not splits:
             raise ValueError(f"splits={list(splits)!r} is invalid; choose from {list(SPLITS)}.")
         if build_batch_size is not None:
-            _check_int("build_batch_size", build_batch_size, 1)
-        if not isinstance(shard_mb, (int, float)) or isinstance(shard_mb, bool) or shard_mb <= 0:
-            raise ValueError(f"shard_mb={shard_mb!r} is invalid; pass a size in MiB > 0.")
+            check_int("build_batch_size", build_batch_size, low=1)
+        check_number("shard_mb", shard_mb, low=0.0, low_open=True, hint="It is a shard's size in MiB.")
         if compression not in (None, "zlib"):
             raise ValueError(f"compression={compression!r} is invalid; use 'zlib' or None.")
         if on_mismatch not in ("error", "rebuild"):
             raise ValueError(f"on_mismatch={on_mismatch!r} is invalid; use 'error' or 'rebuild'.")
-        _check_int("max_shards_in_memory", max_shards_in_memory, 1)
-        layers = tuple(int(i) for i in (hidden_layers or ()))
+        check_int("max_shards_in_memory", max_shards_in_memory, low=1)
+        layers = tuple(check_int("hidden_layers[i]", i) for i in (hidden_layers or ()))
         self.dirpath = None if dirpath is None else str(dirpath)
         self.kind = kind
         self.k = k

@@ -19,7 +19,6 @@ All sums (tokens, NLL, agreement, KL, correct predictions, training coverage) li
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +44,7 @@ from lightning_distill.reporting import (
     retention,
     write_coverage_reports,
 )
+from lightning_distill.validation import check_bool, check_choice, check_number
 
 __all__ = ["COVERAGE_FIELDS", "CoverageGapError", "CoverageSlices", "SliceSums", "coverage_rows",
            "format_coverage_table", "plot_retention", "retention"]
@@ -108,16 +108,6 @@ class SliceSums(Metric):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return {field: value.reshape(-1) for field, value in self.compute().items()}
-
-
-def _opt_float(name: str, value: Any, *, low: float | None = None, high: float | None = None) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number or None, got {value!r}.")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}.")
-    return float(value)
 
 
 class CoverageSlices(Callback):
@@ -192,10 +182,12 @@ class CoverageSlices(Callback):
             slices = [str(s) for s in slices]
             if not slices or len(set(slices)) != len(slices):
                 raise ValueError(f"slices must be a non-empty list of distinct names, got {slices!r}.")
-        if not isinstance(slice_key, str) or not slice_key:
+        if not isinstance(slice_key, str):
+            raise TypeError(f"slice_key must be a string, got {slice_key!r} ({type(slice_key).__name__}).")
+        if not slice_key:
             raise ValueError(f"slice_key must be a non-empty string, got {slice_key!r}.")
         if slice_fn is not None and not callable(slice_fn):
-            raise ValueError(f"slice_fn must be callable (batch -> list of slice names), got {slice_fn!r}.")
+            raise TypeError(f"slice_fn must be callable (batch -> list of slice names), got {slice_fn!r}.")
         if dataloader_names is not None:
             dataloader_names = [str(n) for n in dataloader_names]
             if not dataloader_names:
@@ -204,21 +196,18 @@ class CoverageSlices(Callback):
             if slices is not None and set(dataloader_names) - set(slices):
                 raise ValueError(f"dataloader_names {sorted(set(dataloader_names) - set(slices))} are not "
                                  f"among slices={slices}.")
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
-        if on_gap not in _ON_GAP:
-            raise ValueError(f"on_gap must be one of {_ON_GAP}, got {on_gap!r}.")
-        if not isinstance(count_training, bool):
-            raise ValueError(f"count_training must be True or False, got {count_training!r}.")
+        check_choice("metric", metric, METRICS)
+        check_choice("on_gap", on_gap, _ON_GAP)
+        check_bool("count_training", count_training)
         self.slices = slices
         self.slice_key = slice_key
         self.slice_fn = slice_fn
         self.dataloader_names = dataloader_names
         self.metric = metric
-        self.min_retention = _opt_float("min_retention", min_retention, low=0.0)
-        self.min_relative_retention = _opt_float("min_relative_retention", min_relative_retention,
-                                                 low=0.0, high=1.0)
-        self.max_gap_to_best = _opt_float("max_gap_to_best", max_gap_to_best, low=0.0)
+        self.min_retention = check_number("min_retention", min_retention, low=0.0, allow_none=True)
+        self.min_relative_retention = check_number("min_relative_retention", min_relative_retention,
+                                                   low=0.0, high=1.0, allow_none=True)
+        self.max_gap_to_best = check_number("max_gap_to_best", max_gap_to_best, low=0.0, allow_none=True)
         self.on_gap = on_gap
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.count_training = count_training

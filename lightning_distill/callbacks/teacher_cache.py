@@ -287,13 +287,27 @@ def _split_loader(split: str, datamodule: Any, trainer: L.Trainer | None) -> Dat
         except (NotImplementedError, AttributeError, MisconfigurationException):
             loader = None
     elif trainer is not None:
-        sources = {"train": [trainer.fit_loop], "val": [trainer.fit_loop.epoch_loop.val_loop, trainer.validate_loop],
-                   "test": [trainer.test_loop]}[split]
-        for loop in sources:
-            source = getattr(loop, "_data_source", None)  # Lightning's record of the loader's origin
-            if source is not None and source.instance is not None and source.is_defined():
-                loader = source.dataloader()
-                break
+        loader = _trainer_loader(split, trainer)
     if isinstance(loader, (list, tuple)):
         loader = loader[0] if loader else None
     return loader if isinstance(loader, DataLoader) else None
+
+
+def _trainer_loader(split: str, trainer: L.Trainer) -> Any:
+    """The loader the Trainer runs ``split`` with, through its public API only.
+
+    ``trainer.train_dataloader``/``val_dataloaders``/``test_dataloaders`` are set once the
+    running loop has set up its data; at ``on_fit_start`` (before that) the fit loop's own
+    ``setup_data()`` is asked first: it is the call Lightning makes next, and it does nothing
+    when called again.
+    """
+    fitting = trainer.state.fn == "fit"
+    if split == "train":
+        if fitting:
+            trainer.fit_loop.setup_data()
+        return trainer.train_dataloader
+    if split == "val":
+        if fitting and trainer.val_dataloaders is None:
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+        return trainer.val_dataloaders
+    return trainer.test_dataloaders

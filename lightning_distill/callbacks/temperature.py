@@ -25,27 +25,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_distill.validation import check_int, check_number
+
 __all__ = ["SHAPES", "Schedule", "TemperatureSchedule"]
 
 #: The shapes a :class:`Schedule` can take.
 SHAPES = ("constant", "linear", "cosine", "exponential", "step")
 _NEEDS_TOTAL = ("linear", "cosine", "exponential")
 _INTERVALS = ("step", "epoch")
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}.")
-    return value
-
-
-def _count(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -111,18 +98,18 @@ class Schedule:
 
         if self.shape not in SHAPES:
             raise ValueError(f"shape must be one of {SHAPES}, got {self.shape!r}.")
-        put("start", _number("start", self.start))
+        put("start", check_number("start", self.start))
         if self.end is not None:
-            put("end", _number("end", self.end))
+            put("end", check_number("end", self.end))
         if self.total_steps is not None:
-            put("total_steps", _count("total_steps", self.total_steps, minimum=1))
-        put("warmup_steps", _count("warmup_steps", self.warmup_steps, minimum=0))
+            put("total_steps", check_int("total_steps", self.total_steps, low=1))
+        put("warmup_steps", check_int("warmup_steps", self.warmup_steps, low=0))
         if self.warmup_steps and self.warmup_start is None:
             raise ValueError(f"warmup_steps={self.warmup_steps} needs warmup_start (the value at step 0).")
         if not self.warmup_steps and self.warmup_start is not None:
             raise ValueError(f"warmup_start={self.warmup_start} is given but warmup_steps is 0.")
         if self.warmup_start is not None:
-            put("warmup_start", _number("warmup_start", self.warmup_start))
+            put("warmup_start", check_number("warmup_start", self.warmup_start))
         if self.total_steps is not None and self.shape in _NEEDS_TOTAL and self.total_steps <= self.warmup_steps:
             raise ValueError(f"total_steps={self.total_steps} must be greater than warmup_steps={self.warmup_steps}.")
 
@@ -151,7 +138,7 @@ class Schedule:
             raise ValueError("shape='step' needs at least one milestone, got [].")
         for m in milestones:
             if isinstance(m, bool) or not isinstance(m, int):
-                raise ValueError(f"milestones must be integers (steps), got {list(milestones)}.")
+                raise TypeError(f"milestones must be integers (steps), got {list(milestones)}.")
         if any(b <= a for a, b in zip(milestones, milestones[1:])):
             raise ValueError(f"milestones must be strictly increasing, got {list(milestones)}.")
         if milestones[0] <= self.warmup_steps:
@@ -162,9 +149,7 @@ class Schedule:
             raise ValueError(f"shape='step' needs exactly one of end (the last level) or gamma (the factor "
                              f"per milestone), got end={self.end}, gamma={self.gamma}.")
         if self.gamma is not None:
-            gamma = _number("gamma", self.gamma)
-            if gamma <= 0:
-                raise ValueError(f"gamma must be > 0, got {gamma}.")
+            gamma = check_number("gamma", self.gamma, low=0.0, low_open=True)
             object.__setattr__(self, "gamma", gamma)
 
     # ---------------------------------------------------------------------------- construction
@@ -209,7 +194,7 @@ class Schedule:
         if total is None:
             raise ValueError(f"shape={self.shape!r} needs total_steps (the length of the schedule); "
                              "set it on the schedule or the callback, or give the trainer max_steps/max_epochs.")
-        total = _count("total_steps", total, minimum=1)
+        total = check_int("total_steps", total, low=1)
         if total <= self.warmup_steps:
             raise ValueError(f"total_steps={total} must be greater than warmup_steps={self.warmup_steps}.")
         return total
@@ -346,7 +331,7 @@ class TemperatureSchedule(Callback):
         if interval not in _INTERVALS:
             raise ValueError(f"interval must be one of {_INTERVALS}, got {interval!r}.")
         if total_steps is not None:
-            total_steps = _count("total_steps", total_steps, minimum=1)
+            total_steps = check_int("total_steps", total_steps, low=1)
         if weights is not None and not isinstance(weights, Mapping):
             raise TypeError(f"weights must be a mapping {{term name: schedule}}, got {type(weights).__name__}.")
         if terms is not None:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..validation import check_int, check_number
 from .loaders import ResumableDataLoader
 
 __all__ = ["SPLITS", "SliceCount", "SplitDataModule"]
@@ -133,7 +134,7 @@ class SplitDataModule(L.LightningDataModule):
         if slices is not None:
             check_slice_names("slices", list(slices), self.slices)
         if batch_size is not None:
-            check_int("batch_size", batch_size, 1)
+            check_int("batch_size", batch_size, low=1)
         self.setup()
         return self._train_loader(
             self._train_subset(None if slices is None else list(slices)),
@@ -200,12 +201,12 @@ class SplitDataModule(L.LightningDataModule):
         Raises:
             ValueError: on an out-of-range size or an empty ``train_slices``.
         """
-        check_int("batch_size", batch_size, 1)
-        check_int("num_workers", num_workers, 0)
+        check_int("batch_size", batch_size, low=1)
+        check_int("num_workers", num_workers, low=0)
         if eval_batch_size is not None:
-            check_int("eval_batch_size", eval_batch_size, 1)
+            check_int("eval_batch_size", eval_batch_size, low=1)
         if max_train_samples is not None:
-            check_int("max_train_samples", max_train_samples, 1)
+            check_int("max_train_samples", max_train_samples, low=1)
         if isinstance(train_slices, str):  # a Hydra override such as train_slices=prose
             train_slices = [train_slices]
         if train_slices is not None:
@@ -288,25 +289,15 @@ def digest(settings: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def check_int(name: str, value: int, minimum: int) -> None:
-    """Refuse a non-integer or one below ``minimum``.
-
-    Raises:
-        ValueError: naming the setting and the bound.
-    """
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}={value!r} is invalid; pass an integer >= {minimum}.")
-
-
 def check_fractions(val_fraction: float, test_fraction: float) -> None:
     """Refuse eval fractions outside ``[0, 1)`` or that leave nothing to train on.
 
     Raises:
+        TypeError: a fraction that is not a number.
         ValueError: naming the bad fraction.
     """
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name}={value} is outside [0, 1); pass a fraction such as 0.05.")
+        check_number(name, value, low=0.0, high=1.0, high_open=True, hint="Pass a fraction such as 0.05.")
     if val_fraction + test_fraction >= 1.0:
         raise ValueError(
             f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves nothing to "

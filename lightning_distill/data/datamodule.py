@@ -11,13 +11,13 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from lightning_distill.paths import cache_root
+from lightning_distill.validation import check_int
 
 from .base import (
     SPLITS,
     SliceCount,
     SplitDataModule,
     check_fractions,
-    check_int,
     check_slice_names,
     check_split,
 )
@@ -114,7 +114,7 @@ class SlicedTextDataModule(SplitDataModule):
                 f"corpus={corpus!r} is neither a corpus name nor a callable; use one of "
                 f"{sorted(CORPORA)} or a callable returning list[Document]."
             )
-        check_int("seq_len", seq_len, 2)
+        check_int("seq_len", seq_len, low=2)
         check_fractions(val_fraction, test_fraction)
         train_slices = self._serving(
             batch_size, eval_batch_size, num_workers, seed, train_slices, max_train_samples

@@ -11,6 +11,8 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from lightning_distill.cache.fingerprint import tokenizer_fingerprint
+
 if TYPE_CHECKING:
     from .sources import TextDocument
 
@@ -71,12 +73,17 @@ def vocab_size_of(path: str | None) -> int:
 
 
 def text_tokenizer_fingerprint(tok: Any) -> str:
-    """Short digest of any tokenizer (a fast one's full JSON; else its class, size and vocabulary)."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        blob = backend.to_str()
-    else:
-        blob = f"{type(tok).__name__}:{len(tok)}:{sorted(tok.get_vocab().items())[:1000]}"
+    """Short digest of any tokenizer, the key of the tokenized text files.
+
+    A fast tokenizer gets :func:`~lightning_distill.cache.fingerprint.tokenizer_fingerprint` (its
+    full JSON), the same value the teacher cache keys with. That one refuses a slow tokenizer
+    (no ``backend_tokenizer``), which :class:`TextDataModule` may be given; a slow one is keyed by
+    its class, size and first 1,000 vocabulary entries instead. Stored keys depend on both
+    values: do not change either.
+    """
+    if getattr(tok, "backend_tokenizer", None) is not None:
+        return tokenizer_fingerprint(tok)
+    blob = f"{type(tok).__name__}:{len(tok)}:{sorted(tok.get_vocab().items())[:1000]}"
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 

@@ -40,7 +40,8 @@ import numpy as np
 
 from lightning_distill.paths import cache_root
 
-from .base import SPLITS, SplitDataModule, check_fractions, check_int, check_slice_names
+from ..validation import check_int
+from .base import SPLITS, SplitDataModule, check_fractions, check_slice_names
 from .blocks import TextRowDataset, collate_rows, flatten_rows, pack_blocks, rows_per_document
 from .encode import load_tokenizer, text_tokenizer_fingerprint, tokenize_documents, vocab_size_of
 from .sources import TextDocument, TextSource, plain
@@ -174,7 +175,7 @@ class TextDataModule(SplitDataModule):
                 raise ValueError(f"splits={dict(splits)} has no 'train' entry; add train: <split>.")
         if truncation not in ("truncate", "error"):
             raise ValueError(f"truncation={truncation!r}; use 'truncate' or 'error'.")
-        check_int("seq_len", seq_len, 2)
+        check_int("seq_len", seq_len, low=2)
         check_fractions(val_fraction, test_fraction)
         train_slices = self._serving(
             batch_size, eval_batch_size, num_workers, seed, train_slices, max_train_samples

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_distill.models.adapters import is_hf_model
+from lightning_distill.validation import check_int
 
 __all__ = ["LAYER_CHOICES", "MLP_SELECTIONS", "random_init_like", "select_layers", "student_from_teacher"]
 
@@ -49,7 +50,7 @@ def select_layers(layers: str | Sequence[int], num_layers: int, k: int | None = 
     Raises:
         ValueError: an unknown name, a missing or out-of-range ``k``, or a list that is empty,
             repeats or is not increasing, or names a layer the teacher does not have.
-        TypeError: ``layers`` is neither a name nor a list of ints.
+        TypeError: ``layers`` is neither a name nor a list of ints, or ``k`` is not an int.
     """
     if isinstance(layers, str):
         if layers == "every_other":
@@ -57,8 +58,10 @@ def select_layers(layers: str | Sequence[int], num_layers: int, k: int | None = 
         if layers == "all":
             return list(range(num_layers))
         if layers == "first_k":
-            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_layers:
-                raise ValueError(f"layers=first_k needs k between 1 and the teacher's {num_layers} layers, got k={k!r}.")
+            need = f"layers=first_k needs k between 1 and the teacher's {num_layers} layers"
+            if k is None:
+                raise ValueError(f"{need}, got k=None.")
+            check_int("k", k, low=1, high=num_layers, hint=f"({need}.)")
             return list(range(k))
         raise ValueError(f"layers={layers!r} is not a layer choice; use one of {list(LAYER_CHOICES)} or a list of "
                          f"layer indices such as [0, 5, 11].")
@@ -66,8 +69,10 @@ def select_layers(layers: str | Sequence[int], num_layers: int, k: int | None = 
         kept = list(layers)
     except TypeError:
         raise TypeError(f"layers must be one of {list(LAYER_CHOICES)} or a list of ints, got {layers!r}.") from None
-    if not kept or any(isinstance(i, bool) or not isinstance(i, int) for i in kept):
-        raise ValueError(f"layers must be a non-empty list of ints (teacher layer indices), got {kept!r}.")
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in kept):
+        raise TypeError(f"layers must be a list of ints (teacher layer indices), got {kept!r}.")
+    if not kept:
+        raise ValueError("layers must be a non-empty list of ints (teacher layer indices), got [].")
     bad = [i for i in kept if not 0 <= i < num_layers]
     if bad:
         raise ValueError(f"layers {bad} do not exist: the teacher has layers 0..{num_layers - 1}.")
@@ -127,7 +132,8 @@ def student_from_teacher(
     Raises:
         ValueError: no teacher, an unsupported architecture, a bad layer list, an MLP wider than
             the teacher's or an unknown ``mlp_selection``.
-        TypeError: the teacher is not a Hugging Face model.
+        TypeError: the teacher is not a Hugging Face model, or ``k``, ``intermediate_size`` or a
+            layer index is not an int.
     """
     from transformers import AutoModelForCausalLM
 
@@ -153,10 +159,8 @@ def student_from_teacher(
     teacher_width = None
     if intermediate_size is not None:
         teacher_width = _mlp_width(teacher.config, width_field)
-        if isinstance(intermediate_size, bool) or not isinstance(intermediate_size, int) \
-                or not 1 <= intermediate_size <= teacher_width:
-            raise ValueError(f"intermediate_size must be an int between 1 and the teacher's {teacher_width}, "
-                             f"got {intermediate_size!r}.")
+        check_int("intermediate_size", intermediate_size, low=1, high=teacher_width,
+                  hint=f"(At most the teacher's {teacher_width}.)")
         setattr(config, width_field, intermediate_size)
     config.derived_from_teacher = {
         "teacher": getattr(teacher.config, "_name_or_path", "") or None,

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_distill.validation import check_bool
+
 __all__ = ["causal_lm_from_config", "freeze", "load_pretrained"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -89,8 +91,7 @@ def load_pretrained(path: str | os.PathLike, *, revision: str | None = None, dty
     from transformers import AutoModelForCausalLM
 
     for name, flag in (("trust_remote_code", trust_remote_code), ("local_files_only", local_files_only)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be true or false, got {flag!r}.")
+        check_bool(name, flag)
     torch_dtype = _dtype(dtype)
     path = os.fspath(path)
     if _looks_like_path(path) and not Path(path).expanduser().exists():
