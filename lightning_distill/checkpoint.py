@@ -8,6 +8,10 @@ file's code. Both become one :class:`CheckpointError` naming the file.
 
 :class:`CheckedCheckpointIO` wraps the trainer's checkpoint IO so ``Trainer.fit(ckpt_path=...)``
 reports the same way; ``DistillationModule`` installs it at setup.
+
+What ``DistillationModule`` keeps in a checkpoint is decided here too: state-dict keys name the
+unwrapped models (:func:`wrapper_prefixes`, :func:`rename_keys`), and the recorded loss terms are
+rebuilt on load (:func:`rebuild_terms`) or compared with the given ones (:func:`losses_differ_message`).
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import lightning as L
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["CheckedCheckpointIO", "CheckpointError", "SaveOnInterrupt", "checkpoint_errors", "resolve_ckpt_path",
-           "resume_command"]
+__all__ = ["CheckedCheckpointIO", "CheckpointError", "SaveOnInterrupt", "checkpoint_errors", "losses_differ_message",
+           "rebuild_terms", "rename_keys", "resolve_ckpt_path", "resume_command", "wrapper_prefixes"]
 
 
 class CheckpointError(ValueError):
@@ -181,3 +185,64 @@ def resume_command(overrides: Sequence[str], output_dir: Any, ckpt_path: Any, pr
     keep = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in ("ckpt_path", "output_dir")]
     parts = [program, *keep, f'output_dir="{output_dir}"', f'ckpt_path="{ckpt_path}"']
     return " ".join(shlex.quote(p) for p in parts)
+
+
+# ---------------------------------------------------------------------- the module's own entries
+def wrapper_prefixes(models: Mapping[str, Any]) -> dict[str, str]:
+    """``{"student.": "student._orig_mod.", ...}`` for the ``{attribute: model}`` that are wrapped
+    (compiled, peft); plain models and ``None`` are left out."""
+    from torch import nn
+
+    from lightning_distill.models.adapters import wrapper_prefix
+
+    out = {}
+    for name, model in models.items():
+        prefix = wrapper_prefix(model) if isinstance(model, nn.Module) else ""
+        if prefix:
+            out[f"{name}."] = f"{name}.{prefix}"
+    return out
+
+
+def rename_keys(state: dict[str, Any], prefixes: Mapping[str, str], *, wrap: bool) -> None:
+    """Rename, in place, between plain keys (``student.x``) and wrapped ones (``student._orig_mod.x``).
+
+    Args:
+        state: a state dict.
+        prefixes: ``{plain: wrapped}`` from :func:`wrapper_prefixes`.
+        wrap: to the wrapped form (loading into wrapped models), else to the plain one (saving).
+    """
+    for plain, wrapped in prefixes.items():
+        old, new = (plain, wrapped) if wrap else (wrapped, plain)
+        for key in [k for k in state if k.startswith(old) and not (wrap and k.startswith(wrapped))]:
+            state[new + key[len(old):]] = state.pop(key)
+
+
+def rebuild_terms(recorded: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The library loss terms recorded by their ``config()`` (``{name: config}``), or ``None``
+    when any of them cannot be rebuilt exactly."""
+    rebuilt = {name: _rebuild_term(cfg) for name, cfg in recorded.items() if isinstance(cfg, Mapping)}
+    if rebuilt and all(t is not None for t in rebuilt.values()) and len(rebuilt) == len(recorded):
+        return rebuilt
+    return None
+
+
+def _rebuild_term(config: Mapping[str, Any]) -> Any:
+    """A library loss term from its recorded ``config()``; ``None`` if it cannot be rebuilt."""
+    from lightning_distill import losses as terms
+
+    cls = getattr(terms, str(config.get("type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, terms.LossTerm)):
+        return None
+    try:
+        term = cls(**{k: v for k, v in config.items() if k != "type"})
+    except (TypeError, ValueError):
+        return None
+    return term if term.config() == dict(config) else None
+
+
+def losses_differ_message(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    """The warning for a module whose loss terms (``{name: config}``) differ from the recorded ones."""
+    diff = sorted(set(current) ^ set(recorded)) + [
+        n for n in current if n in recorded and current[n] != recorded[n]]
+    return (f"the checkpoint recorded the loss terms {dict(recorded)}, but this module has {dict(current)} "
+            f"(differing: {diff}); pass losses=... matching the checkpoint to evaluate what was trained.")

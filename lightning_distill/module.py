@@ -4,14 +4,18 @@ The one path a batch takes::
 
     batch -> teacher targets -> student forward -> loss terms -> total loss -> logs
              (live frozen teacher, or targets already in the batch, e.g. from a cache)
+
+This file holds the path and the Lightning hooks; the concerns it calls live apart:
+:mod:`~lightning_distill.teacher` (the live teacher's NaN/inf check, vocabulary alignment),
+:mod:`~lightning_distill.scoring` (per-sample sums, agreement and KL),
+:mod:`~lightning_distill.step_mean` (the step-wide token mean), :mod:`~lightning_distill.optim`,
+:func:`~lightning_distill.losses.terms.check_terms` and :mod:`~lightning_distill.checkpoint`
+(checkpoint keys, recorded loss terms).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
-import re
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -24,36 +28,42 @@ from torchmetrics import MeanMetric
 
 from lightning_distill import __version__
 from lightning_distill.alignment import align_labels, split_batch
-from lightning_distill.checkpoint import CheckedCheckpointIO, checkpoint_errors
+from lightning_distill.checkpoint import (
+    CheckedCheckpointIO,
+    checkpoint_errors,
+    losses_differ_message,
+    rebuild_terms,
+    rename_keys,
+    wrapper_prefixes,
+)
 from lightning_distill.losses import functional as LF
-from lightning_distill.losses import registry
-from lightning_distill.losses.terms import LogitKD, LossTerm, TaskLoss
+from lightning_distill.losses.terms import LogitKD, LossTerm, TaskLoss, check_terms, fused_pair
 from lightning_distill.models.adapters import (
     call_model,
     is_causal_lm,
-    is_classifier,
     logits_from_output,
-    output_vocab_size,
     unwrap_model,
-    vocab_mismatch_message,
-    wrapper_prefix,
 )
 from lightning_distill.models.hf import freeze
 from lightning_distill.models.identity import describe_model
-from lightning_distill.types import LossInputs, SparseTargets, TeacherTargets
+from lightning_distill.optim import default_optimizer, optimizers_config
+from lightning_distill.scoring import agreement_and_kl
+from lightning_distill.scoring import sample_sums as _sample_sums
+from lightning_distill.step_mean import StepMean
+from lightning_distill.teacher import (
+    TeacherLogitsCheck,
+    check_cached_vocab,
+    check_model_vocabs,
+    match_sparse_vocab,
+    match_vocab,
+)
+from lightning_distill.types import LossInputs, TeacherTargets
 from lightning_distill.validation import check_choice, check_int
 
 __all__ = ["DistillationModule"]
 
 Stage = Literal["train", "val", "test"]
-_TERM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_RESERVED_TERM_NAMES = frozenset({"loss", "agreement", "kl"})
 _VOCAB_POLICIES = ("error", "slice")
-_NO_NEG_INF = registry.no_neg_inf_names()  # divergences that turn a teacher's -inf into inf
-
-
-def _default_optimizer(params) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=3e-4)
 
 
 class DistillationModule(L.LightningModule):
@@ -163,8 +173,8 @@ class DistillationModule(L.LightningModule):
         if losses is None:
             losses = ({"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)} if teacher is not None
                       else {"task": TaskLoss()})
-        self.losses = nn.ModuleDict(self._check_losses(losses))
-        self.optimizer_factory = optimizer or _default_optimizer
+        self.losses = nn.ModuleDict(check_terms(losses))
+        self.optimizer_factory = optimizer or default_optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.student_logits_fn = student_logits_fn
         self.teacher_logits_fn = teacher_logits_fn
@@ -178,36 +188,14 @@ class DistillationModule(L.LightningModule):
 
         # Eval metrics per stage and dataloader (``val``, ``val_1``, ...), made on first use.
         self.metrics = nn.ModuleDict()
-        # Step-wide normalisation state (see on_before_optimizer_step).
-        self._step_count: Tensor | None = None
-        self._loss_scale: float | None = None
+        # Step-wide normalisation (training_step, on_before_optimizer_step).
+        self._step_mean = StepMean()
         self._checked_batch = False
         self._teacher_identity: dict[str, Any] | None = None
-        # A live teacher's non-finite check waiting on the device (CUDA: inspected a step later).
-        self._pending_teacher_check: tuple[Tensor, Any, str, Any] | None = None
+        # A live teacher's non-finite check (on CUDA: inspected a step later).
+        self._teacher_check = TeacherLogitsCheck()
 
-    # ------------------------------------------------------------------ construction checks
-    def _check_losses(self, losses: Mapping[str, LossTerm]) -> dict[str, LossTerm]:
-        if not isinstance(losses, Mapping):
-            raise TypeError(f"losses must be a mapping {{name: LossTerm}}, e.g. {{'kd': LogitKD()}}, got "
-                            f"{type(losses).__name__}.")
-        if not losses:
-            raise ValueError("losses must be a non-empty mapping {name: LossTerm}, e.g. {'kd': LogitKD()}, got {}.")
-        for name, term in losses.items():
-            if not isinstance(name, str) or not _TERM_NAME.match(name) or name in _RESERVED_TERM_NAMES:
-                raise ValueError(
-                    f"loss term name {name!r} is not allowed; use a Python identifier other than "
-                    f"{sorted(_RESERVED_TERM_NAMES)} (it becomes the log key train/<name>)."
-                )
-            if not isinstance(term, LossTerm):
-                raise TypeError(
-                    f"loss term {name!r} is a {type(term).__name__}, not a LossTerm; wrap it in a "
-                    "LossTerm subclass (see lightning_distill.losses)."
-                )
-        if all(term.weight == 0 for term in losses.values()):
-            raise ValueError(f"every loss term has weight 0 ({', '.join(losses)}); give at least one a weight > 0.")
-        return dict(losses)
-
+    # ------------------------------------------------------------------ set-up and identity
     def use_cached_targets(self) -> None:
         """Called by a :class:`~lightning_distill.callbacks.TeacherCache` at setup: its targets are meant
         to be used. Without a teacher the default losses were the task loss alone; they become KD +
@@ -240,9 +228,6 @@ class DistillationModule(L.LightningModule):
         return self.student(*args, **kwargs)
 
     # ------------------------------------------------------------------ the data path
-    def _split_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
-        return split_batch(batch)
-
     def _aligned_labels(self, labels: Tensor | None, inputs: Any, logits: Tensor) -> Tensor | None:
         return align_labels(labels, inputs, logits, shift_labels=self.shift_labels, ignore_index=self.ignore_index)
 
@@ -259,74 +244,9 @@ class DistillationModule(L.LightningModule):
         with torch.no_grad():
             output = call_model(self.teacher, inputs)
             logits = logits_from_output(output, self.teacher_logits_fn, who="teacher")
-            self._check_teacher_logits(logits, batch, inputs)
+            self._teacher_check.check(logits, batch, inputs, strict=any(t.no_neg_inf for t in self.losses.values()),
+                                      step=self.trainer.global_step if self._trainer is not None else None)
         return TeacherTargets(logits=logits)
-
-    def _check_teacher_logits(self, logits: Tensor, batch: Any, inputs: Any) -> None:
-        """Refuse a live teacher's NaN/+inf, an all ``-inf`` row, and any ``-inf`` for the terms
-        that cannot take one (``reverse_kl``, ``logit_mse``): one reduction over the vocabulary,
-        checked at once on CPU and a step later on CUDA (no host sync on the hot path)."""
-        strict = any(t.no_neg_inf for t in self.losses.values())
-        if strict:
-            low, high = torch.aminmax(logits.detach(), dim=-1)
-            bad = ~torch.isfinite(high) | (low == float("-inf")) | torch.isnan(low)
-        else:
-            bad = ~torch.isfinite(logits.detach().amax(-1))  # amax keeps NaN; +inf; an all -inf row
-        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-        if isinstance(mask, Tensor) and mask.shape == bad.shape:
-            bad = bad & (mask != 0)  # padding positions are never scored
-        bad = bad.reshape(bad.shape[0], -1).any(-1) if bad.dim() > 1 else bad
-        step = self.trainer.global_step if self._trainer is not None else None
-        ids = batch.get("sample_id") if isinstance(batch, Mapping) else None
-        where = f"global step {step}" if step is not None else "this batch"
-        self._flush_teacher_check()
-        if bad.device.type == "cuda":
-            host = bad.to("cpu", non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending_teacher_check = (host, event, where, ids)
-        else:
-            self._pending_teacher_check = (bad, None, where, ids)
-            self._flush_teacher_check()
-
-    def _flush_teacher_check(self) -> None:
-        """Raise for a pending teacher check that found a non-finite output."""
-        pending, self._pending_teacher_check = self._pending_teacher_check, None
-        if pending is None:
-            return
-        bad, event, where, ids = pending
-        if event is not None:
-            event.synchronize()
-        if not bool(bad.any()):
-            return
-        rows = torch.nonzero(bad.cpu()).flatten().tolist()
-        if isinstance(ids, Tensor):
-            ids = ids.detach().cpu().reshape(-1).tolist()
-        named = [ids[r] for r in rows] if isinstance(ids, list | tuple) and len(ids) == len(bad) else None
-        who = f"sample id(s) {named}" if named is not None else f"batch row(s) {rows} (no 'sample_id' in the batch)"
-        neg = (" or -inf (which " + " / ".join(_NO_NEG_INF) + " cannot compare)"
-               if any(t.no_neg_inf for t in self.losses.values())
-               else "")
-        raise ValueError(
-            f"the teacher's logits contain NaN or +inf (or a row of only -inf){neg} at {where}, for {who}; "
-            "training stopped before the student's weights turn NaN. Check the teacher and these inputs "
-            "(building a teacher cache refuses the same samples)."
-        )
-
-    def _match_vocab(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
-        vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
-        if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-            raise ValueError(
-                f"teacher logits {tuple(teacher_logits.shape)} and student logits "
-                f"{tuple(student_logits.shape)} cover different positions; both models must see the "
-                "same batch (same tokenizer and sequence length)."
-            )
-        if vs == vt:
-            return student_logits, teacher_logits
-        if self.vocab_mismatch == "slice":
-            shared = min(vs, vt)
-            return student_logits[..., :shared], teacher_logits[..., :shared]
-        raise ValueError(vocab_mismatch_message(vs, vt))
 
     def _check_first_batch(self, inputs: LossInputs) -> None:
         """One-off checks on the first batch, before any optimizer step (one host sync)."""
@@ -362,7 +282,7 @@ class DistillationModule(L.LightningModule):
         return bool(getattr(connector, "should_update_logs", True))
 
     def _shared_step(self, batch: Any, stage: Stage) -> dict[str, Any]:
-        inputs, labels = self._split_batch(batch)
+        inputs, labels = split_batch(batch)
         student_output = call_model(self.student, inputs)
         student_logits = logits_from_output(student_output, self.student_logits_fn, who="student")
         labels = self._aligned_labels(labels, inputs, student_logits)
@@ -372,10 +292,10 @@ class DistillationModule(L.LightningModule):
         targets = teacher  # as they came, for the per-sample evaluation sums
         kd_logits = student_logits
         if teacher is not None and teacher.logits is not None:
-            kd_logits, teacher_logits = self._match_vocab(student_logits, teacher.logits)
+            kd_logits, teacher_logits = match_vocab(student_logits, teacher.logits, self.vocab_mismatch)
             teacher = dataclasses.replace(teacher, logits=teacher_logits)
         elif teacher is not None and teacher.sparse is not None:
-            kd_logits = self._match_sparse_vocab(student_logits, teacher.sparse)
+            kd_logits = match_sparse_vocab(student_logits, teacher.sparse, self.vocab_mismatch)
         # Terms that compare with the teacher see the shared vocabulary; the others (task loss) the
         # student's full output.
         full_inputs = LossInputs(student_logits=student_logits, labels=labels, teacher=teacher,
@@ -385,7 +305,7 @@ class DistillationModule(L.LightningModule):
         self._check_first_batch(full_inputs)  # the first batch of any stage (sanity checks run val first)
 
         sums: dict[str, Tensor] = {}
-        fused = self._fusable(active, loss_inputs, kd_logits is student_logits)
+        fused = fused_pair(active, loss_inputs, same_vocab=kd_logits is student_logits)
         if fused is not None:
             # Forward KL at T=1 and the task loss share one softmax of the student and one
             # gradient buffer (same values and gradients as the two terms apart).
@@ -415,59 +335,11 @@ class DistillationModule(L.LightningModule):
                 "batch_size": _batch_size(labels, student_logits), "kl": kl,
                 "student_logits": student_logits, "labels": labels, "targets": targets}
 
-    @staticmethod
-    def _fusable(active: Mapping[str, LossTerm], inputs: LossInputs, same_vocab: bool) -> tuple[str, str] | None:
-        """A (``fused_role="kd"``, ``fused_role="task"``) pair of terms that can share one softmax
-        (forward KL at T=1 and the task loss), if there is one."""
-        teacher = inputs.teacher
-        if not same_vocab or teacher is None or not teacher.has_distribution or inputs.labels is None:
-            return None
-        kd = next((n for n, t in active.items() if t.fused_role == "kd"), None)
-        task = next((n for n, t in active.items() if t.fused_role == "task"), None)
-        return None if kd is None or task is None else (kd, task)
-
     def check_cached_vocab(self, vs: int, vt: int, *, sparse: bool) -> None:
-        """Raise when cached targets over ``vt`` ids cannot meet a student over ``vs`` ids.
-
-        Dense cached logits follow the live rule (``vocab_mismatch``); top-k/sampled ids also
-        need ``vs >= vt`` under ``"slice"`` (an id past the student's vocabulary has no logit;
-        a cache built with the student attached folds those ids, so its ``vt`` is ``vs``).
-        The teacher cache calls this at fit start, the module on every cached batch.
-        """
-        if vs == vt or (self.vocab_mismatch == "slice" and (vs > vt or not sparse)):
-            return
-        hint = (f" These cached top-k/sampled targets index {vt} ids, more than the student has: build the cache "
-                "with this student and the teacher attached (under vocab_mismatch='slice' the ids past the "
-                "student's vocabulary are folded), or use a cache built for this student."
-                if self.vocab_mismatch == "slice" else "")
-        raise ValueError(vocab_mismatch_message(vs, vt) + hint)
-
-    def _match_sparse_vocab(self, student_logits: Tensor, sparse: SparseTargets) -> Tensor:
-        vs, vt = student_logits.shape[-1], sparse.vocab_size
-        self.check_cached_vocab(vs, vt, sparse=True)
-        return student_logits if vs == vt else student_logits[..., :vt]
-
-    def _agreement_and_kl(self, loss_inputs: LossInputs, kl: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
-        """Summed top-1 agreement and forward KL at T=1 (``kl``: already computed by the loss)."""
-        teacher = loss_inputs.teacher
-        if teacher is None or not teacher.has_distribution:
-            return None
-        with torch.no_grad():
-            s, labels = loss_inputs.student_logits.detach(), loss_inputs.labels
-            if teacher.logits is None:
-                mask = labels != self.ignore_index
-                agree = (LF.is_top1(s, teacher.top1) & mask).sum()
-                if kl is None:
-                    kl = LF.sparse_forward_kl(s, teacher.sparse, labels=labels, ignore_index=self.ignore_index,
-                                              temperature=_report_temperature(teacher.sparse),
-                                              reduction="sum_and_count")[0]
-                return agree, kl
-            agree = LF.top1_agreement(s, teacher.logits, labels=labels, ignore_index=self.ignore_index,
-                                      reduction="sum_and_count")[0]
-            if kl is None:
-                kl = LF.forward_kl(s, teacher.logits, labels=labels, ignore_index=self.ignore_index,
-                                   reduction="sum_and_count")[0]
-        return agree, kl
+        """Raise when cached targets over ``vt`` ids cannot meet a student over ``vs`` ids (under this
+        module's ``vocab_mismatch``; see :func:`lightning_distill.teacher.check_cached_vocab`).
+        The teacher cache calls this at fit start, the module on every cached batch."""
+        check_cached_vocab(vs, vt, sparse=sparse, policy=self.vocab_mismatch)
 
     @torch.no_grad()
     def evaluate_batch(self, batch: Any) -> dict[str, Tensor]:
@@ -510,47 +382,8 @@ class DistillationModule(L.LightningModule):
         Raises:
             ValueError: no labels; labels a smaller teacher vocabulary cannot score.
         """
-        if labels is None:
-            raise ValueError("evaluate_batch needs labels (or input_ids for a causal LM) to score the student.")
-        per_sample = (labels.shape[0], -1)
-        mask = labels != self.ignore_index
-        out = {
-            "tokens": mask.reshape(per_sample).sum(-1),
-            "student_nll": LF.cross_entropy(student_logits, labels, ignore_index=self.ignore_index,
-                                            reduction="none").reshape(per_sample).sum(-1),
-            "correct": (LF.is_top1(student_logits, labels) & mask).reshape(per_sample).sum(-1),
-        }
-        if teacher is not None and teacher.logits is not None:
-            s, t = self._match_vocab(student_logits, teacher.logits)
-            vt = teacher.logits.shape[-1]
-            if vt < student_logits.shape[-1] and bool(((labels >= vt) & mask).any()):
-                bad = int(torch.where(mask, labels, -1).max())
-                raise ValueError(
-                    f"label id {bad} is outside the teacher's {vt} output classes (vocab_mismatch='slice', student "
-                    f"vocabulary {student_logits.shape[-1]}), so the teacher's perplexity is undefined there; mark "
-                    f"such positions with ignore_index ({self.ignore_index}) in the evaluation labels, or evaluate "
-                    "without the teacher."
-                )
-            out["teacher_nll"] = LF.cross_entropy(teacher.logits, labels, ignore_index=self.ignore_index,
-                                                  reduction="none").reshape(per_sample).sum(-1)
-            out["agreement"] = LF.top1_agreement(s, t, labels=labels, ignore_index=self.ignore_index,
-                                                 reduction="none").reshape(per_sample).sum(-1)
-            out["kl"] = LF.forward_kl(s, t, labels=labels, ignore_index=self.ignore_index,
-                                      reduction="none").reshape(per_sample).sum(-1)
-            out["teacher_correct"] = (LF.is_top1(teacher.logits, labels) & mask).reshape(per_sample).sum(-1)
-        elif teacher is not None and teacher.sparse is not None:
-            # Cached top-k / sampled targets: the teacher's label log-probability and top-1 id
-            # were stored at build time; KL is the sparse estimate (see docs/teacher_cache.md).
-            s = self._match_sparse_vocab(student_logits, teacher.sparse)
-            if teacher.label_logprobs is not None:
-                out["teacher_nll"] = torch.where(mask, -teacher.label_logprobs, 0.0).reshape(per_sample).sum(-1)
-            if teacher.top1 is not None:
-                out["agreement"] = (LF.is_top1(s, teacher.top1) & mask).reshape(per_sample).sum(-1)
-                out["teacher_correct"] = ((teacher.top1 == labels) & mask).reshape(per_sample).sum(-1)
-            out["kl"] = LF.sparse_forward_kl(s, teacher.sparse, labels=labels, ignore_index=self.ignore_index,
-                                             temperature=_report_temperature(teacher.sparse),
-                                             reduction="none").reshape(per_sample).sum(-1)
-        return out
+        return _sample_sums(student_logits, labels, teacher, ignore_index=self.ignore_index,
+                            vocab_mismatch=self.vocab_mismatch)
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -562,36 +395,19 @@ class DistillationModule(L.LightningModule):
         if self._metrics_step():
             for name, value in out["sums"].items():
                 self.log(f"train/{name}", value.detach() / denom, on_step=True, on_epoch=False, batch_size=bs)
-            extra = self._agreement_and_kl(out["loss_inputs"], kl=out["kl"])
+            extra = agreement_and_kl(out["loss_inputs"], kl=out["kl"])
             if extra is not None:
                 self.log("train/agreement", extra[0] / denom, on_step=True, on_epoch=False, batch_size=bs)
                 self.log("train/kl", extra[1] / denom, on_step=True, on_epoch=False, batch_size=bs)
         if self._trainer is None or self.automatic_optimization is False:
             return weighted / denom
         # Sum-normalised backward; on_before_optimizer_step divides by the step's token count.
-        self._step_count = count.detach() if self._step_count is None else self._step_count + count.detach()
-        if self._loss_scale is None:
-            first = self.trainer.strategy.reduce(count.detach().float(), reduce_op="max")
-            self._loss_scale = max(float(first), 1.0)
-        return weighted / self._loss_scale
+        return self._step_mean.loss(weighted, count, self.trainer)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Turn the accumulated gradient of sums into the gradient of the step-wide mean.
-
-        Each micro-batch backpropagated ``sum / C`` (``C`` a constant fixed at the first step)
-        and Lightning divided it by ``accumulate_grad_batches``; DDP averaged over ranks. Here
-        the gradients are multiplied by ``accumulate * world_size * C / valid_positions``,
-        where ``valid_positions`` is summed over all micro-batches and ranks of this step.
-        """
-        if self._step_count is None or self._loss_scale is None:
-            return
-        total = self.trainer.strategy.reduce(self._step_count.float(), reduce_op="sum")
-        self._step_count = None
-        scale = (self.trainer.accumulate_grad_batches * self.trainer.world_size * self._loss_scale
-                 / total.clamp_min(1.0))
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, scale.to(grads[0].device))
+        """Turn the accumulated gradient of sums into the gradient of the step-wide mean
+        (:meth:`lightning_distill.step_mean.StepMean.rescale_gradients`)."""
+        self._step_mean.rescale_gradients(optimizer, self.trainer)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor] | None:
         return self._eval_step(batch, "val", dataloader_idx)
@@ -632,7 +448,7 @@ class DistillationModule(L.LightningModule):
             # (vocabulary-matched) logits; their totals serve the batch metrics (no second pass).
             extra = (per_sample["agreement"].sum(), out["kl"] if out["kl"] is not None else per_sample["kl"].sum())
         else:
-            extra = self._agreement_and_kl(out["loss_inputs"], kl=out["kl"])
+            extra = agreement_and_kl(out["loss_inputs"], kl=out["kl"])
         if extra is not None:
             metrics["agreement"].update(extra[0] / weight, weight)
             metrics["kl"].update(extra[1] / weight, weight)
@@ -643,58 +459,35 @@ class DistillationModule(L.LightningModule):
     def configure_optimizers(self) -> OptimizerLRScheduler:
         params = [p for p in self.student.parameters() if p.requires_grad]
         params += [p for p in self.losses.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the student has no trainable parameters (all requires_grad=False).")
-        optimizer = self.optimizer_factory(params)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        factory = self.lr_scheduler_factory
-        if _needs_training_steps(factory):
-            factory = functools.partial(factory, num_training_steps=int(self.trainer.estimated_stepping_batches))
-        scheduler = factory(optimizer)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.lr_scheduler_interval}}
+        return optimizers_config(params, self.optimizer_factory, self.lr_scheduler_factory,
+                                 interval=self.hparams.lr_scheduler_interval,
+                                 training_steps=lambda: self.trainer.estimated_stepping_batches)
 
     def on_fit_start(self) -> None:
         """Check, before any step, what can be checked without a batch."""
         if self.teacher is not None:
             self.teacher.eval()
-            vs, vt = output_vocab_size(self.student), output_vocab_size(self.teacher)
-            if vs is not None and vt is not None and vs != vt and self.vocab_mismatch == "error":
-                if is_classifier(self.student) or is_classifier(self.teacher):
-                    raise ValueError(
-                        f"the student classifies into {vs} labels and the teacher into {vt} (config.num_labels); "
-                        "distillation compares their label distributions, so both need the same label set in the "
-                        "same order (their token vocabularies may differ)."
-                    )
-                raise ValueError(vocab_mismatch_message(vs, vt))
+            check_model_vocabs(self.student, self.teacher, self.vocab_mismatch)
         if self._uses_deepspeed():
             warnings.warn("DeepSpeed manages gradients itself; the loss is normalised per micro-batch "
                           "instead of per optimizer step.", stacklevel=2)
-        self._step_count = None
+        self._step_mean.count = None
 
     def on_train_epoch_end(self) -> None:
-        self._flush_teacher_check()
+        self._teacher_check.flush()
 
     def on_validation_epoch_end(self) -> None:
-        self._flush_teacher_check()
+        self._teacher_check.flush()
 
     def on_test_epoch_end(self) -> None:
-        self._flush_teacher_check()
+        self._teacher_check.flush()
 
     def _uses_deepspeed(self) -> bool:
         return self._trainer is not None and "DeepSpeed" in type(self.trainer.strategy).__name__
 
     # ------------------------------------------------------------------ checkpoints
     def _wrapper_prefixes(self) -> dict[str, str]:
-        """``{"student.": "student._orig_mod.", ...}`` for the models that are wrapped (compiled, peft)."""
-        out = {}
-        for name in ("student", "teacher"):
-            model = getattr(self, name, None)
-            prefix = wrapper_prefix(model) if isinstance(model, nn.Module) else ""
-            if prefix:
-                out[f"{name}."] = f"{name}.{prefix}"
-        return out
+        return wrapper_prefixes({name: getattr(self, name, None) for name in ("student", "teacher")})
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> DistillationModule:  # type: ignore[override]
@@ -723,9 +516,7 @@ class DistillationModule(L.LightningModule):
                 del state[key]
         # Keys name the unwrapped models, so a compiled run's checkpoint loads into a plain
         # student and the other way round.
-        for plain, wrapped in self._wrapper_prefixes().items():
-            for key in [k for k in state if k.startswith(wrapped)]:
-                state[plain + key[len(wrapped):]] = state.pop(key)
+        rename_keys(state, self._wrapper_prefixes(), wrap=False)
         checkpoint["lightning_distill"] = {
             "version": __version__,
             "teacher": self.teacher_identity,
@@ -737,66 +528,26 @@ class DistillationModule(L.LightningModule):
         current = {name: term.config() for name, term in self.losses.items()}
         if current == dict(recorded):
             return
-        if not self._losses_given:
-            rebuilt = {name: _rebuild_term(cfg) for name, cfg in recorded.items() if isinstance(cfg, Mapping)}
-            needs_teacher = any(t is not None and t.requires_teacher for t in rebuilt.values())
-            if rebuilt and all(t is not None for t in rebuilt.values()) and len(rebuilt) == len(recorded):
-                if needs_teacher and self.teacher is None:
-                    return  # a student-only load keeps the task term; KD terms need a teacher
-                self.losses = nn.ModuleDict(self._check_losses(rebuilt))
-                self.metrics = nn.ModuleDict()  # remade for the recorded terms on first use
-                return
-        diff = sorted(set(current) ^ set(recorded)) + [
-            n for n in current if n in recorded and current[n] != recorded[n]]
-        warnings.warn(
-            f"the checkpoint recorded the loss terms {dict(recorded)}, but this module has {current} "
-            f"(differing: {diff}); pass losses=... matching the checkpoint to evaluate what was trained.",
-            UserWarning, stacklevel=2)
+        rebuilt = None if self._losses_given else rebuild_terms(recorded)
+        if rebuilt is not None:
+            if self.teacher is None and any(t.requires_teacher for t in rebuilt.values()):
+                return  # a student-only load keeps the task term; KD terms need a teacher
+            self.losses = nn.ModuleDict(check_terms(rebuilt))
+            self.metrics = nn.ModuleDict()  # remade for the recorded terms on first use
+            return
+        warnings.warn(losses_differ_message(recorded, current), UserWarning, stacklevel=2)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         recorded = (checkpoint.get("lightning_distill") or {}).get("losses")
         if self._trainer is None and isinstance(recorded, Mapping):  # load_from_checkpoint, not a resume
             self._restore_losses(recorded)
         state = checkpoint.get("state_dict")
-        for plain, wrapped in self._wrapper_prefixes().items():
-            for key in [k for k in (state or {}) if k.startswith(plain) and not k.startswith(wrapped)]:
-                state[wrapped + key[len(plain):]] = state.pop(key)
+        if state is not None:
+            rename_keys(state, self._wrapper_prefixes(), wrap=True)
         if self.teacher is not None and state is not None and not any(k.startswith("teacher.") for k in state):
             # The checkpoint left the teacher out on purpose; keep the live one.
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
 
 
-def _rebuild_term(config: Mapping[str, Any]) -> LossTerm | None:
-    """A library loss term from its recorded ``config()``; ``None`` if it cannot be rebuilt."""
-    from lightning_distill import losses as terms
-
-    cls = getattr(terms, str(config.get("type")), None)
-    if not (isinstance(cls, type) and issubclass(cls, LossTerm)):
-        return None
-    try:
-        term = cls(**{k: v for k, v in config.items() if k != "type"})
-    except (TypeError, ValueError):
-        return None
-    return term if term.config() == dict(config) else None
-
-
-def _report_temperature(sparse: SparseTargets) -> float:
-    """Reports compare at T = 1; sampled targets without log-probabilities exist only at their
-    sample temperature, so their KL is reported there."""
-    if sparse.kind == "sampled" and sparse.logprobs is None:
-        return float(sparse.sample_temperature)
-    return 1.0
-
-
 def _batch_size(labels: Tensor | None, logits: Tensor) -> int:
     return int(labels.shape[0]) if labels is not None and labels.dim() else int(logits.shape[0])
-
-
-def _needs_training_steps(factory: Callable[..., Any]) -> bool:
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):
-        return False
-    param = signature.parameters.get("num_training_steps")
-    return param is not None and param.default is inspect.Parameter.empty
-

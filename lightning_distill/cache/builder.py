@@ -77,9 +77,9 @@ class CacheBuilder:
     :attr:`readers`. Jobs that build one local cache folder at once take turns (file locks).
 
     The module is used duck-typed: ``teacher``, ``student``, ``teacher_identity``,
-    ``teacher_logits_fn``, ``shift_labels``, ``ignore_index``, ``vocab_mismatch`` and its label
-    alignment (``_split_batch``, ``_aligned_labels``), as a
-    :class:`~lightning_distill.module.DistillationModule` has them.
+    ``teacher_logits_fn``, ``shift_labels``, ``ignore_index`` and ``vocab_mismatch``, as a
+    :class:`~lightning_distill.module.DistillationModule` has them; labels are aligned by
+    :mod:`lightning_distill.alignment`, as in the module.
 
     Args:
         dirpath: cache folder, local path or fsspec URL (``s3://bucket/cache``, ``memory://c``).

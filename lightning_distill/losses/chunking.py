@@ -219,20 +219,18 @@ def _reduce(
     student_logits: Tensor,
     teacher_logits: Tensor | None,
     *,
-    closed_form: GradFn | None = None,
     temperature: float,
     labels: Tensor | None,
-    ignore_index: int,
     reduction: Reduction,
-    chunk_size: int | None,
+    **keywords: Any,
 ):
+    """Check the inputs, then :func:`_reduce_rows` with one teacher row per position
+    (``keywords``: its ``closed_form``, ``ignore_index`` and ``chunk_size``)."""
     _check_inputs(student_logits, teacher_logits, labels, temperature, reduction)
     vocab = student_logits.shape[-1]
     teacher = None if teacher_logits is None else teacher_logits.reshape(-1, vocab)
-    return _reduce_rows(
-        row_fn, student_logits, teacher, closed_form=closed_form, temperature=float(temperature), labels=labels,
-        ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-    )
+    return _reduce_rows(row_fn, student_logits, teacher, temperature=float(temperature), labels=labels,
+                        reduction=reduction, **keywords)
 
 
 def _reduce_rows(

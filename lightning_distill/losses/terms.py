@@ -10,6 +10,8 @@ Schedules change ``weight`` and ``temperature`` between steps; terms read them a
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from torch import Tensor, nn
@@ -19,7 +21,10 @@ from lightning_distill.losses import registry
 from lightning_distill.types import LossInputs
 from lightning_distill.validation import check_int, check_number
 
-__all__ = ["LogitKD", "LossTerm", "TaskLoss"]
+__all__ = ["LogitKD", "LossTerm", "TaskLoss", "check_terms", "fused_pair"]
+
+_TERM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_RESERVED_TERM_NAMES = frozenset({"loss", "agreement", "kl"})  # the module's own log keys
 
 
 FusedRole = Literal["kd", "task"]
@@ -206,3 +211,49 @@ class LogitKD(LossTerm):
         extra = "".join(f", {k}={v}" for k, v in self.params.items())
         return (f"divergence={self.divergence!r}, temperature={self.temperature}, weight={self.weight}, "
                 f"scale_by_t2={self.scale_by_t2}{extra}")
+
+
+def check_terms(losses: Mapping[str, LossTerm]) -> dict[str, LossTerm]:
+    """``losses`` as a dict, checked as a module's ``{name: LossTerm}``.
+
+    Raises:
+        TypeError: ``losses`` is not a mapping, or a term is not a ``LossTerm``.
+        ValueError: an empty mapping, a name that is not an identifier or is reserved, or all
+            weights zero.
+    """
+    if not isinstance(losses, Mapping):
+        raise TypeError(f"losses must be a mapping {{name: LossTerm}}, e.g. {{'kd': LogitKD()}}, got "
+                        f"{type(losses).__name__}.")
+    if not losses:
+        raise ValueError("losses must be a non-empty mapping {name: LossTerm}, e.g. {'kd': LogitKD()}, got {}.")
+    for name, term in losses.items():
+        if not isinstance(name, str) or not _TERM_NAME.match(name) or name in _RESERVED_TERM_NAMES:
+            raise ValueError(
+                f"loss term name {name!r} is not allowed; use a Python identifier other than "
+                f"{sorted(_RESERVED_TERM_NAMES)} (it becomes the log key train/<name>)."
+            )
+        if not isinstance(term, LossTerm):
+            raise TypeError(
+                f"loss term {name!r} is a {type(term).__name__}, not a LossTerm; wrap it in a "
+                "LossTerm subclass (see lightning_distill.losses)."
+            )
+    if all(term.weight == 0 for term in losses.values()):
+        raise ValueError(f"every loss term has weight 0 ({', '.join(losses)}); give at least one a weight > 0.")
+    return dict(losses)
+
+
+def fused_pair(active: Mapping[str, LossTerm], inputs: LossInputs, *, same_vocab: bool) -> tuple[str, str] | None:
+    """A (``fused_role="kd"``, ``fused_role="task"``) pair of terms that can share one softmax
+    (forward KL at T=1 and the task loss), if there is one.
+
+    Args:
+        active: the terms that count this step (``weight > 0``).
+        inputs: the terms' inputs (a teacher distribution and labels are needed).
+        same_vocab: the student's logits were not sliced to the teacher's vocabulary.
+    """
+    teacher = inputs.teacher
+    if not same_vocab or teacher is None or not teacher.has_distribution or inputs.labels is None:
+        return None
+    kd = next((n for n, t in active.items() if t.fused_role == "kd"), None)
+    task = next((n for n, t in active.items() if t.fused_role == "task"), None)
+    return None if kd is None or task is None else (kd, task)
