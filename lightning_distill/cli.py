@@ -448,6 +448,17 @@ def _hydra_main(cfg: DictConfig) -> None:
             raise
         print(f"Error: {type(error).__name__}: {error}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         sys.exit(1 if gap else USER_ERROR_EXIT)
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Destroy the process group a DDP run created, so each rank exits cleanly (otherwise gloo's
+    threads can abort the process at interpreter exit: "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # Messages from the libraries that say nothing to a user of this command.

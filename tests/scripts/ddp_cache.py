@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_distill import DistillationModule
 from lightning_distill.callbacks import TeacherCache
+from lightning_distill.cli import end_process_group
 from lightning_distill.losses import LogitKD, TaskLoss
 from lightning_distill.models import causal_lm_from_config
 
@@ -74,3 +75,4 @@ def main(path: str, devices: int) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]))
+    end_process_group()  # exit cleanly (gloo threads otherwise may abort the process)

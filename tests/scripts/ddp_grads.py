@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from lightning_distill import DistillationModule
+from lightning_distill.cli import end_process_group
 from lightning_distill.losses import LogitKD, TaskLoss
 from lightning_distill.models import causal_lm_from_config
 
@@ -73,3 +74,4 @@ def main(out: str, devices: int, batch_size: int, accumulate: int) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    end_process_group()  # exit cleanly (gloo threads otherwise may abort the process)
