@@ -411,6 +411,18 @@ def _teacher(tok_dir: Path, where: Path, layers: int = 1) -> Path:
     return where
 
 
+def _cli_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a CLI run in a test: its own cache root, offline, this checkout."""
+    return {
+        **os.environ,
+        "LIGHTNING_DISTILL_CACHE": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO),
+        "PYTHONWARNINGS": "ignore",
+    }
+
+
 @pytest.mark.slow
 def test_cli_distils_on_a_jsonl_file_with_slices(tok_dir, tmp_path):
     data = _jsonl(tmp_path / "data.jsonl", _rows(120))
@@ -435,14 +447,7 @@ def test_cli_distils_on_a_jsonl_file_with_slices(tok_dir, tmp_path):
         "baseline=false",
         f"output_dir={out}",
     ]
-    env = {
-        **os.environ,
-        "LIGHTNING_DISTILL_CACHE": str(tmp_path / "cache"),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(REPO),
-        "PYTHONWARNINGS": "ignore",
-    }
+    env = _cli_env(tmp_path)
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     report = json.loads((out / "report.json").read_text())
@@ -469,14 +474,7 @@ def test_your_teacher_your_data_end_to_end_and_the_second_run(tok_dir, tmp_path)
 
     data = _jsonl(tmp_path / "train.jsonl", _rows(120))
     teacher = _teacher(tok_dir, tmp_path / "my-teacher", layers=4)
-    env = {
-        **os.environ,
-        "LIGHTNING_DISTILL_CACHE": str(tmp_path / "cache"),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(REPO),
-        "PYTHONWARNINGS": "ignore",
-    }
+    env = _cli_env(tmp_path)
 
     def run(out: Path) -> dict:
         cmd = [
