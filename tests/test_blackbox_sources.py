@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -104,6 +105,18 @@ def test_local_teacher_batching_is_left_padded_greedy_matches_single(model, toke
         for p in PROMPTS
     ]
     assert [s[0].text for s in batched] == [s[0].text for s in single]
+
+
+def test_local_teacher_without_chat_template_leaves_rng_alone(model, tokenizer):
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    out = _teacher(model, plain).generate(PROMPTS[:2], n=2, seed=1)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's random stream is untouched
+    assert [c.prompt_tokens for c in out[1]] == [len(plain(PROMPTS[1])["input_ids"])] * 2
+    assert _teacher(model, plain).identity()["generation"]["chat_template"] is False
 
 
 def test_local_teacher_identity_and_bad_settings(model, tokenizer):

@@ -160,6 +160,7 @@ class LocalHFTeacher:
             "temperature": self.temperature,
             "top_p": self.top_p,
             "do_sample": self.do_sample,
+            "top_k": 0 if self.do_sample else None,
             "batch_size": self.batch_size,
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
         }
@@ -223,11 +224,15 @@ class LocalHFTeacher:
                 prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
                 width = enc["input_ids"].shape[1]
                 for j in range(n):
-                    torch.manual_seed(_derived_seed(seed, j, *batch))
                     kwargs: dict[str, Any] = {"do_sample": self.do_sample}
-                    if self.do_sample:
+                    if (
+                        self.do_sample
+                    ):  # top_k=0: the model's default top-k does not cut the nucleus
                         kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
-                    with torch.no_grad():
+                    # the caller's random state is left as it was
+                    cuda = [device] if device.type == "cuda" else []
+                    with torch.random.fork_rng(devices=cuda), torch.no_grad():
+                        torch.manual_seed(_derived_seed(seed, j, *batch))
                         ids = self.model.generate(
                             **enc,
                             max_new_tokens=self.max_new_tokens,
