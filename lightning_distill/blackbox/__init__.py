@@ -1,0 +1,26 @@
+"""Black-box distillation: have a teacher write text, record it, train on it.
+
+Built so far: the teacher-source interface (:class:`TeacherSource`, :class:`Completion`), a
+local Hugging Face source (:class:`LocalHFTeacher`), a wrapper for any callable
+(:class:`FunctionTeacher`) and the resumable record writer (:func:`write_records`). See
+``docs/blackbox.md`` for the record format and what is still to come.
+"""
+
+from lightning_distill.blackbox.sources import (
+    Completion,
+    FunctionTeacher,
+    LocalHFTeacher,
+    TeacherSource,
+)
+from lightning_distill.blackbox.writer import prompt_id, read_records, shard_paths, write_records
+
+__all__ = [
+    "Completion",
+    "FunctionTeacher",
+    "LocalHFTeacher",
+    "TeacherSource",
+    "prompt_id",
+    "read_records",
+    "shard_paths",
+    "write_records",
+]
