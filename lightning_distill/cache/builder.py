@@ -382,11 +382,10 @@ class CacheBuilder:
             raise ValueError(f"TeacherCache(dirpath={url!r}) is a file, not a folder; pass a folder path (new or "
                              "holding a cache), e.g. a sibling of that file, or move the file away.")
         # Before a lock file goes into that folder. A folder where a job of ours took the cache lock
-        # is a cache being made (checked again under the lock); one listing, as another job may be
-        # writing the manifest right now (a temporary file, renamed when complete).
+        # (its lock file comes before anything that job writes) is a cache being made: checked
+        # again under the lock. One listing, as another job may be writing the manifest right now.
         names = storage.list()
-        if (MANIFEST not in names and any(not n.startswith(f"{MANIFEST}.tmp-") for n in names)
-                and not storage.has_lock("cache")):
+        if MANIFEST not in names and names and not storage.has_lock("cache"):
             raise ValueError(f"{storage.url} holds files but no {MANIFEST}; point TeacherCache(dirpath=...) "
                              "at an empty or new folder so nothing of yours is overwritten.")
         with contextlib.ExitStack() as held:
