@@ -6,6 +6,7 @@ local Hugging Face source (:class:`LocalHFTeacher`), a wrapper for any callable
 ``docs/blackbox.md`` for the record format and what is still to come.
 """
 
+from lightning_distill.blackbox.prompts import Prompt
 from lightning_distill.blackbox.sources import (
     Completion,
     FunctionTeacher,
@@ -18,6 +19,7 @@ __all__ = [
     "Completion",
     "FunctionTeacher",
     "LocalHFTeacher",
+    "Prompt",
     "TeacherSource",
     "prompt_id",
     "read_records",
