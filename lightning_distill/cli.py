@@ -136,14 +136,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     baseline; write the report; export the student.
     """
     import lightning as L
+    from torch import nn
 
     from lightning_distill.callbacks.teacher_cache import TeacherCache
     from lightning_distill.checkpoint import resolve_ckpt_path
+    from lightning_distill.losses.terms import check_terms
+    from lightning_distill.models.hf import freeze
+    from lightning_distill.paths import check_writable
 
     started = time.perf_counter()
     out_dir = _output_dir(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)  # a missing file fails before any work
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, "output_dir", "pass output_dir=<a folder you can write>, or fix its permissions.")
+    losses = check_terms(_build_losses(cfg.loss))  # a bad loss value fails before data and models load
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = _instantiate(cfg.data)
@@ -151,7 +156,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     teacher = _instantiate(cfg.get("teacher"), datamodule=datamodule)
     student = _instantiate(cfg.student, teacher=teacher)  # student=from_teacher is cut from the teacher
-    module = _build_module(cfg, student, teacher, _build_losses(cfg.loss))
+    if isinstance(teacher, nn.Module):
+        freeze(teacher)  # the configured teacher is frozen by design: no "handed over trainable" warning
+    module = _build_module(cfg, student, teacher, losses)
     trainer = _make_trainer(cfg, out_dir)
     cache = next((c for c in trainer.callbacks if isinstance(c, TeacherCache)), None)
     if cfg.get("build_cache_only"):
@@ -430,6 +437,18 @@ def _user_error(error: BaseException) -> bool:
     return own or isinstance(error, ValueError | TypeError | FileNotFoundError | InterpolationResolutionError)
 
 
+def _user_message(error: BaseException) -> str:
+    """``Type: message`` of a user error; an error raised while Hydra built a config node is shown as
+    its cause, followed by the node (``ValueError: temperature must be ... (config: loss.kd)``)."""
+    from hydra.errors import InstantiationException
+
+    if isinstance(error, InstantiationException) and error.__cause__ is not None:
+        key = next((line.split(":", 1)[1].strip() for line in str(error).splitlines()
+                    if line.startswith("full_key:")), "")
+        return _user_message(error.__cause__) + (f" (config: {key})" if key else "")
+    return f"{type(error).__name__}: {error}"
+
+
 def _debug() -> bool:
     return any(os.environ.get(name, "") not in ("", "0") for name in (DEBUG_ENV, "HYDRA_FULL_ERROR"))
 
@@ -446,7 +465,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         gap = isinstance(error, CoverageGapError)
         if _debug() or not (gap or _user_error(error)):
             raise
-        print(f"Error: {type(error).__name__}: {error}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        print(f"Error: {_user_message(error)}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         sys.exit(1 if gap else USER_ERROR_EXIT)
     finally:
         end_process_group()

@@ -40,6 +40,7 @@ from lightning_distill.losses import functional as LF
 from lightning_distill.losses.terms import LogitKD, LossTerm, TaskLoss, check_terms, fused_pair
 from lightning_distill.models.adapters import (
     call_model,
+    check_positions,
     is_causal_lm,
     logits_from_output,
     unwrap_model,
@@ -168,6 +169,8 @@ class DistillationModule(L.LightningModule):
             "metrics_every_n_steps", "save_teacher_weights",
         )
         self.student = student
+        if teacher is not None:
+            _warn_if_trainable(teacher)
         self.teacher = freeze(teacher) if teacher is not None else None
         self._losses_given = losses is not None  # else: recorded terms on load, KD + task with a TeacherCache
         if losses is None:
@@ -283,11 +286,20 @@ class DistillationModule(L.LightningModule):
 
     def _shared_step(self, batch: Any, stage: Stage) -> dict[str, Any]:
         inputs, labels = split_batch(batch)
+        if not self._checked_batch and isinstance(inputs, Mapping) and isinstance(inputs.get("input_ids"), Tensor):
+            check_positions({"student": self.student, "teacher": self.teacher}, inputs["input_ids"].shape[-1],
+                            f"the first {stage} batch's input_ids (length {inputs['input_ids'].shape[-1]})")
         student_output = call_model(self.student, inputs)
         student_logits = logits_from_output(student_output, self.student_logits_fn, who="student")
         labels = self._aligned_labels(labels, inputs, student_logits)
 
         active = {n: t for n, t in self.losses.items() if t.weight > 0}
+        if labels is None and any(t.reads_labels for t in active.values()):
+            raise ValueError(
+                f"the {stage} batch has no labels, but the loss terms {[n for n, t in active.items() if t.reads_labels]} "
+                "read them; put 'labels' in each batch (or yield (inputs, target) pairs), or drop those terms "
+                "(e.g. loss=kd_only)."
+            )
         teacher = self.teacher_targets(batch, inputs) if self._teacher_needed(stage, active) else None
         targets = teacher  # as they came, for the per-sample evaluation sums
         kd_logits = student_logits
@@ -508,6 +520,9 @@ class DistillationModule(L.LightningModule):
         io = getattr(strategy, "_checkpoint_io", None)
         if hasattr(strategy, "checkpoint_io") and not isinstance(io, CheckedCheckpointIO):
             strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io)
+        seq_len = getattr(self.trainer.datamodule, "seq_len", None)  # before a teacher cache runs the teacher
+        if isinstance(seq_len, int):
+            check_positions({"student": self.student, "teacher": self.teacher}, seq_len, f"data seq_len={seq_len}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
@@ -547,6 +562,17 @@ class DistillationModule(L.LightningModule):
         if self.teacher is not None and state is not None and not any(k.startswith("teacher.") for k in state):
             # The checkpoint left the teacher out on purpose; keep the live one.
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+
+def _warn_if_trainable(teacher: nn.Module) -> None:
+    """One warning when a teacher arrives in train mode or with trainable parameters (it is frozen next)."""
+    trainable = sum(p.numel() for p in teacher.parameters() if p.requires_grad)
+    if teacher.training or trainable:
+        how = " and ".join(x for x in ("in train mode" if teacher.training else "",
+                                       f"with {trainable} trainable parameters" if trainable else "") if x)
+        warnings.warn(f"the teacher was handed over {how}; DistillationModule freezes it (eval mode, "
+                      "requires_grad=False) and never trains it. Pass lightning_distill.models.freeze(teacher) "
+                      "to make that explicit and drop this warning.", UserWarning, stacklevel=3)
 
 
 def _batch_size(labels: Tensor | None, logits: Tensor) -> int:
