@@ -67,6 +67,5 @@ def check_writable(folder: Any, setting: str, fix: str) -> Path:
         os.unlink(probe)
     except OSError as error:
         reason = error.strerror or type(error).__name__
-        where = f" at {error.filename}" if error.filename and str(error.filename) != str(path) else ""
-        raise NotWritableError(f"{setting}={str(folder)!r} is not writable ({reason}{where}); {fix}") from None
+        raise NotWritableError(f"{setting}={str(folder)!r} is not writable ({reason}); {fix}") from None
     return path
