@@ -86,7 +86,8 @@ def load_pretrained(path: str | os.PathLike, *, revision: str | None = None, dty
 
     Raises:
         FileNotFoundError: ``path`` looks like a local path (``/``, ``./``, ``~``...) and does not exist.
-        ValueError: an unknown ``dtype``; pickled weights that hold more than tensors (refused unread).
+        ValueError: an unknown ``dtype``; pickled weights that hold more than tensors (refused unread);
+            weights that are not readable safetensors.
         TypeError: ``trust_remote_code`` or ``local_files_only`` is not a bool.
     """
     from transformers import AutoModelForCausalLM
@@ -110,11 +111,19 @@ def load_pretrained(path: str | os.PathLike, *, revision: str | None = None, dty
         extra["dtype"] = torch_dtype
     if attn_implementation is not None:
         extra["attn_implementation"] = attn_implementation
+    from safetensors import SafetensorError
+
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, revision=revision, trust_remote_code=trust_remote_code,
             local_files_only=local_files_only, use_safetensors=None, **extra, **kwargs,
         )
+    except SafetensorError as error:
+        raise ValueError(
+            f"the safetensors weights at {path!r} cannot be read ({error}): the file is damaged or is not "
+            "safetensors (nothing in it was run). Re-save the model with save_pretrained(), or export the "
+            "student again."
+        ) from None
     except pickle.UnpicklingError:
         # torch's message advises weights_only=False, the load that runs the file's code: never pass it on.
         raise ValueError(
