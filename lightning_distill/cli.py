@@ -142,12 +142,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from lightning_distill.checkpoint import resolve_ckpt_path
     from lightning_distill.losses.terms import check_terms
     from lightning_distill.models.hf import freeze
-    from lightning_distill.paths import check_writable
+    from lightning_distill.paths import CACHE_ENV_VAR, cache_root, check_writable
 
     started = time.perf_counter()
     out_dir = _output_dir(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)  # a missing file fails before any work
     check_writable(out_dir, "output_dir", "pass output_dir=<a folder you can write>, or fix its permissions.")
+    check_writable(cache_root(), CACHE_ENV_VAR, f"set {CACHE_ENV_VAR}=<a folder you can write> (tokenizers, "
+                   "tokenized data and teacher targets are kept there), or fix its permissions.")
     losses = check_terms(_build_losses(cfg.loss))  # a bad loss value fails before data and models load
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -352,6 +354,11 @@ def _build_cache_only(cache: Any, module: Any, datamodule: Any, started: float) 
     if cache is None:
         raise ValueError("build_cache_only=true needs a TeacherCache callback; add one, e.g. "
                          "callbacks=teacher_cache_sampled (or experiment=demo_cached).")
+    seq_len = getattr(datamodule, "seq_len", None)
+    if isinstance(seq_len, int):  # the teacher runs here without a Trainer (no DistillationModule.setup)
+        from lightning_distill.models.adapters import check_positions
+
+        check_positions({"student": module.student, "teacher": module.teacher}, seq_len, f"data seq_len={seq_len}")
     splits = cache.build(module, cache.split_loaders(datamodule), tokenizer=getattr(datamodule, "tokenizer", None),
                          data_fingerprint=getattr(datamodule, "data_fingerprint", None))  # one process: no barriers
     report = {"teacher_cache": cache.config(), "seconds": round(time.perf_counter() - started, 1)}

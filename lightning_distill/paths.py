@@ -67,5 +67,7 @@ def check_writable(folder: Any, setting: str, fix: str) -> Path:
         os.unlink(probe)
     except OSError as error:
         reason = error.strerror or type(error).__name__
-        raise NotWritableError(f"{setting}={str(folder)!r} is not writable ({reason}); {fix}") from None
+        raise NotWritableError(
+            f"{setting}={str(folder)!r} is not writable ({reason}); {fix}"
+        ) from None
     return path

@@ -425,6 +425,24 @@ CLI_ROWS = [
         r"^CheckpointError: .*cut\.ckpt is damaged or truncated and cannot be read as a checkpoint",
     ),
     (
+        "cli-unwritable-cache-root",
+        ["env:LIGHTNING_DISTILL_CACHE={tmp}/a_file/cache"],
+        r"^NotWritableError: LIGHTNING_DISTILL_CACHE='.*a_file/cache' is not writable \(Not a directory\); set "
+        r"LIGHTNING_DISTILL_CACHE=<a folder you can write> \(tokenizers, tokenized data and teacher targets are "
+        r"kept there\), or fix its permissions\.$",
+    ),
+    (
+        "cli-sequence-longer-than-the-model-cache-only",
+        [
+            "callbacks=teacher_cache_topk",
+            "+build_cache_only=true",
+            "data.seq_len=64",
+            "teacher.max_position_embeddings=32",
+        ],
+        r"^ValueError: data seq_len=64 is longer than the teacher takes \(32 positions, "
+        r"config\.max_position_embeddings\); .* Lower the sequence length to 32 \(data\.seq_len=32\)",
+    ),
+    (
         "cli-teacher-none-with-kd",
         ["teacher=none"],
         r"^ValueError: teacher=none but the loss terms \['kd'\] need a teacher; use loss=task_only\.$",
@@ -466,6 +484,11 @@ def test_command_line_row(cli_root, monkeypatch, overrides, message):
     run_dir = cli_root / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [o.format(tmp=cli_root) for o in overrides]
+    for setting in [
+        o for o in overrides if o.startswith("env:")
+    ]:  # an environment variable, not an override
+        monkeypatch.setenv(*setting[4:].split("=", 1))
+    overrides = [o for o in overrides if not o.startswith("env:")]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("distill", overrides=[*TINY, f"output_dir={run_dir}", *overrides])
     with pytest.raises(Exception) as info:  # noqa: PT011 - the class is part of the message checked below
