@@ -76,7 +76,9 @@ class DistillationModule(L.LightningModule):
 
     The teacher is frozen: ``requires_grad`` off, eval mode for the whole fit (``.train()``
     on this module leaves it in eval), forward under ``no_grad``, never in the optimizer,
-    moved with the module, and left out of checkpoints (its identity is written instead).
+    moved with the module, and left out of checkpoints (its identity is written instead). A
+    teacher handed over in train mode or with trainable parameters is frozen here with one
+    warning (pass ``lightning_distill.models.freeze(teacher)`` to say it is meant).
 
     For Hugging Face causal LMs the labels are shifted once, the way transformers does it
     (logits at ``t`` score token ``t + 1``), and the same alignment feeds every term.
@@ -123,7 +125,10 @@ class DistillationModule(L.LightningModule):
             ``LossTerm``.
         ValueError: bad term names, all weights zero, a teacher-needing term without a
             teacher source, an unknown ``vocab_mismatch``; and, before the first optimizer
-            step, vocabularies that differ. During a run: a live teacher's NaN/+inf logits (or a
+            step, vocabularies that differ, sequences longer than a model's
+            ``max_position_embeddings`` (the data's ``seq_len`` at setup, the first batch before
+            the forward) and a first batch without labels that a term reads. During a run: a live
+            teacher's NaN/+inf logits (or a
             row of only -inf; any -inf for ``reverse_kl``/``logit_mse``), naming the global step
             and the batch's ``sample_id`` values (on CUDA one step later, to avoid a host sync).
 

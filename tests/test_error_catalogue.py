@@ -58,6 +58,13 @@ def lm(seed: int = 0, vocab: int = VOCAB, positions: int = 32) -> nn.Module:
     )
 
 
+def gpt2(seed: int) -> nn.Module:
+    """GPT-2 learns a table of 8 positions: a longer input indexes past it."""
+    return causal_lm_from_config(
+        "gpt2", vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=8, seed=seed
+    )
+
+
 class Net(nn.Module):
     """A plain classifier of 4 features into 3 classes; ``nan_rows`` makes those batch rows NaN."""
 
@@ -273,6 +280,15 @@ PYTHON_ROWS = [
         ValueError,
         r"^the first train batch's input_ids \(length 12\) is longer than the student takes \(8 positions, "
         r"config\.max_position_embeddings\); .* Lower the sequence length to 8",
+    ),
+    (
+        "batch-longer-than-gpt2-positions",
+        lambda _: _step(
+            DistillationModule(gpt2(0), freeze(gpt2(1)), kd_task()), {"input_ids": IDS % 32}
+        ),
+        ValueError,
+        r"^the first train batch's input_ids \(length 12\) is longer than the student takes \(8 positions, "
+        r"config\.max_position_embeddings\); longer inputs would index past its position table",
     ),
     (
         "empty-data-file",
