@@ -1,0 +1,221 @@
+"""The loopback OpenAI-compatible server and the OpenAI-compatible teacher source, for real over HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+
+import pytest
+import torch
+from blackbox_fixtures import PROMPTS, tiny_model, tiny_tokenizer
+
+from lightning_distill.blackbox.server import serve
+
+KEY_ENV = "LD_TEST_SERVER_KEY"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_model(tokenizer)
+
+
+@pytest.fixture
+def server(model, tokenizer):
+    with serve(model, tokenizer, model_name="tiny") as s:
+        yield s
+
+
+def _request(server, method, path, body=None, *, key=None, raw=None, timeout=10):
+    """(status, headers, parsed JSON or raw bytes) of one request."""
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=timeout)
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    try:
+        conn.request(method, "/v1" + path, body=data, headers=headers)
+        resp = conn.getresponse()
+        payload = resp.read()
+        try:
+            payload = json.loads(payload)
+        except json.JSONDecodeError:
+            pass
+        return resp.status, dict(resp.headers), payload
+    finally:
+        conn.close()
+
+
+def _complete(server, **body):
+    status, _, payload = _request(server, "POST", "/completions", {"model": "tiny", **body})
+    assert status == 200, payload
+    return payload
+
+
+# ---------------------------------------------------------------------------- server
+
+
+def test_server_models_completions_n_usage_and_seed(server, tokenizer):
+    status, _, models = _request(server, "GET", "/models")
+    assert status == 200 and [m["id"] for m in models["data"]] == ["tiny"]
+
+    out = _complete(server, prompt=PROMPTS[:2], n=3, max_tokens=5, seed=7)
+    assert [c["index"] for c in out["choices"]] == list(range(6))
+    prompt_tokens = sum(len(tokenizer(p)["input_ids"]) for p in PROMPTS[:2])
+    assert out["usage"]["prompt_tokens"] == prompt_tokens
+    for c in out["choices"]:
+        assert c["finish_reason"] in ("stop", "length") and c["logprobs"] is None
+    # the token count is the server's own (decode/re-encode need not round-trip): check the sum
+    assert out["usage"]["total_tokens"] == prompt_tokens + out["usage"]["completion_tokens"]
+    completion_tokens = out["usage"]["completion_tokens"]
+    assert 6 <= completion_tokens <= 30
+    again = _complete(server, prompt=PROMPTS[:2], n=3, max_tokens=5, seed=7)
+    other = _complete(server, prompt=PROMPTS[:2], n=3, max_tokens=5, seed=8)
+    texts = [c["text"] for c in out["choices"]]
+    assert texts == [c["text"] for c in again["choices"]]
+    assert texts != [c["text"] for c in other["choices"]]
+    assert len(set(texts[:3])) > 1  # the n samples of one prompt differ
+    # a prompt alone gives what it gives in a list (seeds derive from the prompt, not its place)
+    alone = _complete(server, prompt=PROMPTS[1], n=3, max_tokens=5, seed=7)
+    assert [c["text"] for c in alone["choices"]] == texts[3:]
+
+
+def test_server_chat_uses_the_template_and_greedy_matches_local_generate(server, model, tokenizer):
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    status, _, out = _request(
+        server,
+        "POST",
+        "/chat/completions",
+        {"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0, "n": 2},
+    )
+    assert status == 200, out
+    chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
+    assert out["usage"]["prompt_tokens"] == len(ids)
+    with torch.no_grad():
+        gen = model.generate(
+            torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0
+        )[0, len(ids) :].tolist()
+    if tokenizer.eos_token_id in gen:
+        gen = gen[: gen.index(tokenizer.eos_token_id) + 1]
+    expected = tokenizer.decode(gen, skip_special_tokens=True)
+    assert [c["message"]["content"] for c in out["choices"]] == [expected, expected]
+    assert out["choices"][0]["message"]["role"] == "assistant"
+    assert out["usage"]["completion_tokens"] == 2 * len(gen)
+
+
+def test_server_stop_string_cuts_the_text(server):
+    full = _complete(server, prompt=PROMPTS[0], max_tokens=8, temperature=0)["choices"][0]
+    text = full["text"]
+    stop = text[2:4] if len(text) >= 4 else None
+    if stop is None or not stop.strip():
+        pytest.skip("greedy text too short to pick a stop string")
+    cut = _complete(server, prompt=PROMPTS[0], max_tokens=8, temperature=0, stop=[stop])
+    choice = cut["choices"][0]
+    assert choice["text"] == text[: text.index(stop)] and choice["finish_reason"] == "stop"
+
+
+def test_server_echo_logprobs_equal_the_models_log_softmax(server, model, tokenizer):
+    prompt = PROMPTS[2]
+    ids = tokenizer(prompt)["input_ids"]
+    out = _complete(
+        server, prompt=prompt, max_tokens=0, echo=True, logprobs=3, return_tokens_as_token_ids=True
+    )
+    choice = out["choices"][0]
+    assert choice["text"] == prompt and out["usage"]["completion_tokens"] == 0
+    lp = choice["logprobs"]
+    assert lp["tokens"] == [f"token_id:{i}" for i in ids]  # exact token identity
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+    for t in range(1, len(ids)):
+        assert lp["token_logprobs"][t] == pytest.approx(float(expected[t - 1, ids[t]]), abs=1e-5)
+        top = torch.topk(expected[t - 1], 3)
+        want = {f"token_id:{int(i)}": float(v) for v, i in zip(top.values, top.indices)}
+        got = lp["top_logprobs"][t]
+        assert set(want) <= set(got) and len(got) <= 4  # top-3 plus the chosen token
+        for token, value in want.items():
+            assert got[token] == pytest.approx(value, abs=1e-5)
+    # text_offset: where each token starts in the text; tokens as strings by default
+    plain = _complete(server, prompt=prompt, max_tokens=0, echo=True, logprobs=1)["choices"][0]
+    strings = plain["logprobs"]["tokens"]
+    assert "".join(strings) == prompt
+    offsets = plain["logprobs"]["text_offset"]
+    assert [prompt[o : o + len(s)] for o, s in zip(offsets, strings)] == strings
+
+
+def test_server_logprobs_of_generated_tokens(server, tokenizer):
+    out = _complete(
+        server, prompt=[tokenizer(PROMPTS[0])["input_ids"]], max_tokens=4, logprobs=0, seed=1
+    )
+    choice = out["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == out["usage"]["completion_tokens"]
+    assert all(v is not None and v <= 0 for v in lp["token_logprobs"])
+    assert all(len(top) == 1 for top in lp["top_logprobs"])  # logprobs=0: the chosen token only
+    assert lp["text_offset"][0] == len(PROMPTS[0])
+
+
+@pytest.mark.parametrize(
+    "path,body,status,needle",
+    [
+        ("/completions", {"model": "other", "prompt": "a"}, 404, "'other' does not exist"),
+        ("/completions", {"model": "tiny", "prompt": "a", "n": 0}, 400, "'n'"),
+        ("/completions", {"model": "tiny", "prompt": "a", "temperature": -1}, 400, "temperature"),
+        ("/completions", {"model": "tiny", "prompt": "a", "max_tokens": 0}, 400, "echo"),
+        ("/completions", {"model": "tiny", "prompt": 3}, 400, "'prompt'"),
+        ("/completions", {"model": "tiny", "prompt": "a", "stream": True}, 400, "stream"),
+        ("/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+        ("/embeddings", {"model": "tiny"}, 404, "not served"),
+    ],
+)
+def test_server_bad_requests_get_openai_style_errors(server, path, body, status, needle):
+    got, _, payload = _request(server, "POST", path, body)
+    assert got == status
+    assert (
+        set(payload["error"]) >= {"message", "type", "code"}
+        and needle in payload["error"]["message"]
+    )
+
+
+def test_server_bad_json_and_api_key(model, tokenizer):
+    with serve(model, tokenizer, model_name="tiny", api_key="sekrit-123") as s:
+        status, _, payload = _request(s, "GET", "/models")
+        assert status == 401 and payload["error"]["code"] == "invalid_api_key"
+        assert "sekrit" not in json.dumps(payload)
+        assert _request(s, "GET", "/models", key="wrong")[0] == 401
+        assert _request(s, "GET", "/models", key="sekrit-123")[0] == 200
+        status, _, payload = _request(s, "POST", "/completions", key="sekrit-123", raw=b"{nope")
+        assert status == 400 and "not valid JSON" in payload["error"]["message"]
+        assert "sekrit" not in repr(s)
+        assert s.requests == 4
+
+
+def test_server_faults_in_order_then_normal_service(model, tokenizer):
+    faults = ["429:0.5", "500", "malformed", "drop", "slow:0.3", "400", "401"]
+    body = {"model": "tiny", "prompt": "alpha", "max_tokens": 2}
+    with serve(model, tokenizer, model_name="tiny", faults=faults) as s:
+        status, headers, payload = _request(s, "POST", "/completions", body)
+        assert status == 429 and headers["Retry-After"] == "0.5"
+        assert payload["error"]["type"] == "rate_limit_error"
+        assert _request(s, "POST", "/completions", body)[0] == 500
+        status, _, payload = _request(s, "POST", "/completions", body)
+        assert status == 200 and isinstance(payload, bytes)  # not JSON
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+            _request(s, "POST", "/completions", body)
+        start = time.perf_counter()
+        assert _request(s, "POST", "/completions", body)[0] == 200
+        assert time.perf_counter() - start >= 0.3
+        assert _request(s, "POST", "/completions", body)[0] == 400
+        assert _request(s, "POST", "/completions", body)[0] == 401
+        assert _request(s, "POST", "/completions", body)[0] == 200
+        assert s.requests == 8 and not s.faults
+    with pytest.raises(ValueError, match="unknown fault 'teapot'"):
+        serve(model, tokenizer, model_name="tiny", faults=["teapot"])
+    with pytest.raises(ValueError, match="seconds"):
+        serve(model, tokenizer, model_name="tiny", faults=["slow:x"])
