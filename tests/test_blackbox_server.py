@@ -219,3 +219,215 @@ def test_server_faults_in_order_then_normal_service(model, tokenizer):
         serve(model, tokenizer, model_name="tiny", faults=["teapot"])
     with pytest.raises(ValueError, match="seconds"):
         serve(model, tokenizer, model_name="tiny", faults=["slow:x"])
+
+
+# ---------------------------------------------------------------------------- OpenAITeacher
+
+
+def _teacher(server, **kw):
+    from lightning_distill.blackbox import OpenAITeacher
+
+    defaults = {
+        "max_tokens": 4,
+        "backoff": 0.01,
+        "max_backoff": 0.05,
+        "timeout": 5.0,
+        "progress": False,
+    }
+    return OpenAITeacher(server.base_url, "tiny", **{**defaults, **kw})
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_teacher_n_samples_seed_and_prompt_order(server, endpoint):
+    from lightning_distill.blackbox import TeacherSource
+
+    teacher = _teacher(server, endpoint=endpoint, concurrency=3)
+    assert isinstance(teacher, TeacherSource)
+    first = teacher.generate(PROMPTS, n=2, seed=5)
+    assert [len(s) for s in first] == [2] * len(PROMPTS)
+    assert server.requests == len(PROMPTS)  # n in one request per prompt
+    # in order: each prompt's answers are what it gets alone, one request at a time
+    alone = [
+        _teacher(server, endpoint=endpoint, concurrency=1).generate([p], n=2, seed=5)[0]
+        for p in PROMPTS
+    ]
+    assert first == alone
+    assert first != teacher.generate(PROMPTS, n=2, seed=6)
+    for samples in first:
+        assert (
+            samples[0].prompt_tokens is not None and samples[0].completion_tokens is None
+        )  # n > 1
+    one = teacher.generate(PROMPTS[:1], n=1, seed=5)[0][0]
+    assert 1 <= one.completion_tokens <= 4
+    assert one.finish_reason == ("length" if one.completion_tokens == 4 else "stop")
+
+
+def test_teacher_fills_missing_choices_with_seeded_single_requests(model, tokenizer, caplog):
+    """A server that answers one choice whatever n (llama.cpp) gets one request per missing sample."""
+    from lightning_distill.blackbox.server import LoopbackServer
+
+    class OneChoice(LoopbackServer):
+        def completions(self, body):
+            return super().completions({**body, "n": 1})
+
+    with OneChoice(tokenizer=tokenizer, model=model, model_name="tiny") as s:
+        teacher = _teacher(s, endpoint="completions")
+        with caplog.at_level("WARNING"):
+            out = teacher.generate(PROMPTS[:2], n=3, seed=4)
+        assert [len(x) for x in out] == [3, 3] and s.requests == 6
+        assert "each missing sample" in caplog.text
+        # sample j came from a request with n=1 and seed 4 + j
+        for j in range(3):
+            single = teacher.generate(PROMPTS[:1], n=1, seed=4 + j)[0][0]
+            assert out[0][j] == single
+
+
+@pytest.mark.parametrize(
+    "faults,needle",
+    [
+        (["429"], "HTTP 429"),
+        (["429:0.01", "500"], "HTTP 500"),
+        (["503"], "HTTP 503"),
+        (["malformed"], "malformed answer: the answer is not JSON"),
+        (["drop"], "connection failed"),
+        (["slow:1.5"], "no answer within timeout=0.5s"),
+    ],
+)
+def test_teacher_retries_transient_failures_then_succeeds(model, tokenizer, faults, needle, caplog):
+    with serve(model, tokenizer, model_name="tiny") as clean:
+        expected = _teacher(clean, endpoint="completions").generate(PROMPTS[:1], n=1, seed=3)
+    with serve(model, tokenizer, model_name="tiny", faults=faults) as s:
+        teacher = _teacher(s, endpoint="completions", timeout=0.5)
+        with caplog.at_level("WARNING", logger="lightning_distill.blackbox.openai_source"):
+            out = teacher.generate(PROMPTS[:1], n=1, seed=3)
+        assert out == expected
+        assert s.requests == len(faults) + 1
+        assert needle in caplog.text and f"retry {len(faults)}/5" in caplog.text
+
+
+def test_teacher_gives_up_after_max_retries_with_a_clear_error(model, tokenizer):
+    from lightning_distill.blackbox import TeacherRequestError
+
+    with serve(model, tokenizer, model_name="tiny", faults=["500"] * 3 + ["slow:1"] * 3) as s:
+        teacher = _teacher(s, max_retries=2)
+        with pytest.raises(
+            TeacherRequestError, match=r"failed 3 time\(s\) \(max_retries=2\); last: HTTP 500"
+        ) as info:
+            teacher.generate(PROMPTS[:1])
+        assert info.value.status == 500 and info.value.attempts == 3 and s.requests == 3
+        with pytest.raises(TeacherRequestError, match="no answer within timeout=0.3s"):
+            _teacher(s, max_retries=2, timeout=0.3).generate(PROMPTS[:1])
+
+
+def test_teacher_honours_retry_after(model, tokenizer, caplog):
+    with serve(model, tokenizer, model_name="tiny", faults=["429:0.4"]) as s:
+        start = time.perf_counter()
+        with caplog.at_level("WARNING"):
+            _teacher(s, max_backoff=10.0).generate(PROMPTS[:1])
+        assert time.perf_counter() - start >= 0.4
+        assert "in 0.40s" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "fault,status,needle",
+    [
+        ("400", 400, "Bad request (injected fault)."),
+        ("401", 401, "Check the key; none is sent"),
+        (None, 404, "The model 'missing' does not exist"),
+    ],
+)
+def test_teacher_does_not_retry_client_errors(model, tokenizer, fault, status, needle):
+    from lightning_distill.blackbox import OpenAITeacher, TeacherRequestError
+
+    with serve(model, tokenizer, model_name="tiny", faults=[fault] if fault else None) as s:
+        name = "tiny" if fault else "missing"
+        teacher = OpenAITeacher(s.base_url, name, backoff=0.01, progress=False)
+        with pytest.raises(TeacherRequestError, match="Not retried") as info:
+            teacher.generate(PROMPTS[:1])
+        message = str(info.value)
+        assert needle in message and s.base_url in message and repr(name) in message
+        assert info.value.status == status and s.requests == 1
+
+
+def test_teacher_settings_are_checked_before_any_request(monkeypatch):
+    from lightning_distill.blackbox import OpenAITeacher
+
+    url = "http://127.0.0.1:9/v1"
+    monkeypatch.delenv("LD_UNSET_KEY", raising=False)
+    with pytest.raises(ValueError, match="LD_UNSET_KEY.*not set.*export LD_UNSET_KEY="):
+        OpenAITeacher(url, "m", api_key_env="LD_UNSET_KEY")
+    with pytest.raises(ValueError, match="endpoint"):
+        OpenAITeacher(url, "m", endpoint="embeddings")
+    with pytest.raises(ValueError, match="http"):
+        OpenAITeacher("localhost:8000", "m")
+    with pytest.raises(ValueError, match="concurrency"):
+        OpenAITeacher(url, "m", concurrency=0)
+    with pytest.raises(TypeError, match="max_retries"):
+        OpenAITeacher(url, "m", max_retries=1.5)
+    with pytest.raises(TypeError, match="stop"):
+        OpenAITeacher(url, "m", stop="\n")
+    with pytest.raises(ValueError, match=r"extra_body sets \['n'\]"):
+        OpenAITeacher(url, "m", extra_body={"n": 2, "top_k": 5})
+    ident = OpenAITeacher(
+        "https://user:tok3n@example.com:8443/v1?api-key=tok3n#x", "m", extra_body={"top_k": 5}
+    ).identity()
+    assert ident["base_url"] == "https://example.com:8443/v1"
+    assert "tok3n" not in json.dumps(ident)
+    assert ident["generation"]["extra_body"] == {"top_k": 5}
+
+
+def test_teacher_without_openai_names_the_extra(monkeypatch):
+    import sys
+
+    from lightning_distill.blackbox import OpenAITeacher
+
+    monkeypatch.setitem(sys.modules, "openai", None)  # what a missing package looks like to import
+    with pytest.raises(ImportError, match=r"pip install 'lightning-distill\[openai\]'"):
+        OpenAITeacher("http://127.0.0.1:9/v1", "m")
+
+
+def test_write_records_through_the_server_never_leaks_the_key(
+    model, tokenizer, tmp_path, monkeypatch, capfd, caplog
+):
+    """A recognisable key in an env var, a server that checks it, a full write: the key is nowhere."""
+    import logging
+
+    from lightning_distill.blackbox import (
+        OpenAITeacher,
+        TeacherRequestError,
+        read_records,
+        write_records,
+    )
+
+    key = "sk-LEAKCHECK-4b1d-7e57-ca11-deadbeef"
+    monkeypatch.setenv(KEY_ENV, key)
+    caplog.set_level(logging.DEBUG)  # the client's and httpx's debug logs too
+    with serve(model, tokenizer, model_name="tiny", api_key=key, faults=["429", "500"]) as s:
+        teacher = OpenAITeacher(
+            s.base_url, "tiny", api_key_env=KEY_ENV, max_tokens=4, backoff=0.01, concurrency=2
+        )
+        stats = write_records(
+            teacher, PROMPTS, tmp_path, n=2, seed=1, slices=["a", "b", "a", "b"], shard_size=4
+        )
+        # the server checks the key: a wrong one is refused, so the right one was sent
+        monkeypatch.setenv("LD_WRONG_KEY", "not-the-key")
+        with pytest.raises(TeacherRequestError, match="401"):
+            OpenAITeacher(s.base_url, "tiny", api_key_env="LD_WRONG_KEY", progress=False).generate(
+                ["x"]
+            )
+    assert stats == {"written": 8, "skipped": 0, "shards": 2}
+    records = read_records(tmp_path)
+    assert len(records) == 8 and records[0]["teacher"]["source"] == "openai"
+    assert records[0]["teacher"]["base_url"] == s.base_url
+    assert records[0]["generation"]["n"] == 2 and records[0]["generation"]["endpoint"] == "chat"
+    out, err = capfd.readouterr()
+    assert "Teacher tiny" in err  # the progress bar did run
+    seen = {"stdout": out, "stderr": err, "logs": caplog.text, "repr": repr(teacher)}
+    seen["identity"] = json.dumps(teacher.identity())
+    assert "retry" in caplog.text  # the retries were logged
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            seen[str(path)] = path.read_text(encoding="utf-8", errors="replace")
+    for where, text in seen.items():
+        assert key not in text, f"the API key leaked into {where}"
+        assert key[3:20] not in text, f"part of the API key leaked into {where}"

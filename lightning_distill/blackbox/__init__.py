@@ -2,11 +2,15 @@
 
 Built so far: the teacher-source interface (:class:`TeacherSource`, :class:`Completion`), a
 local Hugging Face source (:class:`LocalHFTeacher`), a wrapper for any callable
-(:class:`FunctionTeacher`) and the resumable record writer (:func:`write_records`). See
-``docs/blackbox.md`` for the record format and what is still to come.
+(:class:`FunctionTeacher`), a teacher behind an OpenAI-compatible server (:class:`OpenAITeacher`),
+a loopback OpenAI-compatible server for tests and offline tries (:func:`serve`) and the resumable
+record writer (:func:`write_records`). See ``docs/blackbox.md`` for the record format and what is
+still to come.
 """
 
+from lightning_distill.blackbox.openai_source import OpenAITeacher, TeacherRequestError
 from lightning_distill.blackbox.prompts import Prompt
+from lightning_distill.blackbox.server import LoopbackServer, serve
 from lightning_distill.blackbox.sources import (
     Completion,
     FunctionTeacher,
@@ -19,10 +23,14 @@ __all__ = [
     "Completion",
     "FunctionTeacher",
     "LocalHFTeacher",
+    "LoopbackServer",
+    "OpenAITeacher",
     "Prompt",
+    "TeacherRequestError",
     "TeacherSource",
     "prompt_id",
     "read_records",
+    "serve",
     "shard_paths",
     "write_records",
 ]

@@ -386,12 +386,14 @@ class LoopbackServer:
         self._count_lock = threading.Lock()
         self._ids = 0
         handler = type("Handler", (_Handler,), {"app": self})
-        self._httpd = ThreadingHTTPServer((host, port), handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _HTTPServer((host, port), handler)
         self.host, self.port = self._httpd.server_address[:2]
         self.base_url = f"http://{self.host}:{self.port}/v1"
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="lightning-distill-server", daemon=True
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="lightning-distill-server",
+            daemon=True,
         )
         self._thread.start()
 
@@ -543,6 +545,19 @@ class LoopbackServer:
                 "total_tokens": len(ids) + completion_total,
             },
         }
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        err = sys.exc_info()[1]
+        if isinstance(err, ConnectionError):  # the client gave up (a timeout): nothing to answer
+            log.debug("client %s went away: %s", client_address, err)
+            return
+        log.exception("error while serving %s", client_address)
 
 
 _STATUS_ERRORS = {
