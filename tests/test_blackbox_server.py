@@ -431,3 +431,62 @@ def test_write_records_through_the_server_never_leaks_the_key(
     for where, text in seen.items():
         assert key not in text, f"the API key leaked into {where}"
         assert key[3:20] not in text, f"part of the API key leaked into {where}"
+
+
+def test_a_failed_prompt_stops_the_other_requests_retrying(model, tokenizer):
+    from lightning_distill.blackbox import TeacherRequestError
+
+    with serve(model, tokenizer, model_name="tiny", faults=["400"] + ["500"] * 30) as s:
+        teacher = _teacher(s, concurrency=2, max_retries=20, backoff=0.2, max_backoff=0.2)
+        with pytest.raises(TeacherRequestError, match="answered 400"):
+            teacher.generate(PROMPTS[:2])
+        after = s.requests
+        time.sleep(0.6)  # a retry loop left running would send about 6 more requests here
+        assert after <= 3 and s.requests - after <= 1
+
+
+@pytest.mark.slow
+def test_server_command_serves_a_saved_model(model, tokenizer, tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from lightning_distill.blackbox import OpenAITeacher
+
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    monkeypatch.setenv(KEY_ENV, "cli-key")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lightning_distill.blackbox.server",
+            "--model",
+            str(tmp_path / "m"),
+            "--model-name",
+            "saved",
+            "--port",
+            "0",
+            "--api-key-env",
+            KEY_ENV,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        line = proc.stdout.readline()
+        assert "Serving 'saved' at http://127.0.0.1:" in line, proc.stderr.read()
+        url = line.split(" at ")[1].split()[0]
+        teacher = OpenAITeacher(url, "saved", api_key_env=KEY_ENV, max_tokens=3, progress=False)
+        with serve(model, tokenizer, model_name="tiny") as local:
+            expected = _teacher(local, max_tokens=3).generate(PROMPTS[:2], seed=2)
+        assert [[c.text for c in s] for s in teacher.generate(PROMPTS[:2], seed=2)] == [
+            [c.text for c in s] for s in expected
+        ]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()

@@ -10,7 +10,6 @@ still to come.
 
 from lightning_distill.blackbox.openai_source import OpenAITeacher, TeacherRequestError
 from lightning_distill.blackbox.prompts import Prompt
-from lightning_distill.blackbox.server import LoopbackServer, serve
 from lightning_distill.blackbox.sources import (
     Completion,
     FunctionTeacher,
@@ -18,6 +17,18 @@ from lightning_distill.blackbox.sources import (
     TeacherSource,
 )
 from lightning_distill.blackbox.writer import prompt_id, read_records, shard_paths, write_records
+
+# the server is imported on first use, so `python -m lightning_distill.blackbox.server` runs it fresh
+_LAZY = {"LoopbackServer", "serve"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from lightning_distill.blackbox import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Completion",

@@ -75,6 +75,10 @@ class _Malformed(Exception):
     """The server answered 200 with something that is not a completion."""
 
 
+class _Cancelled(Exception):
+    """Another prompt of the same ``generate`` call failed; stop before the next attempt."""
+
+
 def public_url(url: str) -> str:
     """``url`` without credentials: user info, query string and fragment removed.
 
@@ -289,8 +293,11 @@ class OpenAITeacher:
         pool = ThreadPoolExecutor(
             max_workers=min(self.concurrency, len(prompts)), thread_name_prefix="openai-teacher"
         )
+        cancel = threading.Event()
         try:
-            futures = {pool.submit(self._samples, p, n, seed): i for i, p in enumerate(prompts)}
+            futures = {
+                pool.submit(self._samples, p, n, seed, cancel): i for i, p in enumerate(prompts)
+            }
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)
@@ -299,13 +306,16 @@ class OpenAITeacher:
                     if bar is not None:
                         bar.update(1)
         finally:
+            cancel.set()  # requests still waiting to retry give up
             pool.shutdown(wait=False, cancel_futures=True)
             if bar is not None:
                 bar.close()
         return out  # type: ignore[return-value]
 
-    def _samples(self, prompt: str, n: int, seed: int) -> list[Completion]:
-        samples = self._request(prompt, n, seed)
+    def _samples(
+        self, prompt: str, n: int, seed: int, cancel: threading.Event | None = None
+    ) -> list[Completion]:
+        samples = self._request(prompt, n, seed, cancel)
         if len(samples) < n:
             self._warn_once(
                 "fewer",
@@ -313,7 +323,7 @@ class OpenAITeacher:
                 "each missing sample in a request of its own (n=1, seed + sample index).",
             )
             for j in range(len(samples), n):
-                samples.append(self._request(prompt, 1, seed + j)[0])
+                samples.append(self._request(prompt, 1, seed + j, cancel)[0])
         return samples
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -391,11 +401,15 @@ class OpenAITeacher:
             )
         return out
 
-    def _request(self, prompt: str, n: int, seed: int) -> list[Completion]:
+    def _request(
+        self, prompt: str, n: int, seed: int, cancel: threading.Event | None = None
+    ) -> list[Completion]:
         """One request with retries (see the class docstring)."""
         openai = self._openai
         where = f"{self.base_url} ({self.endpoint} endpoint, model {self.model!r})"
         for attempt in range(self.max_retries + 1):
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled()
             wait_for = None
             status = None
             try:
@@ -419,13 +433,13 @@ class OpenAITeacher:
                         status=status,
                         attempts=attempt + 1,
                     ) from None
-                what = f"HTTP {status}: {message}"
+                what = f"HTTP {status}: {message.rstrip('.')}"
                 wait_for = _retry_after(e.response)
             except openai.APITimeoutError:
                 what = f"no answer within timeout={self.timeout:g}s"
             except openai.APIConnectionError as e:
                 cause = e.__cause__ or e
-                what = f"connection failed ({type(cause).__name__}: {cause})"
+                what = f"connection failed ({type(cause).__name__}: {str(cause).rstrip('.')})"
             except _Malformed as e:
                 what = f"malformed answer: {e}"
             if attempt == self.max_retries:
@@ -444,5 +458,8 @@ class OpenAITeacher:
             log.warning(
                 "%s: %s; retry %d/%d in %.2fs", where, what, attempt + 1, self.max_retries, delay
             )
-            time.sleep(delay)
+            if cancel is not None:
+                cancel.wait(delay)
+            else:
+                time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
