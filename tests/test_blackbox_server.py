@@ -374,6 +374,13 @@ def test_teacher_settings_are_checked_before_any_request(monkeypatch):
     assert ident["base_url"] == "https://example.com:8443/v1"
     assert "tok3n" not in json.dumps(ident)
     assert ident["generation"]["extra_body"] == {"top_k": 5}
+    # from a Hydra config: ListConfig / DictConfig become plain values
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"stop": ["\n\n"], "extra_body": {"top_k": 5, "ids": [1, 2]}})
+    t = OpenAITeacher(url, "m", stop=cfg.stop, extra_body=cfg.extra_body)
+    assert t.identity()["generation"]["stop"] == ["\n\n"]
+    assert json.dumps(t.identity()["generation"]["extra_body"]) == '{"top_k": 5, "ids": [1, 2]}'
 
 
 def test_teacher_without_openai_names_the_extra(monkeypatch):

@@ -31,6 +31,7 @@ import random
 import threading
 import time
 import urllib.parse
+from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -90,6 +91,15 @@ def public_url(url: str) -> str:
         host = f"[{host}]"
     netloc = host + (f":{parts.port}" if parts.port is not None else "")
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _plain(value: Any) -> Any:
+    """Mappings and sequences (Hydra's configs included) as dicts and lists, recursively."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _retry_after(response: Any) -> float | None:
@@ -192,7 +202,7 @@ class OpenAITeacher:
         self.temperature = check_number("temperature", temperature, low=0.0)
         self.top_p = check_number("top_p", top_p, low=0.0, high=1.0, low_open=True)
         if stop is not None:
-            if isinstance(stop, str) or not isinstance(stop, (list, tuple)):
+            if isinstance(stop, str) or not isinstance(stop, Sequence):
                 raise TypeError(
                     f"stop must be a list of str or None, got {type(stop).__name__}; wrap one as [stop]."
                 )
@@ -206,15 +216,16 @@ class OpenAITeacher:
         self.backoff = check_number("backoff", backoff, low=0.0)
         self.max_backoff = check_number("max_backoff", max_backoff, low=0.0)
         self.concurrency = check_int("concurrency", concurrency, low=1)
-        if extra_body is not None and not isinstance(extra_body, dict):
+        if extra_body is not None and not isinstance(extra_body, Mapping):
             raise TypeError(f"extra_body must be a dict or None, got {type(extra_body).__name__}.")
-        clash = sorted(set(extra_body or {}) & set(RESERVED_BODY_KEYS))
+        extra_body = _plain(extra_body or {})  # a Hydra DictConfig becomes plain JSON values
+        clash = sorted(set(extra_body) & set(RESERVED_BODY_KEYS))
         if clash:
             raise ValueError(
                 f"extra_body sets {clash}, which OpenAITeacher sets itself; use its arguments "
                 "(max_tokens, temperature, top_p, stop) or the generate call's n and seed."
             )
-        self.extra_body = dict(extra_body or {})
+        self.extra_body = extra_body
         self.progress = check_bool("progress", progress)
         if api_key_env is not None and (not isinstance(api_key_env, str) or not api_key_env):
             raise TypeError(
