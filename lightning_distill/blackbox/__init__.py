@@ -26,6 +26,7 @@ from lightning_distill.blackbox.writer import prompt_id, read_records, shard_pat
 
 __all__ = [
     "Completion",
+    "TeacherTextDataModule",
     "FunctionTeacher",
     "LocalHFTeacher",
     "Prompt",
@@ -43,3 +44,12 @@ __all__ = [
     "write_records",
     "write_summary",
 ]
+
+
+def __getattr__(name: str):
+    # TeacherTextDataModule imports Lightning: loaded on first use, not with the package
+    if name == "TeacherTextDataModule":
+        from lightning_distill.blackbox.data import TeacherTextDataModule
+
+        return TeacherTextDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
