@@ -163,7 +163,11 @@ def test_batches_carry_slices_and_the_split_is_by_prompt(tokenizers, tmp_path):
     total = sum(
         c.samples for s in ("train", "val", "test") for c in capped.slice_counts(s).values()
     )
-    assert total == 80 and capped.record_stats == {"records": 160, "samples": 80}
+    assert total == 80 and capped.record_stats == {
+        "records": 160,
+        "truncated_dropped": 0,
+        "samples": 80,
+    }
     assert capped.data_fingerprint != dm.data_fingerprint
 
 
@@ -234,6 +238,34 @@ def test_accepted_only_keeps_matching_answers_and_names_the_rate(tokenizers, tmp
     write_records(FunctionTeacher(_solver), ["What is 2 + 2?"], plain)
     with pytest.raises(ValueError, match="no record of .* was checked against a reference"):
         _dm(tokenizers["plain"], str(plain), accepted_only=True).setup()
+
+
+def test_unfinished_completions_are_left_out_unless_kept(tokenizers, tmp_path):
+    def teacher(ps, *, n, seed):
+        return [
+            [
+                {"text": f"12 + {i}", "finish_reason": "length" if i % 2 else "stop"}
+                for i in range(n)
+            ]
+            for _ in ps
+        ]
+
+    write_records(
+        FunctionTeacher(teacher), [f"What is {i}?" for i in range(20)], tmp_path / "rec", n=2
+    )
+    dm = _dm(tokenizers["plain"], str(tmp_path / "rec"))
+    assert {_labelled_text(dm, item) for _, item in _items(dm)} == {"12 + 0"}
+    assert dm.record_stats["truncated_dropped"] == 20
+    kept = _dm(tokenizers["plain"], str(tmp_path / "rec"), keep_truncated=True)
+    assert {_labelled_text(kept, item) for _, item in _items(kept)} == {"12 + 0", "12 + 1"}
+    only_cut = tmp_path / "cut"
+    write_records(
+        FunctionTeacher(lambda ps, n, seed: [[{"text": "1", "finish_reason": "length"}]] * len(ps)),
+        ["a"],
+        only_cut,
+    )
+    with pytest.raises(ValueError, match="was cut at the teacher's token limit"):
+        _dm(tokenizers["plain"], str(only_cut)).setup()
 
 
 def test_bad_records_and_settings(tokenizers, tmp_path):

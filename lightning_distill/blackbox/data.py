@@ -104,6 +104,23 @@ class _RecordSource:
                 )
         stats = m.record_stats
         stats["records"] = len(rows)
+        if not m.keep_truncated:
+            kept = [(r, at) for r, at in rows if r.get("finish_reason") != "length"]
+            stats["truncated_dropped"] = len(rows) - len(kept)
+            if not kept:
+                raise ValueError(
+                    f"every record of {where} was cut at the teacher's token limit "
+                    "(finish_reason='length'); generate with a larger max_new_tokens, or set "
+                    "data.keep_truncated=true to train on them anyway."
+                )
+            if stats["truncated_dropped"]:
+                log.warning(
+                    "Left out %d of %d records the teacher did not finish (finish_reason='length'); "
+                    "data.keep_truncated=true keeps them.",
+                    stats["truncated_dropped"],
+                    len(rows),
+                )
+            rows = kept
         if m.accepted_only:
             scored = [(r, at) for r, at in rows if r.get("accepted") is not None]
             if not scored:
@@ -203,6 +220,9 @@ class TeacherTextDataModule(TextDataModule):
             sampling); an error if none was checked or none matched (it names the rate).
         max_samples_per_prompt: keep at most this many samples of each prompt (lowest
             ``sample_index`` first, after the other filters); ``None``: all.
+        keep_truncated: also train on completions the teacher did not finish
+            (``finish_reason="length"``); by default they are left out (and counted), since the
+            ``eos`` that ends every sample would teach the student to stop mid-answer.
         answer_pattern: the final-answer regular expression for ``target="answer"``; ``None``:
             the records' template's pattern, else a last line ``Answer: ...``.
         chat_template: a Jinja template overriding (or supplying) the tokenizer's.
@@ -226,6 +246,7 @@ class TeacherTextDataModule(TextDataModule):
         target: str = "full",
         accepted_only: bool = False,
         max_samples_per_prompt: int | None = None,
+        keep_truncated: bool = False,
         answer_pattern: str | None = None,
         chat_template: str | None = None,
         seq_len: int = 1024,
@@ -259,6 +280,7 @@ class TeacherTextDataModule(TextDataModule):
         check_choice("target", target, TARGETS)
         check_bool("accepted_only", accepted_only)
         check_int("max_samples_per_prompt", max_samples_per_prompt, low=1, allow_none=True)
+        check_bool("keep_truncated", keep_truncated)
         if answer_pattern is not None and not isinstance(answer_pattern, str):
             raise TypeError(
                 f"answer_pattern must be a str or None, got {type(answer_pattern).__name__}."
@@ -300,9 +322,10 @@ class TeacherTextDataModule(TextDataModule):
         self.records = records
         self.target, self.accepted_only = target, bool(accepted_only)
         self.max_samples_per_prompt = max_samples_per_prompt
+        self.keep_truncated = bool(keep_truncated)
         self.answer_pattern = answer_pattern
-        #: What reading the records kept: ``records``, ``samples``, and with the filters
-        #: ``scored``/``accepted``/``acceptance_rate`` and ``no_answer``.
+        #: What reading the records kept: ``records``, ``samples``, ``truncated_dropped``, and
+        #: with the filters ``scored``/``accepted``/``acceptance_rate`` and ``no_answer``.
         self.record_stats: dict[str, Any] = {}
 
     @property

@@ -15,7 +15,7 @@ from typing import Any
 
 from lightning_distill.blackbox.writer import read_records, shard_paths
 
-__all__ = ["NO_SLICE", "summarize", "write_summary"]
+__all__ = ["NO_SLICE", "format_summary", "summarize", "write_summary"]
 
 #: The slice name of records written without one (the data modules' default slice).
 NO_SLICE = "all"

@@ -176,7 +176,11 @@ def write_records(
         if not all(isinstance(p, Prompt) for p in prompts):
             raise TypeError("prompts mixes Prompt objects and other values; pass one kind.")
         slices = [p.slice for p in prompts]
-        references = [p.reference for p in prompts] if any(p.reference for p in prompts) else None
+        references = (
+            [p.reference for p in prompts]
+            if any(p.reference is not None for p in prompts)
+            else None
+        )
         prompts = [p.text for p in prompts]
     if rationale is not None and not isinstance(rationale, RationaleTemplate):
         raise TypeError(
