@@ -7,6 +7,7 @@ A prompt source is any callable returning ``list[Prompt]``. Two read files:
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_distill.validation import check_int
+from lightning_distill.validation import check_bool, check_int
 
 __all__ = ["Prompt", "prompts_from_dataset", "prompts_from_jsonl"]
 
@@ -126,7 +127,8 @@ def prompts_from_dataset(
         slice_field: the field naming each prompt's slice, or ``None``.
         reference_field: the field holding each prompt's reference answer, or ``None``.
         revision: the revision of a hub dataset.
-        trust_remote_code: allow a hub dataset's loading script (off: only for code you have read).
+        trust_remote_code: allow a hub dataset's loading script (off: only for code you have read;
+            ``datasets`` 4 and later run no loading scripts, so there it changes nothing).
         limit: keep the first ``limit`` prompts (``None``: all).
 
     Raises:
@@ -144,7 +146,10 @@ def prompts_from_dataset(
     saved = local.is_dir() and any(
         (local / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")
     )
-    extra: dict[str, Any] = {"trust_remote_code": True} if trust_remote_code else {}
+    check_bool("trust_remote_code", trust_remote_code)
+    # `datasets` >= 4 runs no loading scripts and has no such argument: nothing to allow there
+    accepts = "trust_remote_code" in inspect.signature(datasets.load_dataset).parameters
+    extra: dict[str, Any] = {"trust_remote_code": True} if trust_remote_code and accepts else {}
     if saved:
         data = datasets.load_from_disk(str(local))
     elif local.exists():
