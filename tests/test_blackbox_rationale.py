@@ -251,6 +251,9 @@ def test_records_keep_the_prompt_score_the_answer_and_summarize(tmp_path):
         write_records(FunctionTeacher(teacher), prompts, tmp_path, n=2, rationale=steps)["skipped"]
         == 16
     )
+    reworded = RationaleTemplate("steps", "{prompt}\nReason first.")
+    with pytest.raises(ValueError, match=r"template 'steps' \(another text or answer pattern\)"):
+        write_records(FunctionTeacher(teacher), prompts, tmp_path, n=2, rationale=reworded)
 
 
 def test_plain_records_are_unchanged_and_bad_scoring_input(tmp_path):

@@ -167,7 +167,7 @@ def write_records(
         raise TypeError(
             f"source must have generate() and identity() (a TeacherSource), got {type(source).__name__}."
         )
-    if not isinstance(prompts, str) and any(isinstance(p, Prompt) for p in prompts):
+    if isinstance(prompts, Sequence) and any(isinstance(p, Prompt) for p in prompts):
         if slices is not None or references is not None:
             raise ValueError(
                 "prompts are Prompt objects, which carry their slice and reference; leave "
@@ -194,6 +194,7 @@ def write_records(
     references = _per_prompt("references", references, len(prompts))
     scoring = rationale is not None or references is not None
     template = rationale.name if rationale is not None else None
+    wanted = rationale.to_dict() if rationale is not None else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("shard-*.jsonl.tmp"):
@@ -204,10 +205,13 @@ def write_records(
     for rec in read_records(out):
         done.add((rec["prompt_id"], int(rec["sample_index"])))
         known.setdefault(rec["prompt_id"], rec["prompt"])
-        if rec.get("template") != template:
+        had = (rec.get("generation") or {}).get("rationale")
+        if had != wanted:
+            named = had.get("name") if isinstance(had, dict) else None
             raise ValueError(
-                f"{out} holds records written with rationale template {rec.get('template')!r}, "
-                f"not {template!r}; write to another folder (one template per folder)."
+                f"{out} holds records written with rationale template {named!r}"
+                + (" (another text or answer pattern)" if named == template else "")
+                + f", not {template!r}; write to another folder (one template per folder)."
             )
 
     # unique prompts in order, with their slice and the sample indices still missing
