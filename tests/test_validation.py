@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_distill import DistillationModule
+from lightning_distill.blackbox import OpenAITeacher
 from lightning_distill.callbacks import CoverageSlices, TeacherCache, TemperatureSchedule
 from lightning_distill.callbacks.temperature import Schedule
 from lightning_distill.data import SlicedTextDataModule, TextDataModule
@@ -125,6 +126,8 @@ CONSTRUCTORS = {
     "SlicedTextDataModule.test_fraction": lambda v: SlicedTextDataModule(test_fraction=v),
     "student_from_teacher.intermediate_size": lambda v: student_from_teacher(_teacher(), intermediate_size=v),
     "student_from_teacher.k": lambda v: student_from_teacher(_teacher(), layers="first_k", k=v),
+    "OpenAITeacher.timeout": lambda v: OpenAITeacher("http://127.0.0.1:1/v1", "m", timeout=v),
+    "OpenAITeacher.concurrency": lambda v: OpenAITeacher("http://127.0.0.1:1/v1", "m", concurrency=v),
 }
 #: An out-of-range value of the right kind for each argument above.
 OUT_OF_RANGE = {
@@ -134,6 +137,7 @@ OUT_OF_RANGE = {
     "TeacherCache.sample_temperature": 0.0, "TextDataModule.seq_len": 1, "TextDataModule.val_fraction": 1.0,
     "SlicedTextDataModule.batch_size": 0, "SlicedTextDataModule.test_fraction": -0.1,
     "student_from_teacher.intermediate_size": 64, "student_from_teacher.k": 9,
+    "OpenAITeacher.timeout": 0.0, "OpenAITeacher.concurrency": 0,
 }
 
 
