@@ -71,7 +71,7 @@ class TeacherCache(CacheBuilder, Callback):
     :class:`~lightning_distill.cache.builder.CacheBuilder`, whose arguments this callback takes;
     the callback adds the Lightning hooks, the ranks and barriers of the Trainer, the release of
     the teacher and the per-batch :meth:`attach`. ``hidden_layers`` are stored and read back
-    (``TeacherTargets.hidden_states``) but no loss reads them yet: the feature losses will.
+    (``TeacherTargets.hidden_states``), feeding ``FeatureKD`` as a live teacher's would.
 
     Args:
         those of :class:`~lightning_distill.cache.builder.CacheBuilder`, documented there:
