@@ -383,3 +383,30 @@ def test_a_real_fit_distils_features_across_widths_and_depths():
     assert after["val/loss"] < before["val/loss"]
     assert after["val/at"] > 0  # attention transfer ran on both (eager) models every step
     assert no_hooks(student, teacher)
+
+
+# ----------------------------------------------------------------------------- Hydra configs
+@pytest.mark.parametrize("name, term", [("feature_mse", "feature"), ("feature_cosine", "feature"),
+                                        ("attention_transfer", "attention")])
+def test_loss_configs_compose_with_the_logit_terms_and_build(name, term):
+    from hydra import compose, initialize_config_dir
+
+    from lightning_distill.cli import CONFIG_DIR, _build_losses
+
+    overrides = [f"loss=[kd_task,{name}]", "output_dir=/tmp/ld-compose"]
+    if term == "feature":
+        overrides.append("loss.feature.layers={1: 2, 2: -1}")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="distill", overrides=overrides)
+    losses = _build_losses(cfg.loss)
+    assert set(losses) == {"kd", "task", term}
+    module = DistillationModule(llama(0, eager=True), llama(1, hidden=24, layers=4, eager=True), losses)
+    built = module.losses[term]
+    if term == "feature":
+        assert built.pairs == ((1, 2), (2, -1)) and built.config()["layers"] == [[1, 2], [2, -1]]
+        assert built.loss == ("mse" if name == "feature_mse" else "cosine")
+    else:
+        assert built.reads_attentions and built.student_layers == ("model.layers.1.self_attn.v_proj",)
+        assert built.teacher_layers == ("model.layers.3.self_attn.v_proj",)
+    metrics = val_metrics(module, Data(Blocks()))
+    assert metrics[f"val/{term}"] > 0
