@@ -267,6 +267,24 @@ def test_cached_hidden_states_feed_feature_kd_like_the_live_teacher(tmp_path):
     assert float(result["val/feat"]) == pytest.approx(live_value, rel=2e-3)
 
 
+def test_a_cache_without_the_layers_a_term_reads_is_refused_before_it_is_built(tmp_path):
+    data = Data(Blocks(n=4))
+
+    def fit_with(term, hidden_layers):
+        module = DistillationModule(llama(0, eager=True), llama(1, eager=True), {"t": term})
+        cache = TeacherCache(str(tmp_path / "c"), kind="dense", hidden_layers=hidden_layers, progress=False)
+        trainer(max_steps=1, callbacks=[cache]).fit(module, datamodule=data)
+
+    with pytest.raises(ValueError, match=r"hidden states \[1\], but the teacher cache stores hidden_layers=\[-1\]"):
+        fit_with(FeatureKD(layers={1: 1}), [-1])
+    with pytest.raises(ValueError, match="reads the teacher's attentions, which a teacher cache does not store"):
+        fit_with(AttentionTransfer(value_weight=0), None)
+    with pytest.raises(ValueError, match=r"outputs of \['model.layers.0'\]"):
+        fit_with(FeatureKD(layers={"model.layers.0": "model.layers.0"}), [1])
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").rglob("*.safetensors"))  # nothing built
+    fit_with(FeatureKD(layers={2: 2}), [-1])  # -1 is the teacher's last (2 blocks): accepted
+
+
 # ----------------------------------------------------------------------------- export
 @pytest.mark.parametrize("choice", ["save", "drop"])
 def test_projector_is_saved_or_dropped_at_export_and_the_card_says_which(tmp_path, choice):

@@ -37,6 +37,7 @@ __all__ = [
     "AttentionTransfer",
     "FeatureKD",
     "attention_kl_rows",
+    "check_cached_features",
     "feature_rows",
     "teacher_features",
     "valid_mask",
@@ -428,6 +429,36 @@ class AttentionTransfer(LossTerm):
         return (f"student_layer={self.student_layer}, teacher_layer={self.teacher_layer}, "
                 f"attention_weight={self.attention_weight}, value_weight={self.value_weight}, "
                 f"relation_heads={self._heads}, weight={self.weight}")
+
+
+def check_cached_features(losses: Mapping[str, LossTerm], hidden_layers: Sequence[int],
+                          teacher_layers: int | None = None) -> None:
+    """Refuse, before a cached fit starts, terms whose teacher features a cache cannot give.
+
+    Args:
+        losses: the module's terms (those with ``weight > 0`` count).
+        hidden_layers: the cache's stored ``hidden_states`` indices.
+        teacher_layers: the teacher's number of blocks ``L`` (matches ``-1`` with ``L``), if known.
+
+    Raises:
+        ValueError: a term reads teacher attentions or module outputs (a cache stores neither),
+            or a hidden-state index the cache does not store.
+    """
+    stored = {i % (teacher_layers + 1) if teacher_layers is not None else i for i in hidden_layers}
+    for name, term in losses.items():
+        if term.weight <= 0 or not term.requires_teacher:
+            continue
+        paths = [r for r in term.teacher_layers if isinstance(r, str)]
+        if term.reads_attentions or paths:
+            what = "attentions" if term.reads_attentions else f"the outputs of {paths}"
+            raise ValueError(f"loss term {name!r} reads the teacher's {what}, which a teacher cache does not store "
+                             "(it stores logits and hidden_layers only); drop the cache for this run, or the term.")
+        missing = [r for r in term.teacher_layers if isinstance(r, int) and
+                   (r % (teacher_layers + 1) if teacher_layers is not None else r) not in stored]
+        if missing:
+            raise ValueError(f"loss term {name!r} reads the teacher's hidden states {missing}, but the teacher cache "
+                             f"stores hidden_layers={list(hidden_layers)}; build it with hidden_layers including "
+                             f"{missing} (callbacks.teacher_cache.hidden_layers=[...]).")
 
 
 def export_modules(losses: Mapping[str, LossTerm]) -> dict[str, nn.Module]:
