@@ -13,7 +13,7 @@ It prints the terms on the validation data before and after distillation, and wh
 wrote. A second student of the same size trained with the logit terms alone shows what the
 feature terms change at equal steps.
 
-    python examples/feature_distillation.py              # ~1 minute of CPU time
+    python examples/feature_distillation.py              # ~15 s of CPU time (one thread)
     python examples/feature_distillation.py --steps 10   # quick check
 """
 
