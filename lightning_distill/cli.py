@@ -284,6 +284,7 @@ def _export(cfg: DictConfig, report: dict[str, Any], module: Any, datamodule: An
             stats: Mapping[str, Any], coverage: Any, cache: Any, out_dir: Path) -> None:
     """Save the student (weights, tokenizer, ``distillation.json``, its card) to ``<run>/student``; log it to W&B."""
     from lightning_distill.export import distillation_card, export_student
+    from lightning_distill.losses.feature_terms import export_modules
 
     record = {
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -297,7 +298,7 @@ def _export(cfg: DictConfig, report: dict[str, Any], module: Any, datamodule: An
     card = _card(module, datamodule, trainer, stats, coverage, distillation_card, cache)
     report["student_dir"] = str(export_student(module.student, out_dir / "student",
                                                tokenizer=getattr(datamodule, "tokenizer", None),
-                                               record=record, card=card))
+                                               record=record, card=card, extras=export_modules(module.losses)))
     _log_wandb_artifact(trainer, Path(report["student_dir"]), card)
 
 

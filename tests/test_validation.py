@@ -13,7 +13,7 @@ from lightning_distill.blackbox import OpenAITeacher
 from lightning_distill.callbacks import CoverageSlices, TeacherCache, TemperatureSchedule
 from lightning_distill.callbacks.temperature import Schedule
 from lightning_distill.data import SlicedTextDataModule, TextDataModule
-from lightning_distill.losses import LogitKD, TaskLoss
+from lightning_distill.losses import AttentionTransfer, FeatureKD, LogitKD, TaskLoss
 from lightning_distill.models import causal_lm_from_config, student_from_teacher
 from lightning_distill.validation import check_bool, check_choice, check_int, check_number
 
@@ -111,6 +111,8 @@ CONSTRUCTORS = {
     "LogitKD.temperature": lambda v: LogitKD(temperature=v),
     "LogitKD.weight": lambda v: LogitKD(weight=v),
     "TaskLoss.weight": lambda v: TaskLoss(weight=v),
+    "FeatureKD.student_dim": lambda v: FeatureKD(student_dim=v),
+    "AttentionTransfer.value_weight": lambda v: AttentionTransfer(value_weight=v),
     "DistillationModule.metrics_every_n_steps": lambda v: DistillationModule(torch.nn.Linear(2, 2),
                                                                              metrics_every_n_steps=v),
     "Schedule.start": lambda v: Schedule("linear", start=v, end=1.0, total_steps=10),
@@ -138,6 +140,7 @@ OUT_OF_RANGE = {
     "SlicedTextDataModule.batch_size": 0, "SlicedTextDataModule.test_fraction": -0.1,
     "student_from_teacher.intermediate_size": 64, "student_from_teacher.k": 9,
     "OpenAITeacher.timeout": 0.0, "OpenAITeacher.concurrency": 0,
+    "FeatureKD.student_dim": 0, "AttentionTransfer.value_weight": -1.0,
 }
 
 

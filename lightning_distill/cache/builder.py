@@ -96,8 +96,8 @@ class CacheBuilder:
             and training at another temperature is refused.
         dtype: ``"float16"`` or ``"bfloat16"`` for dense logits and hidden states.
         hidden_layers: also store the teacher's ``hidden_states[i]`` for these ``i`` (read back
-            as ``TeacherTargets.hidden_states``). No loss reads them yet: they are for the
-            feature losses of a later release.
+            as ``TeacherTargets.hidden_states``, with ``hidden_layers`` saying which), the indices
+            of ``FeatureKD``'s layer map (0 = embeddings, ``-1`` = the last hidden state).
         splits: splits to cache, of ``train``, ``val``, ``test``; a split whose dataloader is
             missing is skipped. Splits left out keep a live teacher.
         build_batch_size: batch size of the teacher during the build (default: the loader's).

@@ -361,8 +361,9 @@ def assemble(
         return padded.reshape(*position_shape, *flat.shape[1:])
 
     hidden = tuple(shaped(f"pos.hidden.{layer}", 0.0, torch.float32) for layer in spec.hidden_layers) or None
+    layers = tuple(spec.hidden_layers) if hidden is not None else None  # which hidden_states indices they are
     if spec.kind == "dense":
-        return TeacherTargets(logits=shaped("pos.logits", 0.0, torch.float32), hidden_states=hidden)
+        return TeacherTargets(logits=shaped("pos.logits", 0.0, torch.float32), hidden_states=hidden, hidden_layers=layers)
 
     label_logprobs = shaped("pos.label_logprobs", 0.0, torch.float32)
     if spec.kind == "topk":
@@ -373,7 +374,7 @@ def assemble(
             verified=True,
         )
         return TeacherTargets(sparse=sparse, label_logprobs=label_logprobs, top1=ids[..., 0],
-                              hidden_states=hidden)
+                              hidden_states=hidden, hidden_layers=layers)
 
     # sampled: rows of (K_max) entries, padded at load; shards may differ in K_max.
     width_k = max(p["pos.entry_ids"].shape[-1] for p in pieces)
@@ -394,4 +395,4 @@ def assemble(
         entropy=shaped("pos.entropy", 0.0, torch.float32),
     )
     return TeacherTargets(sparse=sparse, label_logprobs=label_logprobs,
-                          top1=shaped("pos.top1", 0, torch.int64), hidden_states=hidden)
+                          top1=shaped("pos.top1", 0, torch.int64), hidden_states=hidden, hidden_layers=layers)
