@@ -477,6 +477,9 @@ class DistillationModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Check, before any step, what can be checked without a batch."""
+        # eval metrics made by an earlier `validate`/`test` hold inference tensors, which fit's
+        # validation (grad off, not inference mode) cannot update in place: made again on first use
+        self.metrics = nn.ModuleDict()
         if self.teacher is not None:
             self.teacher.eval()
             check_model_vocabs(self.student, self.teacher, self.vocab_mismatch)
