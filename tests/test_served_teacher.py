@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -330,3 +332,52 @@ def test_what_a_served_teacher_cannot_build_is_refused(kwargs, match):
     served = ServedTeacher("http://127.0.0.1:9/v1", "m", top_k=kwargs.pop("top_k", None))
     with pytest.raises(ValueError, match=match):
         CacheBuilder("unused", **{"kind": "topk", "k": K, **kwargs}, served=served)
+
+
+@pytest.mark.slow
+def test_cli_teacher_served_builds_the_cache_from_the_server_then_trains(tmp_path, monkeypatch):
+    """``teacher=served callbacks=teacher_cache_topk``: no teacher in this process; the cache comes
+    from the server, training and the test scores read it, a second run asks the server nothing."""
+    from hydra import compose, initialize_config_dir
+
+    from lightning_distill.cli import CONFIG_DIR, _instantiate, run
+
+    monkeypatch.setenv("LIGHTNING_DISTILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def config(server, run_dir):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose(
+                config_name="distill",
+                overrides=[
+                    "experiment=tiny",
+                    "teacher=served",
+                    f"teacher.base_url={server.base_url}",
+                    "teacher.model=tiny-served",
+                    "teacher.max_retries=0",
+                    "callbacks=teacher_cache_topk",
+                    "callbacks.teacher_cache.k=8",
+                    "callbacks.teacher_cache.progress=false",
+                    f"callbacks.teacher_cache.dirpath={tmp_path / 'served-cache'}",
+                    "baseline=false",
+                    "logger=none",
+                    f"output_dir={tmp_path / run_dir}",
+                ],
+            )
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        data = _instantiate(compose(config_name="distill", overrides=["experiment=tiny"]).data)
+    data.prepare_data()
+    with serve(tiny_model(data.tokenizer), data.tokenizer, model_name="tiny-served") as server:
+        calls = count_completions(server)
+        report = run(config(server, "run1"))
+        asked = calls[0]
+        assert asked > 64  # every train, val and test sample, plus the tokenizer check
+        card = json.loads((Path(report["student_dir"]) / "distillation_card.json").read_text())
+        assert (
+            card["teacher"]["source"] == "served" and card["teacher"]["model_name"] == "tiny-served"
+        )
+        assert card["cache"]["kind"] == "topk" and card["cache"]["params"]["k"] == 8
+        assert set(report["slices"]) == {"prose", "code"}
+        run(config(server, "run2"))
+        assert calls[0] == asked  # the cache is reused: no sample asked again

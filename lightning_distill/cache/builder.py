@@ -173,8 +173,6 @@ class CacheBuilder:
             raise ValueError(f"on_mismatch={on_mismatch!r} is invalid; use 'error' or 'rebuild'.")
         check_int("max_shards_in_memory", max_shards_in_memory, low=1)
         layers = tuple(check_int("hidden_layers[i]", i) for i in (hidden_layers or ()))
-        if served is not None:
-            _check_served(served, kind, k, layers)
         self.dirpath = None if dirpath is None else str(dirpath)
         self.kind = kind
         self.k = k
@@ -195,9 +193,11 @@ class CacheBuilder:
         self.input_key = input_key
         self.progress = bool(progress)
         self.storage_options = dict(storage_options or {})
-        self.served = served
+        self.served: Any = None
         self._served_tokenizer: Any = None
         self._served_checked = False
+        if served is not None:
+            self.use_served(served)
 
         self.storage: CacheStorage | None = None
         self.spec: CacheSpec | None = None
@@ -555,6 +555,18 @@ class CacheBuilder:
         return written
 
     # ------------------------------------------------------------------ a served teacher
+    def use_served(self, served: Any) -> None:
+        """Build from ``served`` (a :class:`~lightning_distill.blackbox.ServedTeacher`) instead of the
+        module's teacher (``served=`` of the constructor; the CLI calls this for ``teacher=served``).
+
+        Raises:
+            TypeError: ``served`` is not a served teacher.
+            ValueError: what a served teacher cannot build (another kind than ``topk``, another
+                ``k`` than its ``top_k``, hidden layers).
+        """
+        _check_served(served, self.kind, self.k, self.hidden_layers)
+        self.served = served
+
     def _served_setup(self, module: Any, tokenizer: Any) -> int:
         """Check what a served teacher needs; the vocabulary of the cache (the student's)."""
         if getattr(module, "teacher", None) is not None:
