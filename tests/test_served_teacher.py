@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -381,3 +382,99 @@ def test_cli_teacher_served_builds_the_cache_from_the_server_then_trains(tmp_pat
         assert set(report["slices"]) == {"prose", "code"}
         run(config(server, "run2"))
         assert calls[0] == asked  # the cache is reused: no sample asked again
+
+
+def char_level(tokenizer):
+    """The same vocabulary without its merges: every word split into single bytes."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state["model"]["merges"] = []
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)))
+    tok.eos_token, tok.pad_token = tokenizer.eos_token, tokenizer.pad_token
+    return tok
+
+
+def test_a_student_tokenizer_that_splits_differently_is_refused(tmp_path, server, tokenizer):
+    student_tok = char_level(tokenizer)
+    assert student_tok.get_vocab() == tokenizer.get_vocab()  # same ids, other splits
+    data = Data(student_tok)
+    builder = CacheBuilder(
+        str(tmp_path / "c"),
+        kind="topk",
+        k=K,
+        splits=["train"],
+        progress=False,
+        served=ServedTeacher(server.base_url, "tiny", max_retries=0),
+    )
+    with pytest.raises(
+        TokenMismatchError, match=r"differ at position 0: the student has id 65 \('a'\)"
+    ):
+        builder.build(
+            student_module(tokenizer), {"train": data.train_dataloader()}, tokenizer=student_tok
+        )
+
+
+def test_text_prompts_give_the_same_cache_and_every_sample_is_checked(tmp_path, server, tokenizer):
+    ids_mode = build(
+        tmp_path / "ids",
+        student_module(tokenizer),
+        tokenizer,
+        ServedTeacher(server.base_url, "tiny", max_retries=0),
+    )
+    text_mode = build(
+        tmp_path / "text",
+        student_module(tokenizer),
+        tokenizer,
+        ServedTeacher(server.base_url, "tiny", prompt="text", max_retries=0),
+    )
+    got, mask = read_all(text_mode, tokenizer)
+    want, _ = read_all(ids_mode, tokenizer)
+    assert torch.equal(got.sparse.ids[mask], want.sparse.ids[mask])
+    assert torch.equal(got.sparse.logprobs[mask], want.sparse.logprobs[mask])
+    # Sample 2 (id 514) with its second token spelled byte by byte: its text reads back otherwise.
+    data = Data(tokenizer)
+    row = data.train.ids[2].tolist()
+    start = 1
+    spelled = tokenizer.convert_tokens_to_ids(list(tokenizer.convert_ids_to_tokens(row[start])))
+    assert len(spelled) > 1
+    data.train.ids[2] = torch.tensor((row[:start] + spelled + row[start + 1 :])[:SEQ])
+    first = re.escape(repr(tokenizer.decode([spelled[0]])))
+    builder = CacheBuilder(
+        str(tmp_path / "bad"),
+        kind="topk",
+        k=K,
+        splits=["train"],
+        progress=False,
+        build_batch_size=8,
+        served=ServedTeacher(server.base_url, "tiny", prompt="text", max_retries=0),
+    )
+    with pytest.raises(
+        TokenMismatchError,
+        match=rf"sample 514 \(train\): the server's prompt tokens and the "
+        rf"sample's ids differ at position {start}: the student has id {spelled[0]} \({first}\)",
+    ):
+        builder.build(
+            student_module(tokenizer), {"train": data.train_dataloader()}, tokenizer=tokenizer
+        )
+
+
+def test_token_strings_are_mapped_through_the_tokenizer_or_refused(server, tokenizer):
+    """Without token ids in the answer, strings are mapped back through the tokenizer (the prompt's
+    words); a string several ids decode to (the 128 byte tokens that decode to U+FFFD, which this
+    random teacher ranks high) is refused."""
+    served = ServedTeacher(server.base_url, "tiny", return_token_ids=False, max_retries=0)
+    ids = Blocks(tokenizer).ids[0].tolist()
+    served.check_tokenizer(tokenizer, ids, k=1, sample="sample 0")  # prompt strings -> the same ids
+    with_ids = ServedTeacher(server.base_url, "tiny", max_retries=0).sample_logprobs(
+        ids, k=K, tokenizer=tokenizer, vocab_size=len(tokenizer), sample="sample 0"
+    )
+    ambiguous = {i for i in range(len(tokenizer)) if tokenizer.decode([i]) == "\ufffd"}
+    assert len(ambiguous) == 128 and ambiguous & set(with_ids.top_ids.reshape(-1).tolist())
+    with pytest.raises(
+        TokenMismatchError, match="'\ufffd', which names several ids. Serve with token ids"
+    ):
+        served.sample_logprobs(
+            ids, k=K, tokenizer=tokenizer, vocab_size=len(tokenizer), sample="sample 0"
+        )
