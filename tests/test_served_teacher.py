@@ -478,3 +478,24 @@ def test_token_strings_are_mapped_through_the_tokenizer_or_refused(server, token
         served.sample_logprobs(
             ids, k=K, tokenizer=tokenizer, vocab_size=len(tokenizer), sample="sample 0"
         )
+
+
+def test_the_api_key_reaches_no_file_of_the_cache(tmp_path, model, tokenizer, monkeypatch):
+    key = "sk-served-SECRET-4711"
+    monkeypatch.setenv("LD_SERVED_KEY", key)
+    with serve(model, tokenizer, model_name="tiny", api_key=key) as server:
+        with pytest.raises(
+            TeacherRequestError, match="answered 401"
+        ):  # no key: refused, not retried
+            build(
+                tmp_path / "nokey",
+                student_module(tokenizer),
+                tokenizer,
+                ServedTeacher(server.base_url, "tiny", max_retries=0),
+            )
+        served = ServedTeacher(server.base_url, "tiny", api_key_env="LD_SERVED_KEY", max_retries=0)
+        builder = build(tmp_path / "c", student_module(tokenizer), tokenizer, served)
+    assert builder.built["train"] == len(Blocks(tokenizer))
+    assert key not in repr(served) and key not in json.dumps(builder.config())
+    files = [p for p in (tmp_path / "c").rglob("*") if p.is_file()]
+    assert len(files) > 3 and not any(key.encode() in p.read_bytes() for p in files)

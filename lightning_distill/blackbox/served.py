@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from lightning_distill.blackbox.openai_source import OpenAITeacher, _Malformed
-from lightning_distill.validation import check_choice, check_int
+from lightning_distill.validation import check_bool, check_choice, check_int
 
 __all__ = ["PromptLogprobs", "ServedTeacher", "TokenMismatchError"]
 
@@ -177,7 +178,7 @@ class ServedTeacher:
             raise TypeError(f"revision must be a non-empty str or None, got {revision!r}.")
         self.revision = revision
         self.tokenizer = tokenizer
-        self.return_token_ids = bool(return_token_ids)
+        self.return_token_ids = check_bool("return_token_ids", return_token_ids)
         self._client = _Client(
             base_url,
             model,
@@ -196,6 +197,7 @@ class ServedTeacher:
         self.concurrency = self._client.concurrency
         self._identity: dict[str, Any] | None = None
         self._by_string: dict[str, int | None] | None = None
+        self._table_lock = threading.Lock()
 
     def __repr__(self) -> str:  # never the key
         return (
@@ -249,12 +251,13 @@ class ServedTeacher:
                 pass
         if not isinstance(token, str):
             raise _bad_answer(self, f"{where}: token {token!r} is not a string")
-        if self._by_string is None:
-            table: dict[str, int | None] = {}
-            for i in range(len(tokenizer)):
-                s = tokenizer.decode([i], clean_up_tokenization_spaces=False)
-                table[s] = None if s in table else i  # None: several ids decode to this string
-            self._by_string = table
+        with self._table_lock:  # built once, by the first thread that needs it
+            if self._by_string is None:
+                table: dict[str, int | None] = {}
+                for i in range(len(tokenizer)):
+                    s = tokenizer.decode([i], clean_up_tokenization_spaces=False)
+                    table[s] = None if s in table else i  # None: several ids decode to this string
+                self._by_string = table
         found = self._by_string.get(token, "missing")
         if found is None or found == "missing":
             what = (
