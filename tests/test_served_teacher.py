@@ -338,7 +338,8 @@ def test_what_a_served_teacher_cannot_build_is_refused(kwargs, match):
 @pytest.mark.slow
 def test_cli_teacher_served_builds_the_cache_from_the_server_then_trains(tmp_path, monkeypatch):
     """``teacher=served callbacks=teacher_cache_topk``: no teacher in this process; the cache comes
-    from the server, training and the test scores read it, a second run asks the server nothing."""
+    from the server (``+build_cache_only=true``: built alone), then training and the test scores
+    read it without asking the server for any sample."""
     from hydra import compose, initialize_config_dir
 
     from lightning_distill.cli import CONFIG_DIR, _instantiate, run
@@ -346,7 +347,7 @@ def test_cli_teacher_served_builds_the_cache_from_the_server_then_trains(tmp_pat
     monkeypatch.setenv("LIGHTNING_DISTILL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
-    def config(server, run_dir):
+    def config(server, run_dir, *more):
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return compose(
                 config_name="distill",
@@ -363,6 +364,7 @@ def test_cli_teacher_served_builds_the_cache_from_the_server_then_trains(tmp_pat
                     "baseline=false",
                     "logger=none",
                     f"output_dir={tmp_path / run_dir}",
+                    *more,
                 ],
             )
 
@@ -371,17 +373,22 @@ def test_cli_teacher_served_builds_the_cache_from_the_server_then_trains(tmp_pat
     data.prepare_data()
     with serve(tiny_model(data.tokenizer), data.tokenizer, model_name="tiny-served") as server:
         calls = count_completions(server)
-        report = run(config(server, "run1"))
+        built = run(config(server, "build", "+build_cache_only=true"))
         asked = calls[0]
-        assert asked > 64  # every train, val and test sample, plus the tokenizer check
+        splits = built["teacher_cache"]["splits"]
+        assert set(splits) == {"train", "val", "test"} and splits["train"]["samples"] == 64
+        assert (
+            asked == sum(s["built_now"] for s in splits.values()) + 1
+        )  # each sample once, + the check
+        assert built["teacher_cache"]["teacher"]["model_name"] == "tiny-served"
+        report = run(config(server, "run"))
+        assert calls[0] == asked  # the cache is reused: no sample asked again
         card = json.loads((Path(report["student_dir"]) / "distillation_card.json").read_text())
         assert (
             card["teacher"]["source"] == "served" and card["teacher"]["model_name"] == "tiny-served"
         )
         assert card["cache"]["kind"] == "topk" and card["cache"]["params"]["k"] == 8
         assert set(report["slices"]) == {"prose", "code"}
-        run(config(server, "run2"))
-        assert calls[0] == asked  # the cache is reused: no sample asked again
 
 
 def char_level(tokenizer):
