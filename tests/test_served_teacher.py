@@ -174,7 +174,7 @@ def test_fit_reads_the_served_cache_and_a_second_run_asks_nothing(tmp_path, serv
     calls = count_completions(server)
     data = Data(tokenizer)
 
-    def fit():
+    def fit(served=True):
         module = student_module(tokenizer)
         cache = TeacherCache(
             str(tmp_path / "c"),
@@ -182,7 +182,7 @@ def test_fit_reads_the_served_cache_and_a_second_run_asks_nothing(tmp_path, serv
             k=K,
             splits=["train"],
             progress=False,
-            served=ServedTeacher(server.base_url, "tiny", max_retries=0),
+            served=ServedTeacher(server.base_url, "tiny", max_retries=0) if served else None,
         )
         trainer = L.Trainer(
             max_steps=4,
@@ -206,6 +206,10 @@ def test_fit_reads_the_served_cache_and_a_second_run_asks_nothing(tmp_path, serv
     cache = fit()
     assert calls[0] == len(data.train) + 1  # the second run reads the cache: no sample asked again
     assert cache.config()["splits"]["train"]["built_now"] == 0
+    requests = server.requests
+    with pytest.warns(UserWarning, match="trusted to be of teacher .*'source': 'served'"):
+        fit(served=False)  # the server is not needed to read the cache (without its identity check)
+    assert server.requests == requests
 
 
 def test_an_interrupted_build_resumes_with_only_the_missing_samples(tmp_path, server, tokenizer):
