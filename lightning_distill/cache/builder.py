@@ -269,6 +269,8 @@ class CacheBuilder:
                 does not allow; a ``dirpath`` that is a file or a folder of other files; a
                 missing cache and no teacher to build it.
             CacheMismatchError: a cache built for another teacher/tokenizer/data/kind/params/format.
+            TokenMismatchError: a served teacher (``served=``) whose tokens are not the student's.
+            TeacherRequestError: a served teacher's request failed for good.
         """
         world = world_size
 
@@ -279,6 +281,7 @@ class CacheBuilder:
         teacher = getattr(module, "teacher", None)
         if self.served is not None:
             vocab = self._served_setup(module, tokenizer)
+            tokenizer = self._served_tokenizer  # the data module's, else the served teacher's: fingerprinted
         else:
             vocab = output_vocab_size(teacher) if teacher is not None else None
         if vocab is None and teacher is not None:
