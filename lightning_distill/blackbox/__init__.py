@@ -5,7 +5,8 @@ Teacher sources (:class:`TeacherSource`, :class:`Completion`): a local Hugging F
 OpenAI-compatible server (:class:`OpenAITeacher`), and a loopback OpenAI-compatible server for tests
 and offline tries (:func:`serve`). The resumable record writer (:func:`write_records`), prompt
 sources (``prompts.py``), rationale templates and answer checks (``rationale.py``), per-slice
-summaries (``summary.py``) and training on teacher text (:class:`TeacherTextDataModule`). See
+summaries (``summary.py``), training on teacher text (:class:`TeacherTextDataModule`) and a
+served teacher's top-k log-probabilities as a teacher cache (:class:`ServedTeacher`). See
 ``docs/blackbox.md``.
 """
 
@@ -17,6 +18,7 @@ from lightning_distill.blackbox.rationale import (
     extract_answer,
     rationale_template,
 )
+from lightning_distill.blackbox.served import ServedTeacher, TokenMismatchError
 from lightning_distill.blackbox.sources import (
     Completion,
     FunctionTeacher,
@@ -34,9 +36,11 @@ __all__ = [
     "OpenAITeacher",
     "Prompt",
     "RationaleTemplate",
+    "ServedTeacher",
     "TeacherRequestError",
     "TeacherSource",
     "TeacherTextDataModule",
+    "TokenMismatchError",
     "answers_match",
     "extract_answer",
     "prompt_id",

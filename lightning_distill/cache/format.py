@@ -42,7 +42,7 @@ from torch import Tensor
 
 from lightning_distill.types import SparseTargets, TeacherTargets
 
-__all__ = ["KINDS", "CacheSpec", "LoadedShard", "assemble", "encode_sample"]
+__all__ = ["KINDS", "CacheSpec", "LoadedShard", "assemble", "encode_sample", "encode_topk_logprobs"]
 
 Kind = Literal["dense", "topk", "sampled"]
 KINDS = ("dense", "topk", "sampled")
@@ -240,6 +240,32 @@ def encode_sample(
     for layer, states in zip(spec.hidden_layers, hidden or [], strict=False):
         out[f"pos.hidden.{layer}"] = states.to(spec.value_dtype).cpu()
     return out
+
+
+def encode_topk_logprobs(spec: CacheSpec, top_ids: Tensor, top_logprobs: Tensor,
+                         label_logprobs: Tensor) -> dict[str, Tensor]:
+    """The tensors a ``topk`` shard stores for one sample, from log-probabilities read elsewhere
+    (a served teacher's top-k) instead of logits: the same names, dtypes and tail bucket as
+    :func:`encode_sample`.
+
+    Args:
+        spec: a ``topk`` spec; ``top_ids`` must have ``spec.k`` columns (or ``V`` when ``k > V``).
+        top_ids: ``(L, k)`` the most likely ids at each position, most likely first.
+        top_logprobs: ``(L, k)`` their log-probabilities (temperature 1).
+        label_logprobs: ``(L,)`` the label's log-probability at each position (0 where none).
+
+    The tail bucket is ``log(1 - sum(exp(top_logprobs)))``, computed in float64; ``-inf`` when the
+    top-k hold all the mass (as :func:`encode_sample` stores when ``k = V``).
+    """
+    lp = top_logprobs.double()
+    rest = 1.0 - lp.exp().sum(-1)
+    tail = torch.where(rest > 0, torch.log(rest.clamp_min(1e-300)), float("-inf"))
+    return {
+        "pos.label_logprobs": label_logprobs.to(torch.float16).cpu(),
+        "pos.topk_ids": top_ids.to(spec.id_dtype).cpu(),
+        "pos.topk_logprobs": lp.to(torch.float16).cpu(),
+        "pos.tail_logprob": tail.to(torch.float16).cpu(),
+    }
 
 
 class LoadedShard:

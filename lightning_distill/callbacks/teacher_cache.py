@@ -80,7 +80,9 @@ class TeacherCache(CacheBuilder, Callback):
         ``store_logprobs``, ``dtype``, ``hidden_layers``), ``splits``, ``release_teacher``, and
         how it is built and read (``build_batch_size``, ``shard_mb``, ``compression``,
         ``on_mismatch``, ``max_shards_in_memory``, ``sample_id_key``, ``input_key``,
-        ``progress``, ``storage_options``).
+        ``progress``, ``storage_options``), and ``served``: a
+        :class:`~lightning_distill.blackbox.ServedTeacher` whose top-k log-probabilities build a
+        ``topk`` cache instead of the module's teacher (``docs/blackbox.md``).
 
     Raises:
         ValueError: on a bad argument (named, with the fix); a ``dirpath`` that is a file or a folder
