@@ -1,6 +1,7 @@
 """Loss terms and the pure divergence functions they wrap."""
 
 from lightning_distill.losses import functional
+from lightning_distill.losses.feature_terms import AttentionTransfer, FeatureKD
 from lightning_distill.losses.terms import LogitKD, LossTerm, TaskLoss
 
-__all__ = ["LogitKD", "LossTerm", "TaskLoss", "functional"]
+__all__ = ["AttentionTransfer", "FeatureKD", "LogitKD", "LossTerm", "TaskLoss", "functional"]
