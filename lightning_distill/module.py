@@ -47,7 +47,7 @@ from lightning_distill.models.adapters import (
 from lightning_distill.models.hf import freeze
 from lightning_distill.models.identity import describe_model
 from lightning_distill.optim import default_optimizer, optimizers_config
-from lightning_distill.scoring import agreement_and_kl
+from lightning_distill.scoring import agreement_and_kl, embedding_sums
 from lightning_distill.scoring import sample_sums as _sample_sums
 from lightning_distill.step_mean import StepMean
 from lightning_distill.teacher import (
@@ -238,15 +238,23 @@ class DistillationModule(L.LightningModule):
         """The teacher's targets for ``batch``: from the batch itself, else the live teacher."""
         if isinstance(batch, Mapping) and batch.get("teacher_targets") is not None:
             targets = batch["teacher_targets"]
+            if self.embedding_output and not isinstance(targets, TeacherTargets):
+                return TeacherTargets(embeddings=targets)
             return targets if isinstance(targets, TeacherTargets) else TeacherTargets(logits=targets)
         if self.teacher is None:
             return None
         with torch.no_grad():
             output = call_model(self.teacher, inputs)
-            logits = logits_from_output(output, self.teacher_logits_fn, who="teacher")
+            logits = logits_from_output(output, self.teacher_logits_fn, who="teacher", inputs=inputs)
             self._teacher_check.check(logits, batch, inputs, strict=any(t.no_neg_inf for t in self.losses.values()),
                                       step=self.trainer.global_step if self._trainer is not None else None)
-        return TeacherTargets(logits=logits)
+        return TeacherTargets(embeddings=logits) if self.embedding_output else TeacherTargets(logits=logits)
+
+    @property
+    def embedding_output(self) -> bool:
+        """The terms read one ``(B, D)`` embedding per sample (``reads_embeddings``): the output functions
+        give embeddings, not logits; no labels are read and the step mean counts samples."""
+        return any(t.reads_embeddings for t in self.losses.values())
 
     def _check_first_batch(self, inputs: LossInputs) -> None:
         """One-off checks on the first batch, before any optimizer step (one host sync)."""
@@ -284,8 +292,10 @@ class DistillationModule(L.LightningModule):
     def _shared_step(self, batch: Any, stage: Stage) -> dict[str, Any]:
         inputs, labels = split_batch(batch)
         student_output = call_model(self.student, inputs)
-        student_logits = logits_from_output(student_output, self.student_logits_fn, who="student")
-        labels = self._aligned_labels(labels, inputs, student_logits)
+        student_logits = logits_from_output(student_output, self.student_logits_fn, who="student", inputs=inputs)
+        # Embedding terms: one output per sample, no labels; the step mean counts samples.
+        embedding = self.embedding_output
+        labels = None if embedding else self._aligned_labels(labels, inputs, student_logits)
 
         active = {n: t for n, t in self.losses.items() if t.weight > 0}
         teacher = self.teacher_targets(batch, inputs) if self._teacher_needed(stage, active) else None
@@ -299,7 +309,8 @@ class DistillationModule(L.LightningModule):
         # Terms that compare with the teacher see the shared vocabulary; the others (task loss) the
         # student's full output.
         full_inputs = LossInputs(student_logits=student_logits, labels=labels, teacher=teacher,
-                                 ignore_index=self.ignore_index, student_output=student_output, batch=batch)
+                                 ignore_index=self.ignore_index, student_output=student_output, batch=batch,
+                                 student_embeddings=student_logits if embedding else None)
         loss_inputs = (full_inputs if kd_logits is student_logits
                        else dataclasses.replace(full_inputs, student_logits=kd_logits))
         self._check_first_batch(full_inputs)  # the first batch of any stage (sanity checks run val first)
@@ -350,7 +361,9 @@ class DistillationModule(L.LightningModule):
         """
         inputs, labels = split_batch(batch)
         student_logits = logits_from_output(call_model(self.student, inputs), self.student_logits_fn,
-                                            who="student")
+                                            who="student", inputs=inputs)
+        if self.embedding_output:
+            return self.sample_sums(student_logits, None, self.teacher_targets(batch, inputs))
         labels = self._aligned_labels(labels, inputs, student_logits)
         if labels is None:
             raise ValueError("evaluate_batch needs labels (or input_ids for a causal LM) to score the student.")
@@ -379,9 +392,15 @@ class DistillationModule(L.LightningModule):
             label: accuracy = correct / tokens). Teacher entries are absent when there is no teacher.
             Slice-wise reports (perplexity = exp(nll / tokens)) are sums of these.
 
+            With embedding terms (:attr:`embedding_output`): ``tokens`` (1 per sample),
+            ``student_embeddings`` and ``teacher_embeddings`` (``(B, D)``, for
+            ``CoverageSlices(metric="similarity")``).
+
         Raises:
             ValueError: no labels; labels a smaller teacher vocabulary cannot score.
         """
+        if self.embedding_output:
+            return embedding_sums(student_logits, teacher)
         return _sample_sums(student_logits, labels, teacher, ignore_index=self.ignore_index,
                             vocab_mismatch=self.vocab_mismatch)
 
@@ -467,6 +486,7 @@ class DistillationModule(L.LightningModule):
         """Check, before any step, what can be checked without a batch."""
         if self.teacher is not None:
             self.teacher.eval()
+        if self.teacher is not None and not self.embedding_output:
             check_model_vocabs(self.student, self.teacher, self.vocab_mismatch)
         if self._uses_deepspeed():
             warnings.warn("DeepSpeed manages gradients itself; the loss is normalised per micro-batch "

@@ -73,6 +73,9 @@ class TeacherTargets:
         top1: ``(...)`` the teacher's most likely id per position; ``None`` when ``logits``
             (or top-k ``sparse`` ids) give it.
         hidden_states: optional per-layer hidden states, for feature losses.
+        embeddings: ``(B, D)`` the teacher's embedding of each sample (its output through an
+            output function such as :class:`~lightning_distill.models.pooling.Pooling`), for
+            relation and embedding terms (those that declare ``reads_embeddings``).
     """
 
     logits: Tensor | None = None
@@ -80,6 +83,7 @@ class TeacherTargets:
     label_logprobs: Tensor | None = None
     top1: Tensor | None = None
     hidden_states: tuple[Tensor, ...] | None = None
+    embeddings: Tensor | None = None
 
     @property
     def has_distribution(self) -> bool:
@@ -101,6 +105,8 @@ class LossInputs:
         ignore_index: the mask value in ``labels``.
         student_output: the student's raw output, for terms that need more than logits.
         batch: the batch as the dataloader gave it.
+        student_embeddings: ``(B, D)`` the student's embedding of each sample, when the terms
+            read embeddings (then ``student_logits`` is the same tensor and ``labels`` is ``None``).
     """
 
     student_logits: Tensor
@@ -109,3 +115,4 @@ class LossInputs:
     ignore_index: int = -100
     student_output: Any = None
     batch: Any = None
+    student_embeddings: Tensor | None = None

@@ -1,6 +1,13 @@
 """Loss terms and the pure divergence functions they wrap."""
 
 from lightning_distill.losses import functional
+from lightning_distill.losses.relation import (
+           EmbeddingKD,
+           RKDAngle,
+           RKDDistance,
+           SimilarityPreserving,
+)
 from lightning_distill.losses.terms import LogitKD, LossTerm, TaskLoss
 
-__all__ = ["LogitKD", "LossTerm", "TaskLoss", "functional"]
+__all__ = ["EmbeddingKD", "LogitKD", "LossTerm", "RKDAngle", "RKDDistance", "SimilarityPreserving", "TaskLoss",
+           "functional"]
