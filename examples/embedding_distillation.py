@@ -50,7 +50,7 @@ from lightning_distill.reporting import markdown_table
 
 SLICES = ("prose", "code")
 MAX_TOKENS = 32
-TEACHER_STEPS, TEACHER_LR, TEACHER_BATCH = 400, 1e-3, 64
+TEACHER_LR, TEACHER_BATCH = 1e-3, 64
 
 
 # ---------------------------------------------------------------------- data
@@ -127,18 +127,18 @@ def train_contrastive(model, pool, rows, tokenizer, *, steps: int, lr: float, ba
     return model.eval()
 
 
-def cached_teacher(cfg, pool, rows, tokenizer):
+def cached_teacher(cfg, pool, rows, tokenizer, steps: int):
     """The contrastively trained teacher, from ``<cache>/examples/embedding-teacher-<key>`` when it is there."""
     from transformers import AutoModel
 
-    key_source = {"model": OmegaConf.to_container(cfg.teacher, resolve=True), "steps": TEACHER_STEPS, "lr": TEACHER_LR, "batch": TEACHER_BATCH, "tokens": MAX_TOKENS,
+    key_source = {"model": OmegaConf.to_container(cfg.teacher, resolve=True), "steps": steps, "lr": TEACHER_LR, "batch": TEACHER_BATCH, "tokens": MAX_TOKENS,
                   "data": hashlib.sha256("\n".join(t for t, _ in rows).encode()).hexdigest(), "format": 1}
     key = hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_root() / "examples" / f"embedding-teacher-{key}"
     if (path / "config.json").is_file():
         return AutoModel.from_pretrained(path, local_files_only=True).eval(), True
     teacher = hydra.utils.instantiate(cfg.teacher)
-    train_contrastive(teacher, pool, rows, tokenizer, steps=TEACHER_STEPS, lr=TEACHER_LR,
+    train_contrastive(teacher, pool, rows, tokenizer, steps=steps, lr=TEACHER_LR,
                       batch_size=TEACHER_BATCH, seed=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent))  # written whole, then renamed into place
@@ -162,6 +162,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=300, help="student training steps (distilled and baseline)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--teacher-steps", type=int, default=400, help="contrastive steps of the teacher")
+    parser.add_argument("--train-per-slice", type=int, default=3000, help="training sentences per slice")
+    parser.add_argument("--eval-per-slice", type=int, default=300, help="held-out sentences per slice")
     parser.add_argument("--out", type=Path, default=Path("outputs/embedding_distillation"))
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -173,15 +176,15 @@ def main() -> None:
             "student=hf_encoder", "teacher=hf_encoder", "loss=embedding", "+pooling=mean",
             f"data.seq_len={MAX_TOKENS}", "output_dir=unused"])
         sp = compose(config_name="distill", overrides=["loss=similarity_preserving", "output_dir=unused"]).loss
-    train_rows, eval_rows = sentences(per_slice_train=3000, per_slice_eval=300)
+    train_rows, eval_rows = sentences(per_slice_train=args.train_per_slice, per_slice_eval=args.eval_per_slice)
     docs_text = [t for t, _ in train_rows]
     tokenizer = train_bpe_tokenizer(docs_text, cfg.data.vocab_size, cache_root() / "data")
     pool = hydra.utils.instantiate(cfg.pooling)
     eval_loader = loader(eval_rows, tokenizer, 100)
 
-    teacher, cached = cached_teacher(cfg, pool, train_rows, tokenizer)
+    teacher, cached = cached_teacher(cfg, pool, train_rows, tokenizer, args.teacher_steps)
     print(f"teacher: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters, "
-          f"{'from the cache' if cached else f'trained for {TEACHER_STEPS} contrastive steps'} "
+          f"{'from the cache' if cached else f'trained for {args.teacher_steps} contrastive steps'} "
           f"({time.time() - start:.0f} s)")
 
     losses = {**{n: hydra.utils.instantiate(t) for n, t in cfg.loss.items()},

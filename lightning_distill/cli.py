@@ -294,6 +294,11 @@ def _export(cfg: DictConfig, report: dict[str, Any], module: Any, datamodule: An
     }
     if cache is not None:
         record["teacher_cache"] = cache.config()
+    from lightning_distill.losses.relation import export_projectors
+
+    projectors = export_projectors(module.losses, out_dir / "student")  # terms with projector="save"
+    if projectors:
+        record["projectors"] = projectors
     card = _card(module, datamodule, trainer, stats, coverage, distillation_card, cache)
     report["student_dir"] = str(export_student(module.student, out_dir / "student",
                                                tokenizer=getattr(datamodule, "tokenizer", None),
