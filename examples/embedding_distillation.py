@@ -49,7 +49,7 @@ from lightning_distill.paths import cache_root
 from lightning_distill.reporting import markdown_table
 
 SLICES = ("prose", "code")
-MAX_TOKENS = 32
+MAX_TOKENS = 24
 TEACHER_LR, TEACHER_BATCH = 1e-3, 64
 
 
@@ -136,7 +136,7 @@ def cached_teacher(cfg, pool, rows, tokenizer, steps: int):
     key = hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_root() / "examples" / f"embedding-teacher-{key}"
     if (path / "config.json").is_file():
-        return AutoModel.from_pretrained(path, local_files_only=True).eval(), True
+        return AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False).eval(), True
     teacher = hydra.utils.instantiate(cfg.teacher)
     train_contrastive(teacher, pool, rows, tokenizer, steps=steps, lr=TEACHER_LR,
                       batch_size=TEACHER_BATCH, seed=1)
@@ -160,14 +160,15 @@ def agreement(student, teacher, pool, losses, eval_loader, out_dir: Path) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=300, help="student training steps (distilled and baseline)")
+    parser.add_argument("--steps", type=int, default=200, help="student training steps (distilled and baseline)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--teacher-steps", type=int, default=400, help="contrastive steps of the teacher")
-    parser.add_argument("--train-per-slice", type=int, default=3000, help="training sentences per slice")
-    parser.add_argument("--eval-per-slice", type=int, default=300, help="held-out sentences per slice")
+    parser.add_argument("--teacher-steps", type=int, default=200, help="contrastive steps of the teacher")
+    parser.add_argument("--train-per-slice", type=int, default=2000, help="training sentences per slice")
+    parser.add_argument("--eval-per-slice", type=int, default=200, help="held-out sentences per slice")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     parser.add_argument("--out", type=Path, default=Path("outputs/embedding_distillation"))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     L.seed_everything(0, verbose=False)
     start = time.time()
 
@@ -189,7 +190,7 @@ def main() -> None:
 
     losses = {**{n: hydra.utils.instantiate(t) for n, t in cfg.loss.items()},
               **{n: hydra.utils.instantiate(t, weight=10.0) for n, t in sp.items()}}
-    print("loss terms:", ", ".join(f"{n}={t!r}" for n, t in losses.items()))
+    print("loss terms:", "; ".join(f"{n}: {t.config()}" for n, t in losses.items()))
 
     untrained = hydra.utils.instantiate(cfg.student)
     rows_untrained = agreement(untrained, teacher, pool, losses, eval_loader, args.out / "untrained")

@@ -201,6 +201,10 @@ class DistillationModule(L.LightningModule):
         to be used. Without a teacher the default losses were the task loss alone; they become KD +
         task. Explicit losses that no teacher target feeds get a warning (the cache would be read
         for nothing)."""
+        if self.embedding_output:
+            raise ValueError(f"a TeacherCache stores per-position teacher logits, but the loss terms "
+                             f"{[n for n, t in self.losses.items() if t.reads_embeddings]} read embeddings; run "
+                             "them with the live teacher (drop the TeacherCache callback).")
         if not self._losses_given and self.teacher is None and "kd" not in self.losses:
             self.losses = nn.ModuleDict({"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)})
             self.metrics = nn.ModuleDict()  # remade for the new terms on first use

@@ -147,6 +147,12 @@ def test_embedding_terms_do_not_mix_with_logit_terms():
         DistillationModule(_encoder(16, 0), _encoder(16, 1), {"emb": EmbeddingKD(), "kd": LogitKD()})
 
 
+def test_a_teacher_cache_is_refused_for_embedding_terms():
+    module = _module(_encoder(16, 0), _encoder(16, 1), {"rkd": RKDDistance()})
+    with pytest.raises(ValueError, match=r"\['rkd'\] read embeddings.*live teacher"):
+        module.use_cached_targets()  # what TeacherCache calls at setup
+
+
 def test_embedding_kd_config_rebuilds_from_a_checkpoint_record():
     term = EmbeddingKD("cosine", weight=0.5, student_dim=8, teacher_dim=16, projector="save")
     rebuilt = rebuild_terms({"emb": term.config(), "rkd": RKDDistance(delta=0.5).config()})
