@@ -105,7 +105,11 @@ class DistillationModule(L.LightningModule):
         lr_scheduler: ``optimizer -> LRScheduler`` or ``None``. A ``num_training_steps``
             argument left unset is filled with the trainer's estimated stepping batches.
         lr_scheduler_interval: ``"step"`` or ``"epoch"``.
-        student_logits_fn: ``student_output -> logits`` for outputs the adapters can't read.
+        student_logits_fn: ``student_output -> logits`` for outputs the adapters can't read; a
+            callable with ``reads_inputs = True`` is called ``fn(output, inputs)``. With embedding
+            terms (``reads_embeddings``: RKD, similarity-preserving, ``EmbeddingKD``) it gives one
+            ``(B, D)`` embedding per sample, e.g. :class:`~lightning_distill.models.pooling.Pooling`
+            (docs/relation.md).
         teacher_logits_fn: the same for the teacher.
         shift_labels: shift labels for next-token prediction; default: on for Hugging Face
             causal LMs, off otherwise.

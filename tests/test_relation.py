@@ -342,3 +342,18 @@ def test_similarity_rows_and_table_from_sums():
     assert "retention 0.200 < min_retention 0.5" in rows[1]["gap_reason"]
     table = format_coverage_table(rows, "similarity")
     assert "| b " in table and "0.200" in table and "GAP" in table
+
+
+def test_a_checkpoint_keeps_the_projector_and_load_rebuilds_it(tmp_path):
+    student, teacher = _encoder(16, 0), _encoder(32, 1)
+    module = _module(student, teacher, {"emb": EmbeddingKD(student_dim=16, teacher_dim=32, projector="save")})
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(module, _batches(n=16))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert "losses.emb.projector_layer.weight" in state and not any(k.startswith("teacher.") for k in state)
+    loaded = DistillationModule.load_from_checkpoint(tmp_path / "last.ckpt", student=_encoder(16, 5),
+                                                     teacher=_encoder(32, 1), student_logits_fn=Pooling(),
+                                                     teacher_logits_fn=Pooling())
+    assert loaded.losses["emb"].config() == module.losses["emb"].config()
+    assert torch.equal(loaded.losses["emb"].projector_layer.weight, module.losses["emb"].projector_layer.weight)
