@@ -357,3 +357,26 @@ def test_a_checkpoint_keeps_the_projector_and_load_rebuilds_it(tmp_path):
                                                      teacher_logits_fn=Pooling())
     assert loaded.losses["emb"].config() == module.losses["emb"].config()
     assert torch.equal(loaded.losses["emb"].projector_layer.weight, module.losses["emb"].projector_layer.weight)
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_same_similarity_agreement_as_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "scripts" / "ddp_similarity.py"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    rows = {}
+    for devices in (1, 2):
+        out = tmp_path / f"sim{devices}.json"
+        run = subprocess.run([sys.executable, str(script), str(out), str(devices)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-4000:]
+        rows[devices] = {r["slice"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows[1]["a"]["samples"] == 16 and rows[1]["b"]["samples"] == 8
+    for name in ("a", "b"):
+        assert rows[2][name]["samples"] == rows[1][name]["samples"]
+        assert rows[2][name]["pairs"] == rows[1][name]["pairs"]
+        assert rows[2][name]["retention"] == pytest.approx(rows[1][name]["retention"], abs=1e-6)
