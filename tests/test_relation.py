@@ -263,6 +263,16 @@ def test_the_step_counts_samples_and_the_projector_trains_but_not_the_teacher():
     assert not params & {id(p) for p in teacher.parameters()}
 
 
+def test_precomputed_teacher_embeddings_in_the_batch_need_no_teacher():
+    student = _encoder(16, 0).eval()
+    module = _module(student, None, {"sp": SimilarityPreserving()})
+    batch = next(iter(_batches()))
+    s = Pooling()(student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), batch)
+    target = torch.randn(8, 5)
+    out = module._shared_step({**batch, "teacher_targets": target}, "train")
+    assert float(out["sums"]["sp"].detach()) == pytest.approx(8 * float(similarity_preserving(s, target)), rel=1e-5)
+
+
 def test_export_saves_the_projector_only_when_asked(tmp_path):
     from safetensors.torch import load_file
 
