@@ -281,7 +281,7 @@ def test_export_saves_the_projector_only_when_asked(tmp_path):
     saved = EmbeddingKD(student_dim=4, teacher_dim=6, projector_export="save")
     extras = export_modules({"emb": saved, "drop": EmbeddingKD(student_dim=4, teacher_dim=6), "rkd": RKDDistance()})
     assert set(extras) == {"emb_projector"}
-    export_student(nn.Linear(4, 4), tmp_path, extras=extras)
+    export_student(torch.nn.Linear(4, 4), tmp_path, extras=extras)
     assert torch.equal(load_file(str(tmp_path / "emb_projector.safetensors"))["weight"], saved.projector_layer.weight)
     assert not (tmp_path / "drop_projector.safetensors").exists()
 

@@ -22,7 +22,6 @@ the whole optimizer step, so the trained value is the batch mean averaged over m
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
