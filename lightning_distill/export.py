@@ -148,8 +148,8 @@ def _derived_line(derived: dict[str, Any]) -> str:
 
 
 def _projector_lines(losses: dict[str, Any]) -> list[str]:
-    """One line per feature term with a projector choice: saved beside the student, or dropped."""
-    return [f"- feature projector of `{name}`: "
+    """One line per term with a projector choice (feature, embedding): saved beside the student, or dropped."""
+    return [f"- projector of `{name}`: "
             + (f"saved beside the student (`{name}_projector.safetensors`, when the widths differ)"
                if config["projector_export"] == "save" else "dropped at export (the student alone)")
             for name, config in losses.items() if isinstance(config, dict) and "projector_export" in config]

@@ -49,7 +49,7 @@ from lightning_distill.models.features import FeatureRequest, capture
 from lightning_distill.models.hf import freeze
 from lightning_distill.models.identity import describe_model
 from lightning_distill.optim import default_optimizer, optimizers_config
-from lightning_distill.scoring import agreement_and_kl
+from lightning_distill.scoring import agreement_and_kl, embedding_sums
 from lightning_distill.scoring import sample_sums as _sample_sums
 from lightning_distill.step_mean import StepMean
 from lightning_distill.teacher import (
@@ -109,7 +109,11 @@ class DistillationModule(L.LightningModule):
         lr_scheduler: ``optimizer -> LRScheduler`` or ``None``. A ``num_training_steps``
             argument left unset is filled with the trainer's estimated stepping batches.
         lr_scheduler_interval: ``"step"`` or ``"epoch"``.
-        student_logits_fn: ``student_output -> logits`` for outputs the adapters can't read.
+        student_logits_fn: ``student_output -> logits`` for outputs the adapters can't read; a
+            callable with ``reads_inputs = True`` is called ``fn(output, inputs)``. With embedding
+            terms (``reads_embeddings``: RKD, similarity-preserving, ``EmbeddingKD``) it gives one
+            ``(B, D)`` embedding per sample, e.g. :class:`~lightning_distill.models.pooling.Pooling`
+            (docs/relation.md).
         teacher_logits_fn: the same for the teacher.
         shift_labels: shift labels for next-token prediction; default: on for Hugging Face
             causal LMs, off otherwise.
@@ -212,6 +216,10 @@ class DistillationModule(L.LightningModule):
         to be used. Without a teacher the default losses were the task loss alone; they become KD +
         task. Explicit losses that no teacher target feeds get a warning (the cache would be read
         for nothing)."""
+        if self.embedding_output:
+            raise ValueError(f"a TeacherCache stores per-position teacher logits, but the loss terms "
+                             f"{[n for n, t in self.losses.items() if t.reads_embeddings]} read embeddings; run "
+                             "them with the live teacher (drop the TeacherCache callback).")
         if not self._losses_given and self.teacher is None and "kd" not in self.losses:
             self.losses = nn.ModuleDict({"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)})
             self.metrics = nn.ModuleDict()  # remade for the new terms on first use
@@ -249,20 +257,30 @@ class DistillationModule(L.LightningModule):
         """The teacher's targets for ``batch``: from the batch itself, else the live teacher."""
         if isinstance(batch, Mapping) and batch.get("teacher_targets") is not None:
             targets = batch["teacher_targets"]
+            if self.embedding_output and not isinstance(targets, TeacherTargets):
+                return TeacherTargets(embeddings=targets)
             return targets if isinstance(targets, TeacherTargets) else TeacherTargets(logits=targets)
         if self.teacher is None:
             return None
         request = FeatureRequest.of([t for t in self.losses.values() if t.weight > 0], "teacher")
         with torch.no_grad(), capture(self.teacher, request.paths) as hooked:
             output = call_model(self.teacher, inputs, **request.flags(self.teacher))
-            logits = logits_from_output(output, self.teacher_logits_fn, who="teacher")
+            logits = logits_from_output(output, self.teacher_logits_fn, who="teacher", inputs=inputs)
             self._teacher_check.check(logits, batch, inputs, strict=any(t.no_neg_inf for t in self.losses.values()),
                                       step=self.trainer.global_step if self._trainer is not None else None)
+        if self.embedding_output:
+            return TeacherTargets(embeddings=logits)
         if not request:
             return TeacherTargets(logits=logits)
         features = request.collect(output, hooked)
         return TeacherTargets(logits=logits, hidden_states=features.hidden_states, attentions=features.attentions,
                               modules=features.modules)
+
+    @property
+    def embedding_output(self) -> bool:
+        """The terms read one ``(B, D)`` embedding per sample (``reads_embeddings``): the output functions
+        give embeddings, not logits; no labels are read and the step mean counts samples."""
+        return any(t.reads_embeddings for t in self.losses.values())
 
     def _check_first_batch(self, inputs: LossInputs) -> None:
         """One-off checks on the first batch, before any optimizer step (one host sync)."""
@@ -307,9 +325,11 @@ class DistillationModule(L.LightningModule):
         with capture(self.student, request.paths) as hooked:
             student_output = call_model(self.student, inputs, **request.flags(self.student))
         student_features = request.collect(student_output, hooked) if request else None
-        student_logits = logits_from_output(student_output, self.student_logits_fn, who="student")
-        labels = self._aligned_labels(labels, inputs, student_logits)
-        if labels is None and any(t.reads_labels for t in active.values()):
+        student_logits = logits_from_output(student_output, self.student_logits_fn, who="student", inputs=inputs)
+        # Embedding terms: one output per sample, no labels; the step mean counts samples.
+        embedding = self.embedding_output
+        labels = None if embedding else self._aligned_labels(labels, inputs, student_logits)
+        if labels is None and not embedding and any(t.reads_labels for t in active.values()):
             raise ValueError(
                 f"the {stage} batch has no labels, but the loss terms {[n for n, t in active.items() if t.reads_labels]} "
                 "read them; put 'labels' in each batch (or yield (inputs, target) pairs), or drop those terms "
@@ -328,7 +348,8 @@ class DistillationModule(L.LightningModule):
         # student's full output.
         full_inputs = LossInputs(student_logits=student_logits, labels=labels, teacher=teacher,
                                  ignore_index=self.ignore_index, student_output=student_output, batch=batch,
-                                 student_features=student_features)
+                                 student_features=student_features,
+                                 student_embeddings=student_logits if embedding else None)
         loss_inputs = (full_inputs if kd_logits is student_logits
                        else dataclasses.replace(full_inputs, student_logits=kd_logits))
         self._check_first_batch(full_inputs)  # the first batch of any stage (sanity checks run val first)
@@ -379,7 +400,9 @@ class DistillationModule(L.LightningModule):
         """
         inputs, labels = split_batch(batch)
         student_logits = logits_from_output(call_model(self.student, inputs), self.student_logits_fn,
-                                            who="student")
+                                            who="student", inputs=inputs)
+        if self.embedding_output:
+            return self.sample_sums(student_logits, None, self.teacher_targets(batch, inputs))
         labels = self._aligned_labels(labels, inputs, student_logits)
         if labels is None:
             raise ValueError("evaluate_batch needs labels (or input_ids for a causal LM) to score the student.")
@@ -408,9 +431,15 @@ class DistillationModule(L.LightningModule):
             label: accuracy = correct / tokens). Teacher entries are absent when there is no teacher.
             Slice-wise reports (perplexity = exp(nll / tokens)) are sums of these.
 
+            With embedding terms (:attr:`embedding_output`): ``tokens`` (1 per sample),
+            ``student_embeddings`` and ``teacher_embeddings`` (``(B, D)``, for
+            ``CoverageSlices(metric="similarity")``).
+
         Raises:
             ValueError: no labels; labels a smaller teacher vocabulary cannot score.
         """
+        if self.embedding_output:
+            return embedding_sums(student_logits, teacher)
         return _sample_sums(student_logits, labels, teacher, ignore_index=self.ignore_index,
                             vocab_mismatch=self.vocab_mismatch)
 
@@ -499,6 +528,7 @@ class DistillationModule(L.LightningModule):
         self.metrics = nn.ModuleDict()
         if self.teacher is not None:
             self.teacher.eval()
+        if self.teacher is not None and not self.embedding_output:
             check_model_vocabs(self.student, self.teacher, self.vocab_mismatch)
         if self._uses_deepspeed():
             warnings.warn("DeepSpeed manages gradients itself; the loss is normalised per micro-batch "

@@ -7,7 +7,10 @@ from those sums here.
 
 **Retention** is the student's task metric relative to the teacher's, 1.0 = as good as the teacher:
 ``metric="perplexity"``: ``teacher_ppl / student_ppl = exp((teacher_nll - student_nll) / tokens)``;
-``metric="accuracy"``: ``student_acc / teacher_acc``.
+``metric="accuracy"``: ``student_acc / teacher_acc``;
+``metric="similarity"`` (embedding models): the Spearman correlation of the student's and the
+teacher's pairwise cosine similarities over the slice's samples
+(:func:`lightning_distill.similarity.similarity_agreement`), 1.0 = the teacher's order of every pair.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ __all__ = ["COVERAGE_FIELDS", "METRICS", "TABLE_KEYS", "SliceStats", "card_rows"
 COVERAGE_FIELDS = ("samples", "tokens", "student_nll", "teacher_nll", "agreement", "kl", "correct",
                    "teacher_correct")
 #: The metric kinds retention is defined for.
-METRICS = ("perplexity", "accuracy")
+METRICS = ("perplexity", "accuracy", "similarity")
 #: The columns of a coverage row, in table order (the W&B table).
 TABLE_KEYS = ("slice", "samples", "tokens", "train_samples", "train_tokens", "teacher_metric",
               "student_metric", "retention", "agreement", "kl", "gap")
@@ -44,12 +47,13 @@ def fmt(value: Any, spec: str = "") -> str:
 
 def retention(metric: str, *, tokens: float, student_nll: float | None = None,
               teacher_nll: float | None = None, correct: float | None = None,
-              teacher_correct: float | None = None) -> float | None:
+              teacher_correct: float | None = None, similarity: float | None = None) -> float | None:
     """Student relative to teacher, 1.0 = as good as the teacher (see the module docstring).
 
     ``perplexity``: ``exp((teacher_nll - student_nll) / tokens)``; ``accuracy``:
-    ``correct / teacher_correct``. ``None`` when it is undefined (no tokens, no teacher, or a
-    teacher with accuracy 0).
+    ``correct / teacher_correct``; ``similarity``: the slice's ``similarity`` (Spearman agreement,
+    computed from embeddings, not from sums). ``None`` when it is undefined (no tokens, no teacher,
+    or a teacher with accuracy 0).
 
     Raises:
         ValueError: an unknown ``metric``.
@@ -58,6 +62,8 @@ def retention(metric: str, *, tokens: float, student_nll: float | None = None,
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
     if tokens <= 0:
         return None
+    if metric == "similarity":
+        return similarity
     if metric == "perplexity":
         if teacher_nll is None or student_nll is None:
             return None
@@ -121,6 +127,8 @@ class SliceStats:
             return None, None
         if metric == "perplexity":
             return self.student_perplexity, self.teacher_perplexity
+        if metric == "similarity":
+            return None, None  # the agreement is the retention (a pair of geometries, not two scores)
         teacher = None if self.teacher_correct is None else self.teacher_correct / self.tokens
         return (None if self.correct is None else self.correct / self.tokens), teacher
 
@@ -155,11 +163,14 @@ def coverage_rows(per_slice: Mapping[str, Mapping[str, float | None]],
             "train_samples": int(tr.get("samples", 0)), "train_tokens": int(tr.get("tokens", 0)),
             "teacher_metric": teacher_metric, "student_metric": student_metric,
             "retention": retention(metric, tokens=s.tokens, student_nll=s.student_nll, teacher_nll=s.teacher_nll,
-                                   correct=s.correct, teacher_correct=s.teacher_correct),
+                                   correct=s.correct, teacher_correct=s.teacher_correct,
+                                   similarity=per_slice[name].get("similarity")),
             "agreement": s.agreement_rate if s.tokens > 0 else None,
             "kl": s.mean_kl if s.tokens > 0 else None,
             "gap": False, "gap_reason": None,
         })
+        if metric == "similarity":  # samples whose pairs were compared (a bounded sample per slice)
+            rows[-1]["pairs"] = per_slice[name].get("pairs")
     scored = [r["retention"] for r in rows if r["retention"] is not None]
     best = max(scored) if scored else None
     for r in rows:
@@ -228,18 +239,26 @@ def format_slice_table(stats: Mapping[str, SliceStats],
 
 
 def _metric_label(metric: str) -> str:
-    return "ppl" if metric == "perplexity" else "acc"
+    return {"perplexity": "ppl", "accuracy": "acc"}.get(metric, "Spearman")
 
 
 def describe_row(row: Mapping[str, Any], metric: str) -> str:
     """One coverage row in words (for warnings and errors)."""
     label = _metric_label(metric)
+    if metric == "similarity":
+        return (f"similarity agreement {fmt(row['retention'], '.3f')} (Spearman over {fmt(row.get('pairs'))} "
+                f"pairs of {row['samples']} eval samples)")
     return (f"retention {fmt(row['retention'], '.3f')} (teacher {label} {fmt(row['teacher_metric'], '.3f')}, "
             f"student {label} {fmt(row['student_metric'], '.3f')}, {row['tokens']} eval tokens)")
 
 
 def format_coverage_table(rows: Sequence[Mapping[str, Any]], metric: str = "perplexity") -> str:
     """A markdown table: per slice, training coverage next to retention, and a GAP marker."""
+    if metric == "similarity":
+        header = ["slice", "train samples", "eval samples", "pairs", "similarity agreement (Spearman)", "gap"]
+        return markdown_table(header, [
+            [r["slice"], str(r["train_samples"]), str(r["samples"]), fmt(r.get("pairs")), fmt(r["retention"], ".3f"),
+             "GAP" if r["gap"] else ""] for r in rows])
     label = _metric_label(metric)
     spec = ".2f" if metric == "perplexity" else ".3f"
     header = ["slice", "train tokens", "eval tokens", f"teacher {label}", f"student {label}", "retention",
@@ -251,6 +270,11 @@ def format_coverage_table(rows: Sequence[Mapping[str, Any]], metric: str = "perp
 
 
 def _definition(metric: str) -> str:
+    if metric == "similarity":
+        return ("*Similarity agreement* (the retention of embedding models) = Spearman correlation of the "
+                "student's and the teacher's cosine similarities over every pair of the slice's eval samples "
+                "(1.0: the student orders every pair as the teacher; 0: no relation). *Train samples*: samples "
+                "of the slice the student trained on.")
     if metric == "perplexity":
         return ("*Retention* = teacher perplexity / student perplexity (1.0: as good as the teacher; "
                 "0.5: twice the teacher's perplexity). *Train tokens*: label positions of the slice the "
@@ -338,7 +362,7 @@ def plot_retention(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
         line = max(scored) - thresholds["max_gap_to_best"]
         ax.axhline(line, color="purple", linestyle="-.", linewidth=1, label=f"best - gap = {line:.3f}")
     ax.set_ylabel("retention (1.0 = teacher)")
-    ax.set_ylim(0, max([1.05, *[v * 1.15 for v in values]]))
+    ax.set_ylim(min([0.0, *[v * 1.15 for v in values]]), max([1.05, *[v * 1.15 for v in values]]))
     ax.set_title(title, fontsize=9)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="upper right")

@@ -2,6 +2,13 @@
 
 from lightning_distill.losses import functional
 from lightning_distill.losses.feature_terms import AttentionTransfer, FeatureKD
+from lightning_distill.losses.relation import (
+           EmbeddingKD,
+           RKDAngle,
+           RKDDistance,
+           SimilarityPreserving,
+)
 from lightning_distill.losses.terms import LogitKD, LossTerm, TaskLoss
 
-__all__ = ["AttentionTransfer", "FeatureKD", "LogitKD", "LossTerm", "TaskLoss", "functional"]
+__all__ = ["AttentionTransfer", "EmbeddingKD", "FeatureKD", "LogitKD", "LossTerm", "RKDAngle", "RKDDistance",
+           "SimilarityPreserving", "TaskLoss", "functional"]

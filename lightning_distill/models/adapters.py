@@ -265,7 +265,7 @@ def call_model(model: nn.Module, inputs: Any, **extra: Any) -> Any:
     return model(inputs, **extra)
 
 
-def logits_from_output(output: Any, fn: LogitsFn | None = None, *, who: str = "model") -> Tensor:
+def logits_from_output(output: Any, fn: LogitsFn | None = None, *, who: str = "model", inputs: Any = None) -> Tensor:
     """Read logits from a model's output.
 
     Args:
@@ -273,12 +273,15 @@ def logits_from_output(output: Any, fn: LogitsFn | None = None, *, who: str = "m
         fn: optional user callable ``output -> logits`` for anything else (for example a
             model that returns log-probabilities flattened to ``(N, V)``).
         who: ``"student"`` or ``"teacher"``, for error messages.
+        inputs: the model's inputs, passed as ``fn(output, inputs)`` to a callable that sets
+            ``reads_inputs = True`` (e.g. :class:`~lightning_distill.models.pooling.Pooling`,
+            which needs the attention mask).
 
     Raises:
         TypeError: when no logits can be found; the message says what came back.
     """
     if fn is not None:
-        logits = fn(output)
+        logits = fn(output, inputs) if getattr(fn, "reads_inputs", False) else fn(output)
     elif isinstance(output, Tensor):
         logits = output
     elif getattr(output, "logits", None) is not None:
