@@ -40,6 +40,7 @@ from lightning_distill.losses import functional as LF
 from lightning_distill.losses.terms import LogitKD, LossTerm, TaskLoss, check_terms, fused_pair
 from lightning_distill.models.adapters import (
     call_model,
+    check_positions,
     is_causal_lm,
     logits_from_output,
     unwrap_model,
@@ -76,7 +77,9 @@ class DistillationModule(L.LightningModule):
 
     The teacher is frozen: ``requires_grad`` off, eval mode for the whole fit (``.train()``
     on this module leaves it in eval), forward under ``no_grad``, never in the optimizer,
-    moved with the module, and left out of checkpoints (its identity is written instead).
+    moved with the module, and left out of checkpoints (its identity is written instead). A
+    teacher handed over in train mode or with trainable parameters is frozen here with one
+    warning (pass ``lightning_distill.models.freeze(teacher)`` to say it is meant).
 
     For Hugging Face causal LMs the labels are shifted once, the way transformers does it
     (logits at ``t`` score token ``t + 1``), and the same alignment feeds every term.
@@ -127,7 +130,10 @@ class DistillationModule(L.LightningModule):
             ``LossTerm``.
         ValueError: bad term names, all weights zero, a teacher-needing term without a
             teacher source, an unknown ``vocab_mismatch``; and, before the first optimizer
-            step, vocabularies that differ. During a run: a live teacher's NaN/+inf logits (or a
+            step, vocabularies that differ, sequences longer than a model's
+            ``max_position_embeddings`` (the data's ``seq_len`` at setup, the first batch before
+            the forward) and a first batch without labels that a term reads. During a run: a live
+            teacher's NaN/+inf logits (or a
             row of only -inf; any -inf for ``reverse_kl``/``logit_mse``), naming the global step
             and the batch's ``sample_id`` values (on CUDA one step later, to avoid a host sync).
 
@@ -173,6 +179,8 @@ class DistillationModule(L.LightningModule):
             "metrics_every_n_steps", "save_teacher_weights",
         )
         self.student = student
+        if teacher is not None:
+            _warn_if_trainable(teacher)
         self.teacher = freeze(teacher) if teacher is not None else None
         self._losses_given = losses is not None  # else: recorded terms on load, KD + task with a TeacherCache
         if losses is None:
@@ -309,6 +317,9 @@ class DistillationModule(L.LightningModule):
 
     def _shared_step(self, batch: Any, stage: Stage) -> dict[str, Any]:
         inputs, labels = split_batch(batch)
+        if not self._checked_batch and isinstance(inputs, Mapping) and isinstance(inputs.get("input_ids"), Tensor):
+            check_positions({"student": self.student, "teacher": self.teacher}, inputs["input_ids"].shape[-1],
+                            f"the first {stage} batch's input_ids (length {inputs['input_ids'].shape[-1]})")
         active = {n: t for n, t in self.losses.items() if t.weight > 0}
         request = FeatureRequest.of(active.values(), "student")  # hidden states, attentions, hooks
         with capture(self.student, request.paths) as hooked:
@@ -318,6 +329,12 @@ class DistillationModule(L.LightningModule):
         # Embedding terms: one output per sample, no labels; the step mean counts samples.
         embedding = self.embedding_output
         labels = None if embedding else self._aligned_labels(labels, inputs, student_logits)
+        if labels is None and not embedding and any(t.reads_labels for t in active.values()):
+            raise ValueError(
+                f"the {stage} batch has no labels, but the loss terms {[n for n, t in active.items() if t.reads_labels]} "
+                "read them; put 'labels' in each batch (or yield (inputs, target) pairs), or drop those terms "
+                "(e.g. loss=kd_only)."
+            )
 
         teacher = self.teacher_targets(batch, inputs) if self._teacher_needed(stage, active) else None
         targets = teacher  # as they came, for the per-sample evaluation sums
@@ -553,6 +570,9 @@ class DistillationModule(L.LightningModule):
         io = getattr(strategy, "_checkpoint_io", None)
         if hasattr(strategy, "checkpoint_io") and not isinstance(io, CheckedCheckpointIO):
             strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io)
+        seq_len = getattr(self.trainer.datamodule, "seq_len", None)  # before a teacher cache runs the teacher
+        if isinstance(seq_len, int):
+            check_positions({"student": self.student, "teacher": self.teacher}, seq_len, f"data seq_len={seq_len}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
@@ -594,6 +614,17 @@ class DistillationModule(L.LightningModule):
         if self.teacher is not None and state is not None and not any(k.startswith("teacher.") for k in state):
             # The checkpoint left the teacher out on purpose; keep the live one.
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+
+def _warn_if_trainable(teacher: nn.Module) -> None:
+    """One warning when a teacher arrives in train mode or with trainable parameters (it is frozen next)."""
+    trainable = sum(p.numel() for p in teacher.parameters() if p.requires_grad)
+    if teacher.training or trainable:
+        how = " and ".join(x for x in ("in train mode" if teacher.training else "",
+                                       f"with {trainable} trainable parameters" if trainable else "") if x)
+        warnings.warn(f"the teacher was handed over {how}; DistillationModule freezes it (eval mode, "
+                      "requires_grad=False) and never trains it. Pass lightning_distill.models.freeze(teacher) "
+                      "to make that explicit and drop this warning.", UserWarning, stacklevel=3)
 
 
 def _batch_size(labels: Tensor | None, logits: Tensor) -> int:

@@ -380,6 +380,26 @@ class CoverageSlices(Callback):
             raise ValueError(f"the batch has {n} samples but {len(names)} slice names.")
         return [str(x) for x in names]
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Before the first step, the first validation batch must name its slices: otherwise the first
+        validation, after ``val_check_interval`` training steps, would be the first to fail."""
+        if self.dataloader_names is not None or self.slice_fn is not None or trainer.datamodule is None \
+                or not trainer.limit_val_batches:
+            return
+        try:
+            loaders = trainer.datamodule.val_dataloader()
+        except Exception:  # no validation data: nothing to check here
+            return
+        if isinstance(loaders, Mapping):
+            loaders = list(loaders.values())
+        first = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
+        batch = next(iter(first), None) if first is not None else None
+        if isinstance(batch, Mapping) and self.slice_key not in batch:
+            raise ValueError(f"the validation batches have no slice names: no {self.slice_key!r} key (they have "
+                             f"{sorted(map(str, batch))}), no slice_fn and no dataloader_names; set slice_key to "
+                             "the key that names each sample's slice, or configure one of the others. "
+                             "(Checked before training.)")
+
     # ------------------------------------------------------------------ training coverage
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

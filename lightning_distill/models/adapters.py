@@ -16,12 +16,14 @@ from torch import Tensor, nn
 __all__ = [
     "RESERVED_BATCH_KEYS",
     "call_model",
+    "check_positions",
     "decoder_input_ids_from_labels",
     "is_causal_lm",
     "is_classifier",
     "is_hf_model",
     "is_seq2seq",
     "logits_from_output",
+    "max_positions",
     "output_vocab_size",
     "unwrap_model",
     "wrapper_prefix",
@@ -159,6 +161,40 @@ def output_vocab_size(model: nn.Module) -> int | None:
         return None  # its outputs are not over the token vocabulary
     size = getattr(base.config, "vocab_size", None)
     return int(size) if size else None
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest input a Hugging Face model declares it takes (``config.max_position_embeddings``,
+    GPT-2's ``n_positions``), or ``None`` (plain modules, relative positions as in T5)."""
+    if not is_hf_model(model):
+        return None
+    config = unwrap_model(model).config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_positions(models: Mapping[str, nn.Module | None], length: int, what: str) -> None:
+    """Refuse sequences longer than a model takes, before any forward.
+
+    Args:
+        models: ``{"student": model, "teacher": model or None}``.
+        length: the sequence length in question.
+        what: where it comes from, for the message (``"data seq_len=64"``).
+
+    Raises:
+        ValueError: ``length`` exceeds a model's maximum, naming the model, both numbers and the fix.
+    """
+    for name, model in models.items():
+        limit = max_positions(model) if model is not None else None
+        if limit is not None and length > limit:
+            raise ValueError(
+                f"{what} is longer than the {name} takes ({limit} positions, config.max_position_embeddings); "
+                f"longer inputs would index past its position table or run where it was never trained. "
+                f"Lower the sequence length to {limit} (data.seq_len={limit}) or use a {name} with a longer context."
+            )
 
 
 def _forward_parameters(model: nn.Module) -> tuple[frozenset[str], bool, bool, bool]:
