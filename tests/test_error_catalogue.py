@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_distill import DistillationModule
+from lightning_distill.blackbox import OpenAITeacher, TeacherRequestError
 from lightning_distill.cache import CacheCorruptedError, CacheMismatchError
 from lightning_distill.callbacks import TeacherCache
 from lightning_distill.checkpoint import CheckpointError
@@ -179,6 +180,16 @@ def _nan_teacher_fit(tmp_path: Path) -> None:
         default_root_dir=tmp_path,
     )
     trainer.fit(plain_module(nan_rows=(1,)), DataLoader(rows, batch_size=2))
+
+
+def _closed_port_teacher() -> OpenAITeacher:
+    """A teacher whose base_url names a loopback port nothing listens on (bound, then closed)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return OpenAITeacher(f"http://127.0.0.1:{port}/v1", "teacher", max_retries=0, progress=False)
 
 
 # (id, call(tmp_path), exception class, message regex): Python rows.
@@ -336,6 +347,21 @@ PYTHON_ROWS = [
         NotWritableError,
         r"^TeacherCache\(dirpath\)='.*a_file/cache' is not writable \(Not a directory\); the cache writes its lock "
         r"and targets there; fix the folder's permissions or pass another dirpath",
+    ),
+    (
+        "server-refuses-connections",
+        lambda _: _closed_port_teacher().generate(["hello"]),
+        TeacherRequestError,
+        r"^http://127\.0\.0\.1:\d+/v1 \(chat endpoint, model 'teacher'\) failed 1 time\(s\) \(max_retries=0\); "
+        r"last: connection failed \(ConnectError: .*Connection refused\)\. Check that the server is running and "
+        r"that base_url \(host, port, the /v1 suffix\) reaches it from this machine\.$",
+    ),
+    (
+        "api-key-variable-not-set",
+        lambda _: OpenAITeacher("http://127.0.0.1:8000/v1", "teacher", api_key_env="LD_CATALOGUE_UNSET_KEY"),
+        ValueError,
+        r"^api_key_env='LD_CATALOGUE_UNSET_KEY' names an environment variable that is not set; set it "
+        r"\(export LD_CATALOGUE_UNSET_KEY=\.\.\.\) before running, or use api_key_env=None for a server without a key\.$",
     ),
     (
         "teacher-nan-or-inf",
