@@ -2,10 +2,12 @@
 
 Built so far: the teacher-source interface (:class:`TeacherSource`, :class:`Completion`), a
 local Hugging Face source (:class:`LocalHFTeacher`), a wrapper for any callable
-(:class:`FunctionTeacher`) and the resumable record writer (:func:`write_records`). See
+(:class:`FunctionTeacher`), the resumable record writer (:func:`write_records`) and the coverage
+loop's prompts (:func:`prompts_from_run`; ``lightning-distill generate``). See
 ``docs/blackbox.md`` for the record format and what is still to come.
 """
 
+from lightning_distill.blackbox.loop import prompts_from_run
 from lightning_distill.blackbox.prompts import Prompt
 from lightning_distill.blackbox.sources import (
     Completion,
@@ -22,6 +24,7 @@ __all__ = [
     "Prompt",
     "TeacherSource",
     "prompt_id",
+    "prompts_from_run",
     "read_records",
     "shard_paths",
     "write_records",

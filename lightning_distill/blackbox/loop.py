@@ -137,6 +137,7 @@ def prompts_from_run(
             f"prompts_from_run cuts prompts from documents; {type(datamodule).__name__} does not "
             "list them per split (SlicedTextDataModule does). Use prompts from a JSONL file instead."
         )
+    datamodule.prepare_data()
     tokenizer = datamodule.tokenizer
     train_ids = set(datamodule.document_ids("train"))
     prompts: list[Prompt] = []
@@ -179,7 +180,7 @@ def _line_starts(text: str) -> list[int]:
 
 
 def _run_datamodule(run_dir: Path) -> Any:
-    """The run's data module, rebuilt from its config, without generated data and train filters."""
+    """The run's data module (not prepared), rebuilt from its config, without generated data and train filters."""
     import hydra
 
     config = load_run_config(run_dir)
@@ -190,9 +191,7 @@ def _run_datamodule(run_dir: Path) -> Any:
         )
     data.pop("generated", None)  # prompts come from the real training text only
     data["train_slices"] = None
-    datamodule = hydra.utils.instantiate(data)
-    datamodule.prepare_data()
-    return datamodule
+    return hydra.utils.instantiate(data)
 
 
 # ---------------------------------------------------------------------------- generated data
