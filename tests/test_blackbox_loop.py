@@ -328,8 +328,8 @@ def test_the_loop_end_to_end_card_records_the_lineage(run_dir, cache, tmp_path):
         "terms=https://example.org/terms",
     )
     again = tmp_path / "again"
-    # 16 steps on every train block: the student meets some of the 40 teacher-written code documents
-    more = ["trainer.max_steps=16", "data.max_train_samples=null"]
+    # 4 steps of 16 blocks from every train block: the student meets some teacher-written code
+    more = ["data.batch_size=16", "data.max_train_samples=null"]
     _cli(cache, *RUN, *more, f"data.generated={out}", f"hydra.run.dir={again}")
     coverage = json.loads((again / "coverage.json").read_text())
     code = next(r for r in coverage["slices"] if r["slice"] == "code")
