@@ -47,6 +47,9 @@ class LossTerm(nn.Module):
       computes a ``"kd"`` and a ``"task"`` term together, in one pass. ``None``: never fused;
     * ``no_neg_inf``: a teacher logit of ``-inf`` makes its value infinite (the module refuses
       such a teacher output).
+    * ``cross_tokenizer``: it compares a teacher with another tokenizer through the batch's
+      alignment (:mod:`lightning_distill.losses.cross_tokenizer`); the module then runs the teacher
+      on ``teacher_input_ids`` and skips the vocabulary-size check.
 
     Args:
         weight: multiplier of this term in the total loss, ``>= 0``.
@@ -54,6 +57,7 @@ class LossTerm(nn.Module):
 
     requires_teacher: bool = False
     reads_labels: bool = False
+    cross_tokenizer: bool = False
 
     @property
     def fused_role(self) -> FusedRole | None:
