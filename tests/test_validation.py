@@ -11,8 +11,8 @@ import torch
 from lightning_distill import DistillationModule
 from lightning_distill.callbacks import CoverageSlices, TeacherCache, TemperatureSchedule
 from lightning_distill.callbacks.temperature import Schedule
-from lightning_distill.data import SlicedTextDataModule, TextDataModule
-from lightning_distill.losses import LogitKD, TaskLoss
+from lightning_distill.data import CrossTokenizerDataModule, SlicedTextDataModule, TextDataModule
+from lightning_distill.losses import CrossTokenizerKD, LogitKD, TaskLoss, ULDLoss
 from lightning_distill.models import causal_lm_from_config, student_from_teacher
 from lightning_distill.validation import check_bool, check_choice, check_int, check_number
 
@@ -125,6 +125,9 @@ CONSTRUCTORS = {
     "SlicedTextDataModule.test_fraction": lambda v: SlicedTextDataModule(test_fraction=v),
     "student_from_teacher.intermediate_size": lambda v: student_from_teacher(_teacher(), intermediate_size=v),
     "student_from_teacher.k": lambda v: student_from_teacher(_teacher(), layers="first_k", k=v),
+    "CrossTokenizerKD.uld_weight": lambda v: CrossTokenizerKD(uld_weight=v),
+    "ULDLoss.temperature": lambda v: ULDLoss(temperature=v),
+    "CrossTokenizerDataModule.teacher_seq_len": lambda v: CrossTokenizerDataModule(teacher_seq_len=v),
 }
 #: An out-of-range value of the right kind for each argument above.
 OUT_OF_RANGE = {
@@ -134,6 +137,7 @@ OUT_OF_RANGE = {
     "TeacherCache.sample_temperature": 0.0, "TextDataModule.seq_len": 1, "TextDataModule.val_fraction": 1.0,
     "SlicedTextDataModule.batch_size": 0, "SlicedTextDataModule.test_fraction": -0.1,
     "student_from_teacher.intermediate_size": 64, "student_from_teacher.k": 9,
+    "CrossTokenizerKD.uld_weight": -1.0, "ULDLoss.temperature": 0.0, "CrossTokenizerDataModule.teacher_seq_len": 1,
 }
 
 
