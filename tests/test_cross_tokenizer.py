@@ -7,8 +7,12 @@ and the hybrid is held to :class:`LogitKD` where both must agree exactly (identi
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -311,3 +315,37 @@ def test_fit_with_two_tokenizers_reports_bits_per_byte(tmp_path):
         assert row["student_metric"] == pytest.approx(s["student_nll"] / math.log(2) / s["bytes"])
         assert row["teacher_metric"] == pytest.approx(s["teacher_nll"] / math.log(2) / s["bytes"])
         assert row["agreement"] is None
+
+
+@pytest.mark.slow
+def test_cli_demo_cross_tokenizer_reports_bits_per_byte_and_the_baseline(tmp_path):
+    out_dir = tmp_path / "run"
+    tiny = ["data.vocab_size=300", "data.teacher_vocab_size=400", "data.seq_len=32", "data.batch_size=4",
+            "data.max_train_samples=32", "data.code_bytes=12000", "data.prose_bytes=12000", "teacher.steps=3",
+            "teacher.progress=false", "teacher.model.hidden_size=32", "teacher.model.intermediate_size=64",
+            "student.hidden_size=16", "student.intermediate_size=32", "trainer=smoke", "logger=none",
+            "lr_scheduler.num_warmup_steps=1"]
+    env = {**os.environ, "LIGHTNING_DISTILL_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "lightning_distill", "experiment=demo_cross_tokenizer", *tiny,
+                             f"output_dir={out_dir}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "student bpb" in result.stdout and "no-teacher bpb" in result.stdout
+    report = json.loads((out_dir / "report.json").read_text())
+    for name in ("prose", "code"):
+        stats, base = report["slices"][name], report["baseline"][name]
+        assert stats["bytes"] == base["bytes"] > 0
+        assert 0 < stats["student_bits_per_byte"] and 0 < stats["teacher_bits_per_byte"]
+    assert "bits per byte" in (out_dir / "coverage.md").read_text()
+    assert report["coverage"]["slices"][0]["teacher_metric"] == pytest.approx(
+        report["slices"][report["coverage"]["slices"][0]["slice"]]["teacher_bits_per_byte"])
+
+
+def test_a_teacher_cache_refuses_cross_tokenizer_terms_before_building(tmp_path):
+    from lightning_distill.cache import CacheBuilder
+
+    module = DistillationModule(_llama(300, 0), _llama(420, 1), {"kd": CrossTokenizerKD()})
+    with pytest.raises(ValueError, match=r"\['kd'\].*another tokenizer.*callbacks=default"):
+        CacheBuilder(str(tmp_path / "cache")).build(module, {})
+    assert not (tmp_path / "cache").exists()

@@ -256,6 +256,14 @@ class CacheBuilder:
                 missing cache and no teacher to build it.
             CacheMismatchError: a cache built for another teacher/tokenizer/data/kind/params/format.
         """
+        losses = getattr(module, "losses", None) or {}
+        crossed = [n for n, t in losses.items() if getattr(t, "cross_tokenizer", False)]
+        if crossed:
+            raise ValueError(
+                f"the loss terms {crossed} compare a teacher with another tokenizer, whose targets a teacher cache "
+                "does not store yet (teacher token space plus the alignment); train without the teacher cache "
+                "(callbacks=default), the teacher then runs live on its own tokens."
+            )
         world = world_size
 
         def sync(name: str) -> None:
