@@ -338,6 +338,7 @@ def test_cli_demo_cross_tokenizer_reports_bits_per_byte_and_the_baseline(tmp_pat
         assert stats["bytes"] == base["bytes"] > 0
         assert 0 < stats["student_bits_per_byte"] and 0 < stats["teacher_bits_per_byte"]
     assert "bits per byte" in (out_dir / "coverage.md").read_text()
+    assert report["coverage"]["metric"] == "bits_per_byte"
     assert report["coverage"]["slices"][0]["teacher_metric"] == pytest.approx(
         report["slices"][report["coverage"]["slices"][0]["slice"]]["teacher_bits_per_byte"])
 
