@@ -323,7 +323,7 @@ def test_cli_demo_cross_tokenizer_reports_bits_per_byte_and_the_baseline(tmp_pat
     tiny = ["data.vocab_size=300", "data.teacher_vocab_size=400", "data.seq_len=32", "data.batch_size=4",
             "data.max_train_samples=32", "data.code_bytes=12000", "data.prose_bytes=12000", "teacher.steps=3",
             "teacher.progress=false", "teacher.model.hidden_size=32", "teacher.model.intermediate_size=64",
-            "student.hidden_size=16", "student.intermediate_size=32", "trainer=smoke", "logger=none",
+            "student.hidden_size=16", "student.intermediate_size=32", "trainer=smoke", "trainer.max_steps=4", "logger=none",
             "lr_scheduler.num_warmup_steps=1"]
     env = {**os.environ, "LIGHTNING_DISTILL_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
