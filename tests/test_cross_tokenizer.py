@@ -350,3 +350,16 @@ def test_a_teacher_cache_refuses_cross_tokenizer_terms_before_building(tmp_path)
     with pytest.raises(ValueError, match=r"\['kd'\].*another tokenizer.*callbacks=default"):
         CacheBuilder(str(tmp_path / "cache")).build(module, {})
     assert not (tmp_path / "cache").exists()
+
+
+def test_the_data_module_takes_both_models_own_tokenizers(tokenizers, tmp_path):
+    student, teacher = tokenizers
+    dm = CrossTokenizerDataModule(vocab_size=999, teacher_vocab_size=999, seq_len=24, batch_size=2,
+                                  student_tokenizer=student, teacher_tokenizer=teacher, cache_dir=str(tmp_path), **SMALL)
+    assert dm.tokenizer is student and dm.teacher_tokenizer is teacher
+    batch = next(iter(dm.test_dataloader()))
+    assert int(batch["input_ids"].max()) < 300 and int(batch["teacher_input_ids"].max()) < 420
+    with pytest.raises(ValueError, match="only for the corpus BPE teacher"):
+        _ = dm.teacher_datamodule
+    with pytest.raises(TypeError, match="student_tokenizer must be a Hugging Face tokenizer"):
+        CrossTokenizerDataModule(student_tokenizer=3)

@@ -94,9 +94,9 @@ class CrossTokenizerDataModule(SlicedTextDataModule):
     """The demo corpus for a student and a teacher with different tokenizers (aligned blocks).
 
     The student's tokenizer is the corpus BPE of ``vocab_size`` (as in
-    :class:`~lightning_distill.data.SlicedTextDataModule`); the teacher's is the corpus BPE of
-    ``teacher_vocab_size``, or ``teacher_tokenizer`` (any fast Hugging Face tokenizer, object or
-    name/path). Splits (by document) and slices are those of the parent class; the blocks differ
+    :class:`~lightning_distill.data.SlicedTextDataModule`) or ``student_tokenizer``; the teacher's
+    is the corpus BPE of ``teacher_vocab_size``, or ``teacher_tokenizer`` (any fast Hugging Face
+    tokenizer, object or name/path). Splits (by document) and slices are those of the parent class; the blocks differ
     (see the module docstring). :attr:`teacher_datamodule` is the plain data module of the
     teacher's tokenizer (what the demo teacher is trained on).
 
@@ -104,12 +104,15 @@ class CrossTokenizerDataModule(SlicedTextDataModule):
         teacher_vocab_size: size of the teacher's corpus BPE (used without ``teacher_tokenizer``).
         teacher_tokenizer: a fast tokenizer or its name/path; ``None``: the corpus BPE.
         teacher_seq_len: most teacher tokens per block; ``None``: ``seq_len``.
+        student_tokenizer: a fast tokenizer or its name/path for the student; ``None``: the corpus
+            BPE of ``vocab_size``.
         **kwargs: the arguments of :class:`~lightning_distill.data.SlicedTextDataModule`.
 
     Raises:
         ValueError: a ``teacher_vocab_size`` below 257 or a ``teacher_seq_len`` below 2, and what
             the parent class refuses.
-        TypeError: a ``teacher_tokenizer`` that is neither a tokenizer nor a string.
+        TypeError: a ``teacher_tokenizer``/``student_tokenizer`` that is neither a tokenizer nor a
+            string, or one without character offsets (not a fast tokenizer).
     """
 
     def __init__(self, corpus: str | Callable[[], list[Document]] = "demo", vocab_size: int = 1024,
@@ -118,14 +121,17 @@ class CrossTokenizerDataModule(SlicedTextDataModule):
                  test_fraction: float = 0.05, max_train_samples: int | None = None, num_workers: int = 0,
                  seed: int = 0, cache_dir: str | None = None, code_bytes: int = 500_000,
                  prose_bytes: int | None = None, teacher_vocab_size: int = 2048,
-                 teacher_tokenizer: Any = None, teacher_seq_len: int | None = None) -> None:
+                 teacher_tokenizer: Any = None, teacher_seq_len: int | None = None,
+                 student_tokenizer: Any = None) -> None:
         super().__init__(corpus, vocab_size, seq_len, batch_size, eval_batch_size, train_slices, val_fraction,
                          test_fraction, max_train_samples, num_workers, seed, cache_dir, code_bytes, prose_bytes)
         check_int("teacher_vocab_size", teacher_vocab_size, low=257)
         check_int("teacher_seq_len", teacher_seq_len, low=2, allow_none=True)
-        if teacher_tokenizer is not None and not isinstance(teacher_tokenizer, (str, PreTrainedTokenizerBase)):
-            raise TypeError(f"teacher_tokenizer must be a Hugging Face tokenizer, a name/path or None, got "
-                            f"{type(teacher_tokenizer).__name__}.")
+        for name, value in (("teacher_tokenizer", teacher_tokenizer), ("student_tokenizer", student_tokenizer)):
+            if value is not None and not isinstance(value, (str, PreTrainedTokenizerBase)):
+                raise TypeError(f"{name} must be a Hugging Face tokenizer, a name/path or None, got "
+                                f"{type(value).__name__}.")
+        self._student_tokenizer_arg = student_tokenizer
         self.teacher_vocab_size = teacher_vocab_size
         self.teacher_seq_len = teacher_seq_len or seq_len
         self._teacher_tokenizer_arg = teacher_tokenizer
@@ -137,20 +143,26 @@ class CrossTokenizerDataModule(SlicedTextDataModule):
     def teacher_tokenizer(self) -> Any:
         """The teacher's tokenizer (trained, loaded or given)."""
         if self._teacher_tokenizer is None:
-            arg = self._teacher_tokenizer_arg
-            if arg is None:
-                texts = [doc.text for doc in self.documents]
-                self._teacher_tokenizer = train_bpe_tokenizer(texts, self.teacher_vocab_size, self.cache_dir)
-            elif isinstance(arg, str):
-                from transformers import AutoTokenizer
-
-                self._teacher_tokenizer = AutoTokenizer.from_pretrained(arg)
-            else:
-                self._teacher_tokenizer = arg
-            if not getattr(self._teacher_tokenizer, "is_fast", False):
-                raise TypeError("teacher_tokenizer gives no character offsets (not a fast tokenizer); pass a "
-                                "fast Hugging Face tokenizer (use_fast=True).")
+            self._teacher_tokenizer = self._given_or_trained("teacher_tokenizer", self._teacher_tokenizer_arg,
+                                                             self.teacher_vocab_size)
         return self._teacher_tokenizer
+
+    def _load_tokenizer(self) -> None:
+        if self._tokenizer is None:
+            self._tokenizer = self._given_or_trained("student_tokenizer", self._student_tokenizer_arg,
+                                                     self.vocab_size)
+
+    def _given_or_trained(self, name: str, arg: Any, vocab_size: int) -> Any:
+        if arg is None:
+            return train_bpe_tokenizer([doc.text for doc in self.documents], vocab_size, self.cache_dir)
+        if isinstance(arg, str):
+            from transformers import AutoTokenizer
+
+            arg = AutoTokenizer.from_pretrained(arg)
+        if not getattr(arg, "is_fast", False):
+            raise TypeError(f"{name} gives no character offsets (not a fast tokenizer); pass a fast Hugging Face "
+                            "tokenizer (use_fast=True).")
+        return arg
 
     @property
     def teacher_datamodule(self) -> SlicedTextDataModule:
