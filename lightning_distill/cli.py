@@ -150,13 +150,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     teacher = _instantiate(cfg.get("teacher"), datamodule=datamodule)
+    served = _served_teacher(teacher)  # teacher=served: the cache asks the server, no teacher runs here
+    teacher = None if served is not None else teacher
     student = _instantiate(cfg.student, teacher=teacher)  # student=from_teacher is cut from the teacher
-    module = _build_module(cfg, student, teacher, _build_losses(cfg.loss))
+    module = _build_module(cfg, student, teacher, _build_losses(cfg.loss), cached=served is not None)
     trainer = _make_trainer(cfg, out_dir)
     cache = next((c for c in trainer.callbacks if isinstance(c, TeacherCache)), None)
+    if served is not None:
+        if cache is None:
+            raise ValueError("teacher=served gives top-k log-probabilities for a teacher cache; add one: "
+                             "callbacks=teacher_cache_topk callbacks.teacher_cache.k=20 (docs/blackbox.md).")
+        cache.use_served(served)
     if cfg.get("build_cache_only"):
         return _build_cache_only(cache, module, datamodule, started)
-    has_teacher = teacher is not None
+    has_teacher = teacher is not None or served is not None
     del teacher, student  # the module holds them; a TeacherCache may release the teacher once cached
 
     gap_error = _fit(cfg, trainer, module, datamodule, ckpt_path, out_dir)
@@ -176,11 +183,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-def _build_module(cfg: DictConfig, student: Any, teacher: Any, losses: dict[str, Any]) -> Any:
-    """The ``DistillationModule`` of ``cfg`` (optimizer, scheduler, ``module:`` settings) for these models."""
+def _served_teacher(teacher: Any) -> Any:
+    """``teacher`` when it is a served teacher (``teacher=served``), else ``None``."""
+    from lightning_distill.blackbox.served import ServedTeacher
+
+    return teacher if isinstance(teacher, ServedTeacher) else None
+
+
+def _build_module(cfg: DictConfig, student: Any, teacher: Any, losses: dict[str, Any], *,
+                  cached: bool = False) -> Any:
+    """The ``DistillationModule`` of ``cfg`` (optimizer, scheduler, ``module:`` settings) for these models;
+    ``cached``: no teacher here, its targets come from a teacher cache (``teacher=served``)."""
     from lightning_distill.module import DistillationModule
 
-    if teacher is None:
+    if teacher is None and not cached:
         dropped = [n for n, t in losses.items() if t.requires_teacher]
         if dropped:
             raise ValueError(f"teacher=none but the loss terms {dropped} need a teacher; use loss=task_only.")
@@ -286,6 +302,7 @@ def _export(cfg: DictConfig, report: dict[str, Any], module: Any, datamodule: An
             stats: Mapping[str, Any], coverage: Any, cache: Any, out_dir: Path) -> None:
     """Save the student (weights, tokenizer, ``distillation.json``, its card) to ``<run>/student``; log it to W&B."""
     from lightning_distill.export import distillation_card, export_student
+    from lightning_distill.losses.feature_terms import export_modules
 
     record = {
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -299,7 +316,7 @@ def _export(cfg: DictConfig, report: dict[str, Any], module: Any, datamodule: An
     card = _card(module, datamodule, trainer, stats, coverage, distillation_card, cache)
     report["student_dir"] = str(export_student(module.student, out_dir / "student",
                                                tokenizer=getattr(datamodule, "tokenizer", None),
-                                               record=record, card=card))
+                                               record=record, card=card, extras=export_modules(module.losses)))
     _log_wandb_artifact(trainer, Path(report["student_dir"]), card)
 
 
@@ -388,7 +405,8 @@ def _card(module: Any, datamodule: Any, trainer: Any, stats: Mapping[str, Any], 
     data = {"fingerprint": getattr(datamodule, "fingerprint", None),
             "data_fingerprint": getattr(datamodule, "data_fingerprint", None),
             "train_slices": getattr(datamodule, "train_slices", None)}
-    return build(student=module.student, teacher=module.teacher_identity, data=data, slices=slices,
+    teacher = module.teacher_identity or (cache.config().get("teacher") if cache is not None else None)
+    return build(student=module.student, teacher=teacher, data=data, slices=slices,
                  losses={n: t.config() for n, t in module.losses.items()}, schedule=schedules or None,
                  coverage=cov, cache=cache.config() if cache is not None else "live")
 

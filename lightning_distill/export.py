@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ def versions() -> dict[str, str]:
 
 
 def export_student(student: nn.Module, directory: str | Path, *, tokenizer: Any = None,
-                   record: dict[str, Any] | None = None, card: dict[str, Any] | None = None) -> Path:
+                   record: dict[str, Any] | None = None, card: dict[str, Any] | None = None,
+                   extras: Mapping[str, nn.Module] | None = None) -> Path:
     """Save ``student`` (and ``tokenizer``) to ``directory`` with a ``distillation.json`` record.
 
     Hugging Face models are written with ``save_pretrained`` (safetensors), so
@@ -44,6 +46,11 @@ def export_student(student: nn.Module, directory: str | Path, *, tokenizer: Any 
 
     With ``card`` (see :func:`distillation_card`), also writes ``distillation_card.json`` and
     ``distillation_card.md``.
+
+    With ``extras`` (``{name: module}``: modules trained with the student that it does not
+    contain, e.g. a feature projector kept with ``FeatureKD(projector_export="save")``; see
+    ``losses.feature_terms.export_modules``), also writes ``<name>.safetensors`` and
+    ``<name>.json`` (class, shapes) for each, listed under ``extras`` in ``distillation.json``.
 
     A compiled or DDP-wrapped student is saved as the model behind the wrapper, so the files
     load into the plain model class (a peft model is saved by peft, as its adapter).
@@ -68,10 +75,29 @@ def export_student(student: nn.Module, directory: str | Path, *, tokenizer: Any 
         "versions": versions(),
         **(record or {}),
     }
+    if extras:
+        full_record["extras"] = {name: _save_extra(directory, name, module) for name, module in extras.items()}
     (directory / RECORD_NAME).write_text(json.dumps(full_record, indent=2, default=str))
     if card is not None:
         write_card(directory, card)
     return directory
+
+
+def _save_extra(directory: Path, name: str, module: nn.Module) -> dict[str, Any]:
+    """Write one extra module as ``<name>.safetensors`` + ``<name>.json``; return its description."""
+    from safetensors.torch import save_model
+
+    module = unwrap_model(module)
+    info: dict[str, Any] = {
+        "weights": f"{name}.safetensors",
+        "class": f"{type(module).__module__}.{type(module).__qualname__}",
+        "shapes": {k: list(v.shape) for k, v in module.state_dict().items()},
+    }
+    if isinstance(module, nn.Linear):
+        info.update(in_features=module.in_features, out_features=module.out_features, bias=module.bias is not None)
+    save_model(module, str(directory / f"{name}.safetensors"))
+    (directory / f"{name}.json").write_text(json.dumps(info, indent=2))
+    return info
 
 
 def distillation_card(*, student: nn.Module, teacher: dict[str, Any] | None, data: dict[str, Any],
@@ -121,6 +147,14 @@ def _derived_line(derived: dict[str, Any]) -> str:
     return f"layers {derived.get('layers')} of {derived.get('teacher_layers')}{mlp}"
 
 
+def _projector_lines(losses: dict[str, Any]) -> list[str]:
+    """One line per feature term with a projector choice: saved beside the student, or dropped."""
+    return [f"- feature projector of `{name}`: "
+            + (f"saved beside the student (`{name}_projector.safetensors`, when the widths differ)"
+               if config["projector_export"] == "save" else "dropped at export (the student alone)")
+            for name, config in losses.items() if isinstance(config, dict) and "projector_export" in config]
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     """A short human-readable version of a distillation card."""
     teacher = card.get("teacher") or {}
@@ -140,6 +174,7 @@ def card_markdown(card: dict[str, Any]) -> str:
              f"{data.get('train_slices') or 'all'}",
              "- losses: " + ", ".join(f"{n} ({', '.join(f'{k}={v}' for k, v in c.items())})"
                                        for n, c in (card.get("losses") or {}).items()),
+             *_projector_lines(card.get("losses") or {}),
              f"- schedule: {json.dumps(card.get('schedule')) if card.get('schedule') else 'none'}",
              f"- teacher targets: {_cache_line(card.get('cache'))}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in (card.get("versions") or {}).items()),

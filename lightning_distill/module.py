@@ -45,6 +45,7 @@ from lightning_distill.models.adapters import (
     logits_from_output,
     unwrap_model,
 )
+from lightning_distill.models.features import FeatureRequest, capture
 from lightning_distill.models.hf import freeze
 from lightning_distill.models.identity import describe_model
 from lightning_distill.optim import default_optimizer, optimizers_config
@@ -175,6 +176,8 @@ class DistillationModule(L.LightningModule):
             losses = ({"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)} if teacher is not None
                       else {"task": TaskLoss()})
         self.losses = nn.ModuleDict(check_terms(losses))
+        for term in self.losses.values():  # layer maps, widths (projectors), module paths
+            term.bind(self.student, self.teacher)
         self.optimizer_factory = optimizer or default_optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.student_logits_fn = student_logits_fn
@@ -245,12 +248,17 @@ class DistillationModule(L.LightningModule):
         if isinstance(batch, Mapping) and batch.get("teacher_input_ids") is not None:
             # Cross-tokenizer batch: the teacher reads the same text in its own tokens.
             inputs = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch.get("teacher_attention_mask")}
-        with torch.no_grad():
-            output = call_model(self.teacher, inputs)
+        request = FeatureRequest.of([t for t in self.losses.values() if t.weight > 0], "teacher")
+        with torch.no_grad(), capture(self.teacher, request.paths) as hooked:
+            output = call_model(self.teacher, inputs, **request.flags(self.teacher))
             logits = logits_from_output(output, self.teacher_logits_fn, who="teacher")
             self._teacher_check.check(logits, batch, inputs, strict=any(t.no_neg_inf for t in self.losses.values()),
                                       step=self.trainer.global_step if self._trainer is not None else None)
-        return TeacherTargets(logits=logits)
+        if not request:
+            return TeacherTargets(logits=logits)
+        features = request.collect(output, hooked)
+        return TeacherTargets(logits=logits, hidden_states=features.hidden_states, attentions=features.attentions,
+                              modules=features.modules)
 
     def _check_first_batch(self, inputs: LossInputs) -> None:
         """One-off checks on the first batch, before any optimizer step (one host sync)."""
@@ -287,11 +295,14 @@ class DistillationModule(L.LightningModule):
 
     def _shared_step(self, batch: Any, stage: Stage) -> dict[str, Any]:
         inputs, labels = split_batch(batch)
-        student_output = call_model(self.student, inputs)
+        active = {n: t for n, t in self.losses.items() if t.weight > 0}
+        request = FeatureRequest.of(active.values(), "student")  # hidden states, attentions, hooks
+        with capture(self.student, request.paths) as hooked:
+            student_output = call_model(self.student, inputs, **request.flags(self.student))
+        student_features = request.collect(student_output, hooked) if request else None
         student_logits = logits_from_output(student_output, self.student_logits_fn, who="student")
         labels = self._aligned_labels(labels, inputs, student_logits)
 
-        active = {n: t for n, t in self.losses.items() if t.weight > 0}
         teacher = self.teacher_targets(batch, inputs) if self._teacher_needed(stage, active) else None
         targets = teacher  # as they came, for the per-sample evaluation sums
         kd_logits = student_logits
@@ -304,7 +315,8 @@ class DistillationModule(L.LightningModule):
         # Terms that compare with the teacher see the shared vocabulary; the others (task loss) the
         # student's full output.
         full_inputs = LossInputs(student_logits=student_logits, labels=labels, teacher=teacher,
-                                 ignore_index=self.ignore_index, student_output=student_output, batch=batch)
+                                 ignore_index=self.ignore_index, student_output=student_output, batch=batch,
+                                 student_features=student_features)
         loss_inputs = (full_inputs if kd_logits is student_logits
                        else dataclasses.replace(full_inputs, student_logits=kd_logits))
         self._check_first_batch(full_inputs)  # the first batch of any stage (sanity checks run val first)
@@ -473,6 +485,9 @@ class DistillationModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Check, before any step, what can be checked without a batch."""
+        # eval metrics made by an earlier `validate`/`test` hold inference tensors, which fit's
+        # validation (grad off, not inference mode) cannot update in place: made again on first use
+        self.metrics = nn.ModuleDict()
         if self.teacher is not None:
             self.teacher.eval()
             if not any(getattr(t, "cross_tokenizer", False) for t in self.losses.values()):
@@ -542,6 +557,8 @@ class DistillationModule(L.LightningModule):
         if rebuilt is not None:
             if self.teacher is None and any(t.requires_teacher for t in rebuilt.values()):
                 return  # a student-only load keeps the task term; KD terms need a teacher
+            for term in rebuilt.values():
+                term.bind(self.student, self.teacher)
             self.losses = nn.ModuleDict(check_terms(rebuilt))
             self.metrics = nn.ModuleDict()  # remade for the recorded terms on first use
             return

@@ -72,7 +72,13 @@ class TeacherTargets:
             (teacher perplexity without dense logits); ``None`` when ``logits`` give it.
         top1: ``(...)`` the teacher's most likely id per position; ``None`` when ``logits``
             (or top-k ``sparse`` ids) give it.
-        hidden_states: optional per-layer hidden states, for feature losses.
+        hidden_states: per-layer hidden states, for feature losses: Hugging Face's
+            ``hidden_states`` tuple (index 0 = embeddings) from a live teacher, or the layers a
+            cache stored.
+        hidden_layers: the indices into the teacher's ``hidden_states`` that ``hidden_states``
+            holds, in order (a cache's ``hidden_layers``); ``None``: the whole tuple.
+        attentions: the live teacher's ``attentions`` tuple (one ``(B, heads, T, T)`` per block).
+        modules: ``{module path: output}`` of the live teacher's hooked modules.
     """
 
     logits: Tensor | None = None
@@ -80,6 +86,9 @@ class TeacherTargets:
     label_logprobs: Tensor | None = None
     top1: Tensor | None = None
     hidden_states: tuple[Tensor, ...] | None = None
+    hidden_layers: tuple[int, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    modules: dict[str, Tensor] | None = None
 
     @property
     def has_distribution(self) -> bool:
@@ -101,6 +110,9 @@ class LossInputs:
         ignore_index: the mask value in ``labels``.
         student_output: the student's raw output, for terms that need more than logits.
         batch: the batch as the dataloader gave it.
+        student_features: the student's hidden states, attentions and hooked module outputs
+            (:class:`~lightning_distill.models.features.Features`) when an active term declares
+            that it reads them; else ``None``.
     """
 
     student_logits: Tensor
@@ -109,3 +121,4 @@ class LossInputs:
     ignore_index: int = -100
     student_output: Any = None
     batch: Any = None
+    student_features: Any = None

@@ -23,3 +23,15 @@ def test_drop_in_example_runs_and_distils(tmp_path):
     assert set(accuracy) == {"teacher", "student", "baseline"}
     # Seven classes: chance is 0.14. Forty steps already put the distilled student well above it.
     assert float(accuracy["student"]) > 0.3
+
+
+@pytest.mark.slow
+def test_feature_distillation_example_runs_and_exports_the_projector(tmp_path):
+    result = subprocess.run([sys.executable, str(EXAMPLES / "feature_distillation.py"), "--steps", "6"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "layer pairs (student, teacher): ((1, 2), (2, 4))" in result.stdout
+    rows = dict(re.findall(r"^(feature|attention)\s+(\d+\.\d+)\s+\d+\.\d+$", result.stdout, re.M))
+    assert set(rows) == {"feature", "attention"} and all(float(v) > 0 for v in rows.values())
+    assert "'feature_projector.safetensors'" in result.stdout

@@ -998,3 +998,19 @@ def test_load_from_checkpoint_restores_the_recorded_loss_terms(tmp_path):
         DistillationModule.load_from_checkpoint(path, student=tiny_llama(), teacher=tiny_teacher(),
                                                 losses={"kd": LogitKD(temperature=1.0, weight=0.7),
                                                         "task": TaskLoss(weight=0.3)})
+
+
+def test_fit_after_validate_on_the_same_module():
+    """`validate` makes the eval metrics inside inference mode; a later `fit` validates with grad off
+    but not in inference mode and must still update them (regression: in-place update refused)."""
+    ids = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
+    module = DistillationModule(tiny_llama(), tiny_teacher(), losses={"kd": LogitKD(), "task": TaskLoss()})
+    kw = dict(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False)
+    first = L.Trainer(**kw).validate(module, DataLoader(rows, batch_size=4), verbose=False)[0]
+    trainer = L.Trainer(**kw)
+    trainer.fit(module, DataLoader(rows, batch_size=4), DataLoader(rows, batch_size=4))
+    assert trainer.global_step == 2
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])
+    assert trainer.callback_metrics["val/loss"] != first["val/loss"]  # the trained student, measured again

@@ -9,10 +9,18 @@ import pytest
 import torch
 
 from lightning_distill import DistillationModule
+from lightning_distill.blackbox import OpenAITeacher
 from lightning_distill.callbacks import CoverageSlices, TeacherCache, TemperatureSchedule
 from lightning_distill.callbacks.temperature import Schedule
 from lightning_distill.data import CrossTokenizerDataModule, SlicedTextDataModule, TextDataModule
-from lightning_distill.losses import CrossTokenizerKD, LogitKD, TaskLoss, ULDLoss
+from lightning_distill.losses import (
+    AttentionTransfer,
+    CrossTokenizerKD,
+    FeatureKD,
+    LogitKD,
+    TaskLoss,
+    ULDLoss,
+)
 from lightning_distill.models import causal_lm_from_config, student_from_teacher
 from lightning_distill.validation import check_bool, check_choice, check_int, check_number
 
@@ -110,6 +118,8 @@ CONSTRUCTORS = {
     "LogitKD.temperature": lambda v: LogitKD(temperature=v),
     "LogitKD.weight": lambda v: LogitKD(weight=v),
     "TaskLoss.weight": lambda v: TaskLoss(weight=v),
+    "FeatureKD.student_dim": lambda v: FeatureKD(student_dim=v),
+    "AttentionTransfer.value_weight": lambda v: AttentionTransfer(value_weight=v),
     "DistillationModule.metrics_every_n_steps": lambda v: DistillationModule(torch.nn.Linear(2, 2),
                                                                              metrics_every_n_steps=v),
     "Schedule.start": lambda v: Schedule("linear", start=v, end=1.0, total_steps=10),
@@ -125,6 +135,8 @@ CONSTRUCTORS = {
     "SlicedTextDataModule.test_fraction": lambda v: SlicedTextDataModule(test_fraction=v),
     "student_from_teacher.intermediate_size": lambda v: student_from_teacher(_teacher(), intermediate_size=v),
     "student_from_teacher.k": lambda v: student_from_teacher(_teacher(), layers="first_k", k=v),
+    "OpenAITeacher.timeout": lambda v: OpenAITeacher("http://127.0.0.1:1/v1", "m", timeout=v),
+    "OpenAITeacher.concurrency": lambda v: OpenAITeacher("http://127.0.0.1:1/v1", "m", concurrency=v),
     "CrossTokenizerKD.uld_weight": lambda v: CrossTokenizerKD(uld_weight=v),
     "ULDLoss.temperature": lambda v: ULDLoss(temperature=v),
     "CrossTokenizerDataModule.teacher_seq_len": lambda v: CrossTokenizerDataModule(teacher_seq_len=v),
@@ -137,6 +149,8 @@ OUT_OF_RANGE = {
     "TeacherCache.sample_temperature": 0.0, "TextDataModule.seq_len": 1, "TextDataModule.val_fraction": 1.0,
     "SlicedTextDataModule.batch_size": 0, "SlicedTextDataModule.test_fraction": -0.1,
     "student_from_teacher.intermediate_size": 64, "student_from_teacher.k": 9,
+    "OpenAITeacher.timeout": 0.0, "OpenAITeacher.concurrency": 0,
+    "FeatureKD.student_dim": 0, "AttentionTransfer.value_weight": -1.0,
     "CrossTokenizerKD.uld_weight": -1.0, "ULDLoss.temperature": 0.0, "CrossTokenizerDataModule.teacher_seq_len": 1,
 }
 

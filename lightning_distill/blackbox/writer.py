@@ -21,6 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_distill.blackbox.prompts import Prompt
+from lightning_distill.blackbox.rationale import (
+    DEFAULT_ANSWER_PATTERN,
+    RationaleTemplate,
+    answers_match,
+    extract_answer,
+)
 from lightning_distill.blackbox.sources import TeacherSource, check_prompts
 from lightning_distill.validation import check_int
 
@@ -84,6 +91,25 @@ def _write_shard(path: Path, records: list[dict[str, Any]]) -> None:
         pass
 
 
+def _per_prompt(name: str, values: Any, count: int) -> list[str | None] | None:
+    """``values`` (one str or ``None`` per prompt) as a list, or ``None``."""
+    if values is None:
+        return None
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise TypeError(
+            f"{name} must be a list of str (one per prompt) or None, got {type(values).__name__}."
+        )
+    values = list(values)
+    if len(values) != count:
+        raise ValueError(
+            f"{name} has {len(values)} entries for {count} prompts; give one per prompt."
+        )
+    for i, v in enumerate(values):
+        if v is not None and not isinstance(v, str):
+            raise TypeError(f"{name}[{i}] must be a str or None, got {type(v).__name__}.")
+    return values
+
+
 def write_records(
     source: TeacherSource,
     prompts: Sequence[str],
@@ -93,6 +119,8 @@ def write_records(
     seed: int = 0,
     slices: Sequence[str | None] | None = None,
     shard_size: int = 256,
+    references: Sequence[str | None] | None = None,
+    rationale: RationaleTemplate | None = None,
 ) -> dict[str, int]:
     """Have ``source`` answer ``prompts`` (``n`` samples each) and append the records to ``out_dir``.
 
@@ -106,21 +134,32 @@ def write_records(
     slice is kept). Pairs already in ``out_dir`` are skipped, so a rerun after a crash completes
     the set without duplicates; stale ``*.tmp`` files of a killed run are removed.
 
+    Rationales (``docs/blackbox.md``): with ``rationale``, the teacher is sent
+    ``rationale.render(prompt)`` while the record keeps the original ``prompt``, and
+    ``generation["rationale"]`` holds the template. With ``rationale`` or ``references``, each
+    record also holds ``template`` (its name, or ``None``), ``answer`` (the extracted final answer,
+    or ``None``), ``reference`` and ``accepted`` (the answer matches the reference; ``None``
+    without a reference). Without either, records are as before.
+
     Args:
         source: a :class:`~lightning_distill.blackbox.sources.TeacherSource`.
-        prompts: the prompts (strings).
+        prompts: the prompts: strings, or :class:`~lightning_distill.blackbox.prompts.Prompt` s
+            (their ``slice`` and ``reference`` are used; then leave ``slices``/``references`` unset).
         out_dir: the output folder (created if missing).
         n: samples per prompt.
         seed: passed to ``source.generate``.
         slices: one slice name (or ``None``) per prompt, or ``None`` for no slices.
         shard_size: records per shard (about; a group of prompts is never split).
+        references: one reference answer (or ``None``) per prompt, for ``accepted``.
+        rationale: a :class:`~lightning_distill.blackbox.rationale.RationaleTemplate`, or ``None``.
 
     Returns:
         ``{"written": new records, "skipped": pairs already present, "shards": new shards}``.
 
     Raises:
         TypeError, ValueError: bad arguments; a source that does not return ``n`` completions per
-            prompt; existing records of the same prompt id with a different prompt text.
+            prompt; existing records of the same prompt id with a different prompt text, or
+            written with another rationale template.
     """
     if not callable(getattr(source, "generate", None)) or not callable(
         getattr(source, "identity", None)
@@ -128,23 +167,34 @@ def write_records(
         raise TypeError(
             f"source must have generate() and identity() (a TeacherSource), got {type(source).__name__}."
         )
+    if isinstance(prompts, Sequence) and any(isinstance(p, Prompt) for p in prompts):
+        if slices is not None or references is not None:
+            raise ValueError(
+                "prompts are Prompt objects, which carry their slice and reference; leave "
+                "slices= and references= unset."
+            )
+        if not all(isinstance(p, Prompt) for p in prompts):
+            raise TypeError("prompts mixes Prompt objects and other values; pass one kind.")
+        slices = [p.slice for p in prompts]
+        references = (
+            [p.reference for p in prompts]
+            if any(p.reference is not None for p in prompts)
+            else None
+        )
+        prompts = [p.text for p in prompts]
+    if rationale is not None and not isinstance(rationale, RationaleTemplate):
+        raise TypeError(
+            f"rationale must be a RationaleTemplate or None, got {type(rationale).__name__}."
+        )
     prompts = check_prompts(prompts)
     n = check_int("n", n, low=1)
     seed = check_int("seed", seed)
     shard_size = check_int("shard_size", shard_size, low=1)
-    if slices is not None:
-        if isinstance(slices, str) or not isinstance(slices, Sequence):
-            raise TypeError(
-                f"slices must be a list of str (one per prompt) or None, got {type(slices).__name__}."
-            )
-        slices = list(slices)
-        if len(slices) != len(prompts):
-            raise ValueError(
-                f"slices has {len(slices)} entries for {len(prompts)} prompts; give one per prompt."
-            )
-        for i, s in enumerate(slices):
-            if s is not None and not isinstance(s, str):
-                raise TypeError(f"slices[{i}] must be a str or None, got {type(s).__name__}.")
+    slices = _per_prompt("slices", slices, len(prompts))
+    references = _per_prompt("references", references, len(prompts))
+    scoring = rationale is not None or references is not None
+    template = rationale.name if rationale is not None else None
+    wanted = rationale.to_dict() if rationale is not None else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("shard-*.jsonl.tmp"):
@@ -155,9 +205,18 @@ def write_records(
     for rec in read_records(out):
         done.add((rec["prompt_id"], int(rec["sample_index"])))
         known.setdefault(rec["prompt_id"], rec["prompt"])
+        had = (rec.get("generation") or {}).get("rationale")
+        if had != wanted:
+            named = had.get("name") if isinstance(had, dict) else None
+            raise ValueError(
+                f"{out} holds records written with rationale template {named!r}"
+                + (" (another text or answer pattern)" if named == template else "")
+                + f", not {template!r}; write to another folder (one template per folder)."
+            )
 
     # unique prompts in order, with their slice and the sample indices still missing
     todo: list[tuple[str, str, str | None, list[int]]] = []
+    reference_of: dict[str, str | None] = {}
     seen: set[str] = set()
     skipped = 0
     for i, p in enumerate(prompts):
@@ -170,6 +229,7 @@ def write_records(
                 "write these prompts to another folder."
             )
         seen.add(pid)
+        reference_of[pid] = references[i] if references is not None else None
         missing = [j for j in range(n) if (pid, j) not in done]
         skipped += n - len(missing)
         if missing:
@@ -177,13 +237,17 @@ def write_records(
 
     identity = dict(source.identity())
     generation = {**dict(identity.pop("generation", None) or {}), "n": n, "seed": seed}
+    if rationale is not None:
+        generation["rationale"] = rationale.to_dict()
+    pattern = rationale.answer_pattern if rationale is not None else DEFAULT_ANSWER_PATTERN
     next_shard = len(shard_paths(out))
     existing = {p.name for p in shard_paths(out)}
     per_call = max(1, shard_size // n)
     written = shards = 0
     for start in range(0, len(todo), per_call):
         group = todo[start : start + per_call]
-        answers = source.generate([p for _, p, _, _ in group], n=n, seed=seed)
+        sent = [rationale.render(p) if rationale else p for _, p, _, _ in group]
+        answers = source.generate(sent, n=n, seed=seed)
         if len(answers) != len(group):
             raise ValueError(
                 f"source returned {len(answers)} answers for {len(group)} prompts; expected one per prompt."
@@ -215,6 +279,15 @@ def write_records(
                         "created_at": now,
                     }
                 )
+                if scoring:
+                    ref = reference_of[pid]
+                    answer = extract_answer(c.text, pattern)
+                    records[-1].update(
+                        template=template,
+                        answer=answer,
+                        reference=ref,
+                        accepted=None if ref is None else answers_match(answer, ref),
+                    )
         while f"shard-{next_shard:05d}.jsonl" in existing:
             next_shard += 1
         _write_shard(out / f"shard-{next_shard:05d}.jsonl", records)

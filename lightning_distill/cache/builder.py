@@ -28,7 +28,7 @@ from lightning_distill.cache.fingerprint import (
     fingerprint_key,
     tokenizer_fingerprint,
 )
-from lightning_distill.cache.format import KINDS, CacheSpec, encode_sample
+from lightning_distill.cache.format import KINDS, CacheSpec, encode_sample, encode_topk_logprobs
 from lightning_distill.cache.layout import (
     dataset_sample_ids,
     decoder_lengths,
@@ -96,8 +96,8 @@ class CacheBuilder:
             and training at another temperature is refused.
         dtype: ``"float16"`` or ``"bfloat16"`` for dense logits and hidden states.
         hidden_layers: also store the teacher's ``hidden_states[i]`` for these ``i`` (read back
-            as ``TeacherTargets.hidden_states``). No loss reads them yet: they are for the
-            feature losses of a later release.
+            as ``TeacherTargets.hidden_states``, with ``hidden_layers`` saying which), the indices
+            of ``FeatureKD``'s layer map (0 = embeddings, ``-1`` = the last hidden state).
         splits: splits to cache, of ``train``, ``val``, ``test``; a split whose dataloader is
             missing is skipped. Splits left out keep a live teacher.
         build_batch_size: batch size of the teacher during the build (default: the loader's).
@@ -114,6 +114,11 @@ class CacheBuilder:
             ``None`` skips that check.
         progress: show a progress bar while building (rank 0).
         storage_options: passed to fsspec (credentials, endpoints).
+        served: a :class:`~lightning_distill.blackbox.ServedTeacher`: build the cache from a teacher
+            served elsewhere (its top-k prompt log-probabilities over HTTP) instead of the module's
+            teacher, which must then be ``None``. Needs ``kind="topk"``, a causal-LM student that
+            shares the teacher's tokenizer, and the tokenizer (the data module's, else the served
+            teacher's ``tokenizer``).
 
     Raises:
         ValueError: on a bad argument (named, with the fix).
@@ -142,6 +147,7 @@ class CacheBuilder:
         input_key: str | None = "input_ids",
         progress: bool = True,
         storage_options: Mapping[str, Any] | None = None,
+        served: Any = None,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -187,6 +193,11 @@ class CacheBuilder:
         self.input_key = input_key
         self.progress = bool(progress)
         self.storage_options = dict(storage_options or {})
+        self.served: Any = None
+        self._served_tokenizer: Any = None
+        self._served_checked = False
+        if served is not None:
+            self.use_served(served)
 
         self.storage: CacheStorage | None = None
         self.spec: CacheSpec | None = None
@@ -202,6 +213,8 @@ class CacheBuilder:
         out: dict[str, Any] = {"kind": self.kind, "dirpath": self.storage.url if self.storage else self.dirpath,
                                "params": self.spec.params() if self.spec else None,
                                "fingerprint": fingerprint_key(self.fingerprint) if self.fingerprint else None}
+        if self.served is not None:
+            out["teacher"] = self.served.identity()
         out["splits"] = {name: {**reader.describe(), "built_now": self.built.get(name, 0)}
                          for name, reader in self.readers.items()}
         return out
@@ -225,7 +238,8 @@ class CacheBuilder:
                 tok = f"{type(tokenizer).__name__}:{len(tokenizer)}"
         params = {**spec_params, "shift_labels": bool(getattr(module, "shift_labels", False)),
                   "ignore_index": int(getattr(module, "ignore_index", -100))}
-        return cache_fingerprint(teacher=module.teacher_identity, tokenizer=tok, data=data_fingerprint,
+        teacher = self.served.identity() if self.served is not None else module.teacher_identity
+        return cache_fingerprint(teacher=teacher, tokenizer=tok, data=data_fingerprint,
                                  kind=self.kind, params=params)
 
     # ------------------------------------------------------------------ opening and building
@@ -255,6 +269,8 @@ class CacheBuilder:
                 does not allow; a ``dirpath`` that is a file or a folder of other files; a
                 missing cache and no teacher to build it.
             CacheMismatchError: a cache built for another teacher/tokenizer/data/kind/params/format.
+            TokenMismatchError: a served teacher (``served=``) whose tokens are not the student's.
+            TeacherRequestError: a served teacher's request failed for good.
         """
         losses = getattr(module, "losses", None) or {}
         crossed = [n for n, t in losses.items() if getattr(t, "cross_tokenizer", False)]
@@ -271,7 +287,11 @@ class CacheBuilder:
                 barrier(name)
 
         teacher = getattr(module, "teacher", None)
-        vocab = output_vocab_size(teacher) if teacher is not None else None
+        if self.served is not None:
+            vocab = self._served_setup(module, tokenizer)
+            tokenizer = self._served_tokenizer  # the data module's, else the served teacher's: fingerprinted
+        else:
+            vocab = output_vocab_size(teacher) if teacher is not None else None
         if vocab is None and teacher is not None:
             vocab = _probe_vocab(module, next(iter(loaders.values())))
         fold = self._fold_vocab(module, vocab)  # refuses a vocabulary mismatch before anything is built
@@ -329,7 +349,7 @@ class CacheBuilder:
             return reader
         done = completed_sample_ids(self.storage, split)
         todo = [i for i, sid in enumerate(ids.tolist()) if sid not in done]
-        if todo and getattr(module, "teacher", None) is None:
+        if todo and getattr(module, "teacher", None) is None and self.served is None:
             raise ValueError(
                 f"the teacher cache at {self.storage.url} lacks {len(todo)} samples of split {split!r} and "
                 "there is no teacher to compute them; attach the teacher once to build them (the cache is then "
@@ -375,7 +395,7 @@ class CacheBuilder:
         teacher = getattr(module, "teacher", None)
         probe = self._spec(vocab or 1, fold)
         fingerprint = (self._fingerprint(module, tokenizer, data_fingerprint, probe.params())
-                       if teacher is not None else None)
+                       if teacher is not None or self.served is not None else None)
         url = self.dirpath
         if url is None:
             if fingerprint is not None:
@@ -468,6 +488,8 @@ class CacheBuilder:
     def _run_teacher(self, module: Any, split: str, loader: DataLoader, indices: list[int], rank: int) -> int:
         """Run the teacher over ``indices`` of the split's dataset and write their targets."""
         assert self.storage is not None and self.spec is not None
+        if self.served is not None:
+            return self._run_served(module, split, loader, indices, rank)
         spec = self.spec
         teacher = module.teacher
         device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
@@ -543,6 +565,92 @@ class CacheBuilder:
                 bar.close()
         return written
 
+    # ------------------------------------------------------------------ a served teacher
+    def use_served(self, served: Any) -> None:
+        """Build from ``served`` (a :class:`~lightning_distill.blackbox.ServedTeacher`) instead of the
+        module's teacher (``served=`` of the constructor; the CLI calls this for ``teacher=served``).
+
+        Raises:
+            TypeError: ``served`` is not a served teacher.
+            ValueError: what a served teacher cannot build (another kind than ``topk``, another
+                ``k`` than its ``top_k``, hidden layers).
+        """
+        _check_served(served, self.kind, self.k, self.hidden_layers)
+        self.served = served
+
+    def _served_setup(self, module: Any, tokenizer: Any) -> int:
+        """Check what a served teacher needs; the vocabulary of the cache (the student's)."""
+        if getattr(module, "teacher", None) is not None:
+            raise ValueError("the module has a teacher and the cache a served one (served=...); use one: "
+                             "DistillationModule(student, None, ...) to build from the server.")
+        if not getattr(module, "shift_labels", False):
+            raise ValueError("a served teacher's log-probabilities score each next token, as a causal LM does; "
+                             "the module's student must be a causal LM (shift_labels=True).")
+        tokenizer = tokenizer if tokenizer is not None else getattr(self.served, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("a served teacher's tokens are checked against the student's tokenizer, and none was "
+                             "found: give the data module a .tokenizer or pass ServedTeacher(tokenizer=...).")
+        self._served_tokenizer = tokenizer
+        student = getattr(module, "student", None)
+        vocab = output_vocab_size(student) if student is not None else None
+        return int(vocab if vocab is not None else len(tokenizer))
+
+    def _run_served(self, module: Any, split: str, loader: DataLoader, indices: list[int], rank: int) -> int:
+        """Ask the served teacher for the top-k log-probabilities of ``indices`` and write their targets."""
+        assert self.storage is not None and self.spec is not None
+        spec, served, tokenizer = self.spec, self.served, self._served_tokenizer
+        k = min(int(spec.k), spec.vocab_size)
+        batch_size = self.build_batch_size or loader.batch_size or 16
+        subset = DataLoader(Subset(loader.dataset, indices), batch_size=batch_size, shuffle=False,
+                            collate_fn=loader.collate_fn, num_workers=0)
+        writer = ShardWriter(self.storage, split, rank=rank, shard_bytes=self.shard_bytes,
+                             compression=spec.compression)
+        written = 0
+        bar = None
+        if self.progress and rank == 0 and indices:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(indices), desc=f"Caching served teacher log-probabilities [{split}, topk]",
+                       unit="sample", dynamic_ncols=True)
+        layout = {"layout": "tokens"}
+        try:
+            for batch in subset:
+                if not isinstance(batch, Mapping) or self.sample_id_key not in batch or "input_ids" not in batch:
+                    raise ValueError(f"a served teacher needs mapping batches with 'input_ids' and a stable per-sample "
+                                     f"id under {self.sample_id_key!r}; got {type(batch).__name__}.")
+                inputs, labels = split_batch(batch)
+                input_ids = batch["input_ids"]
+                n = input_ids.shape[0]
+                _, lengths = positions(batch, input_ids.new_empty((*input_ids.shape[:2], 0)), n)
+                aligned = align_labels(labels, inputs, None, shift_labels=True, ignore_index=module.ignore_index)
+                sample_ids = torch.as_tensor(batch[self.sample_id_key]).reshape(-1)
+                if written == 0:
+                    self.storage.write_json(layout, split, "layout.json")
+                samples = [input_ids[b, : int(lengths[b])].tolist() for b in range(n)]
+                names = [f"sample {int(sample_ids[b])} ({split})" for b in range(n)]
+                if not self._served_checked:  # the tokenizers agree: once, before any sample is stored
+                    served.check_tokenizer(tokenizer, samples[0], k=k, sample=names[0])
+                    self._served_checked = True
+                answers = served.many_logprobs(samples, k=k, tokenizer=tokenizer, vocab_size=spec.vocab_size,
+                                               names=names)
+                hashes = (sample_hashes(batch, self.input_key, layout, lengths)
+                          if self.input_key and self.input_key in batch else torch.zeros(n, dtype=torch.int64))
+                for b, answer in enumerate(answers):
+                    length = int(lengths[b])
+                    label = None if aligned is None else aligned[b, :length]
+                    label_lp = _label_logprobs(answer, samples[b], label, module.ignore_index, names[b])
+                    tensors = encode_topk_logprobs(spec, torch.from_numpy(answer.top_ids),
+                                                   torch.from_numpy(answer.top_logprobs), label_lp)
+                    writer.add(int(sample_ids[b]), int(hashes[b]), tensors)
+                written += n
+                if bar is not None:
+                    bar.update(n)
+            writer.flush()
+        finally:
+            if bar is not None:
+                bar.close()
+        return written
+
     def release(self, module: Any) -> None:
         """Drop the module's teacher (its identity is kept for checkpoints and the card)."""
         if getattr(module, "teacher", None) is None:
@@ -556,6 +664,44 @@ class CacheBuilder:
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _check_served(served: Any, kind: str, k: int, hidden_layers: tuple[int, ...]) -> None:
+    """A served teacher gives top-k log-probabilities only: refuse what it cannot build."""
+    for name in ("identity", "check_tokenizer", "many_logprobs"):
+        if not callable(getattr(served, name, None)):
+            raise TypeError(f"served must be a lightning_distill.blackbox.ServedTeacher, got {type(served).__name__}.")
+    if kind != "topk":
+        raise ValueError(f"a served teacher gives top-k log-probabilities, not {kind!r} targets; use kind='topk' "
+                         "(Hydra: callbacks=teacher_cache_topk).")
+    top_k = getattr(served, "top_k", None)
+    if top_k is not None and top_k != k:
+        raise ValueError(f"ServedTeacher(top_k={top_k}) and the cache's k={k} differ; set one of them (Hydra: "
+                         f"callbacks.teacher_cache.k={top_k}, or teacher.top_k=null to use the cache's k).")
+    if hidden_layers:
+        raise ValueError("a served teacher returns no hidden states; drop hidden_layers.")
+
+
+def _label_logprobs(answer: Any, ids: list[int], labels: Tensor | None, ignore_index: int, name: str) -> Tensor:
+    """Each position's label log-probability from a served answer: the next token's (the usual label),
+    else the label's top-k entry; 0 where there is no label."""
+    length = len(ids)
+    out = torch.zeros(length, dtype=torch.float64)
+    if labels is None:
+        return out
+    for t, label in enumerate(labels.tolist()):
+        if label == ignore_index:
+            continue
+        if t + 1 < length and label == ids[t + 1] and answer.next_logprobs[t] == answer.next_logprobs[t]:
+            out[t] = float(answer.next_logprobs[t])
+            continue
+        hit = (answer.top_ids[t] == label).nonzero()[0]
+        if not hit.size:
+            raise ValueError(f"{name}: the label {label} at position {t} is neither the next token nor among the "
+                             "served teacher's top-k, so its log-probability is unknown; a served teacher scores "
+                             "the sample's own next tokens (labels = input_ids, ignore_index elsewhere).")
+        out[t] = float(answer.top_logprobs[t, hit[0]])
+    return out
+
+
 def _to_device(data: Any, device: torch.device) -> Any:
     """``data`` (tensors in mappings, lists and tuples; anything with ``.to``) on ``device``."""
     if isinstance(data, Tensor):

@@ -49,6 +49,9 @@ COMPONENTS = ("teacher", "tokenizer", "data", "kind", "params", "format")
 _TEACHER_FIELDS = ("class", "model_type", "config_sha256", "weights_sha256", "num_parameters", "vocab_size",
                    "dtype")
 _TEACHER_FALLBACK_FIELDS = INFORMATIONAL_FIELDS
+# A teacher served elsewhere (``ServedTeacher.identity``) is known by its name, where it is served
+# and the revision (and weights path) the server reports: all of them compared.
+_SERVED_FIELDS = ("source", "model_name", "base_url", "revision", "root")
 
 
 class CacheMismatchError(ValueError):
@@ -70,7 +73,8 @@ def cache_fingerprint(
     """The plain-value fingerprint of a cache (what ``cache.json`` stores under ``fingerprint``).
 
     Args:
-        teacher: the teacher's identity (:func:`~lightning_distill.models.describe_model`).
+        teacher: the teacher's identity (:func:`~lightning_distill.models.describe_model`, or a
+            served teacher's ``ServedTeacher.identity()``: model name, URL, revision).
         tokenizer: tokenizer digest, or ``None`` when the data has no tokenizer.
         data: the data module's fingerprint, or ``None`` (per-sample token hashes still apply).
         kind: ``"dense"``, ``"topk"`` or ``"sampled"``.
@@ -79,6 +83,8 @@ def cache_fingerprint(
     ident = None
     if teacher is not None:
         fields = _TEACHER_FIELDS if teacher.get("weights_sha256") else _TEACHER_FIELDS + _TEACHER_FALLBACK_FIELDS
+        if teacher.get("source") == "served":
+            fields = _SERVED_FIELDS
         ident = {k: teacher.get(k) for k in fields if k in teacher}
     return _plain({
         "teacher": ident,

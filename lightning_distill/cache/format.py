@@ -42,7 +42,7 @@ from torch import Tensor
 
 from lightning_distill.types import SparseTargets, TeacherTargets
 
-__all__ = ["KINDS", "CacheSpec", "LoadedShard", "assemble", "encode_sample"]
+__all__ = ["KINDS", "CacheSpec", "LoadedShard", "assemble", "encode_sample", "encode_topk_logprobs"]
 
 Kind = Literal["dense", "topk", "sampled"]
 KINDS = ("dense", "topk", "sampled")
@@ -242,6 +242,32 @@ def encode_sample(
     return out
 
 
+def encode_topk_logprobs(spec: CacheSpec, top_ids: Tensor, top_logprobs: Tensor,
+                         label_logprobs: Tensor) -> dict[str, Tensor]:
+    """The tensors a ``topk`` shard stores for one sample, from log-probabilities read elsewhere
+    (a served teacher's top-k) instead of logits: the same names, dtypes and tail bucket as
+    :func:`encode_sample`.
+
+    Args:
+        spec: a ``topk`` spec; ``top_ids`` must have ``spec.k`` columns (or ``V`` when ``k > V``).
+        top_ids: ``(L, k)`` the most likely ids at each position, most likely first.
+        top_logprobs: ``(L, k)`` their log-probabilities (temperature 1).
+        label_logprobs: ``(L,)`` the label's log-probability at each position (0 where none).
+
+    The tail bucket is ``log(1 - sum(exp(top_logprobs)))``, computed in float64; ``-inf`` when the
+    top-k hold all the mass (as :func:`encode_sample` stores when ``k = V``).
+    """
+    lp = top_logprobs.double()
+    rest = 1.0 - lp.exp().sum(-1)
+    tail = torch.where(rest > 0, torch.log(rest.clamp_min(1e-300)), float("-inf"))
+    return {
+        "pos.label_logprobs": label_logprobs.to(torch.float16).cpu(),
+        "pos.topk_ids": top_ids.to(spec.id_dtype).cpu(),
+        "pos.topk_logprobs": lp.to(torch.float16).cpu(),
+        "pos.tail_logprob": tail.to(torch.float16).cpu(),
+    }
+
+
 class LoadedShard:
     """A shard's tensors in memory, with the offsets that find a sample's positions and entries."""
 
@@ -361,8 +387,9 @@ def assemble(
         return padded.reshape(*position_shape, *flat.shape[1:])
 
     hidden = tuple(shaped(f"pos.hidden.{layer}", 0.0, torch.float32) for layer in spec.hidden_layers) or None
+    layers = tuple(spec.hidden_layers) if hidden is not None else None  # which hidden_states indices they are
     if spec.kind == "dense":
-        return TeacherTargets(logits=shaped("pos.logits", 0.0, torch.float32), hidden_states=hidden)
+        return TeacherTargets(logits=shaped("pos.logits", 0.0, torch.float32), hidden_states=hidden, hidden_layers=layers)
 
     label_logprobs = shaped("pos.label_logprobs", 0.0, torch.float32)
     if spec.kind == "topk":
@@ -373,7 +400,7 @@ def assemble(
             verified=True,
         )
         return TeacherTargets(sparse=sparse, label_logprobs=label_logprobs, top1=ids[..., 0],
-                              hidden_states=hidden)
+                              hidden_states=hidden, hidden_layers=layers)
 
     # sampled: rows of (K_max) entries, padded at load; shards may differ in K_max.
     width_k = max(p["pos.entry_ids"].shape[-1] for p in pieces)
@@ -394,4 +421,4 @@ def assemble(
         entropy=shaped("pos.entropy", 0.0, torch.float32),
     )
     return TeacherTargets(sparse=sparse, label_logprobs=label_logprobs,
-                          top1=shaped("pos.top1", 0, torch.int64), hidden_states=hidden)
+                          top1=shaped("pos.top1", 0, torch.int64), hidden_states=hidden, hidden_layers=layers)

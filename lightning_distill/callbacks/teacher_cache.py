@@ -71,7 +71,7 @@ class TeacherCache(CacheBuilder, Callback):
     :class:`~lightning_distill.cache.builder.CacheBuilder`, whose arguments this callback takes;
     the callback adds the Lightning hooks, the ranks and barriers of the Trainer, the release of
     the teacher and the per-batch :meth:`attach`. ``hidden_layers`` are stored and read back
-    (``TeacherTargets.hidden_states``) but no loss reads them yet: the feature losses will.
+    (``TeacherTargets.hidden_states``), feeding ``FeatureKD`` as a live teacher's would.
 
     Args:
         those of :class:`~lightning_distill.cache.builder.CacheBuilder`, documented there:
@@ -80,7 +80,9 @@ class TeacherCache(CacheBuilder, Callback):
         ``store_logprobs``, ``dtype``, ``hidden_layers``), ``splits``, ``release_teacher``, and
         how it is built and read (``build_batch_size``, ``shard_mb``, ``compression``,
         ``on_mismatch``, ``max_shards_in_memory``, ``sample_id_key``, ``input_key``,
-        ``progress``, ``storage_options``).
+        ``progress``, ``storage_options``), and ``served``: a
+        :class:`~lightning_distill.blackbox.ServedTeacher` whose top-k log-probabilities build a
+        ``topk`` cache instead of the module's teacher (``docs/blackbox.md``).
 
     Raises:
         ValueError: on a bad argument (named, with the fix); a ``dirpath`` that is a file or a folder
@@ -208,6 +210,13 @@ class TeacherCache(CacheBuilder, Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._check_temperatures(trainer, pl_module)
+        if getattr(pl_module, "losses", None) is not None:  # feature terms the cache cannot feed
+            from lightning_distill.losses.feature_terms import check_cached_features
+            from lightning_distill.models.features import num_layers
+
+            teacher = getattr(pl_module, "teacher", None)
+            check_cached_features(pl_module.losses, self.hidden_layers or (),
+                                  num_layers(teacher) if teacher is not None else None)
         self._prepare_for(trainer, pl_module, list(self.splits))
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -377,20 +377,8 @@ class TextDataModule(SplitDataModule):
                 else:
                     unique[doc.key] = doc
             docs = list(unique.values())
-        if self.splits is not None:
-            assignment = [d.split or "train" for d in docs]
-        else:
-            assignment = assign_by_content(
-                docs, self.val_fraction, self.test_fraction, self.split_seed
-            )
-        ids, labels = tokenize_documents(
-            self.tokenizer,
-            docs,
-            self.instruct,
-            self.add_special_tokens,
-            self.add_eos,
-            self.progress,
-        )
+        assignment = self._assign(docs)
+        ids, labels = self._tokenize(docs)
         slices = self.slices
         arrays: dict[str, dict[str, np.ndarray]] = {}
         stats: dict[str, Any] = {
@@ -443,6 +431,23 @@ class TextDataModule(SplitDataModule):
             stats["tokens_in"],
             stats["seconds"],
             folder,
+        )
+
+    def _assign(self, docs: list[TextDocument]) -> list[str]:
+        """Each document's split (a subclass may group documents, e.g. by prompt)."""
+        if self.splits is not None:
+            return [d.split or "train" for d in docs]
+        return assign_by_content(docs, self.val_fraction, self.test_fraction, self.split_seed)
+
+    def _tokenize(self, docs: list[TextDocument]) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids and labels of each document (a subclass may encode differently)."""
+        return tokenize_documents(
+            self.tokenizer,
+            docs,
+            self.instruct,
+            self.add_special_tokens,
+            self.add_eos,
+            self.progress,
         )
 
     def _samples(

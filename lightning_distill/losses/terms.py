@@ -58,10 +58,26 @@ class LossTerm(nn.Module):
     requires_teacher: bool = False
     reads_labels: bool = False
     cross_tokenizer: bool = False
+    #: Features it reads (:mod:`lightning_distill.models.features`): hidden-state indices (``int``,
+    #: asks ``output_hidden_states``) or module paths (``str``, hooked for the forward) of each model.
+    student_layers: tuple[int | str, ...] = ()
+    teacher_layers: tuple[int | str, ...] = ()
+    #: It reads attention probabilities (asks ``output_attentions`` of both models).
+    reads_attentions: bool = False
 
     @property
     def fused_role(self) -> FusedRole | None:
         return None
+
+    def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Called by the module with its models when it is built: resolve what depends on them
+        (layer counts, widths, module paths). ``teacher`` is ``None`` when targets come from a
+        cache. Default: nothing."""
+
+    def export_modules(self) -> dict[str, nn.Module]:
+        """Modules trained with the student that the export saves beside it (e.g. a projector
+        kept with ``projector_export="save"``). Default: none."""
+        return {}
 
     @property
     def no_neg_inf(self) -> bool:
