@@ -80,6 +80,14 @@ class SharedVocab:
     def size(self) -> int:
         return int(self.student_ids.numel())
 
+    def unshared(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """``(student ids, teacher ids)`` of the entries only one vocabulary has."""
+        s_only = torch.ones(self.student_size, dtype=torch.bool)
+        s_only[self.student_ids] = False
+        t_only = torch.ones(self.teacher_size, dtype=torch.bool)
+        t_only[self.teacher_ids] = False
+        return s_only.nonzero().flatten().to(device), t_only.nonzero().flatten().to(device)
+
     @classmethod
     def identity(cls, vocab_size: int) -> SharedVocab:
         """The mapping of a vocabulary with itself."""

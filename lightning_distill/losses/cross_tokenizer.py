@@ -238,14 +238,15 @@ def cross_tokenizer_kd(student_logits: Tensor, teacher_logits: Tensor, cross: Cr
     mt, gt = _merge(lt[b, t.position], t.first, t.chain)
     device = ms.device
     s_ids, t_ids = vocab.student_ids.to(device), vocab.teacher_ids.to(device)
-    xs = torch.cat([ms[:, s_ids], gs.unsqueeze(-1)], -1)
-    xt = torch.cat([mt[:, t_ids], gt.unsqueeze(-1)], -1)
+    # index_select (backward: one index_add) rather than advanced indexing (accumulating index_put).
+    xs = torch.cat([ms.index_select(-1, s_ids), gs.unsqueeze(-1)], -1)
+    xt = torch.cat([mt.index_select(-1, t_ids), gt.unsqueeze(-1)], -1)
     div = rows_fn(xs, xt, None).sum() if xs.shape[0] else ms.new_zeros(())
-    s_only = torch.ones(vocab.student_size, dtype=torch.bool, device=device)
-    s_only[s_ids] = False
-    t_only = torch.ones(vocab.teacher_size, dtype=torch.bool, device=device)
-    t_only[t_ids] = False
-    rest = _sorted_l1(ms[:, s_only].exp(), mt[:, t_only].exp()).sum() if uld_weight > 0 else ms.new_zeros(())
+    if uld_weight > 0:
+        s_only, t_only = vocab.unshared(device)
+        rest = _sorted_l1(ms.index_select(-1, s_only).exp(), mt.index_select(-1, t_only).exp()).sum()
+    else:
+        rest = ms.new_zeros(())
     return div, rest * uld_weight, torch.tensor(b.numel(), device=device)
 
 
