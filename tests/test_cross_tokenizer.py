@@ -363,3 +363,14 @@ def test_the_data_module_takes_both_models_own_tokenizers(tokenizers, tmp_path):
         _ = dm.teacher_datamodule
     with pytest.raises(TypeError, match="student_tokenizer must be a Hugging Face tokenizer"):
         CrossTokenizerDataModule(student_tokenizer=3)
+
+
+@pytest.mark.slow
+def test_example_runs_and_prints_bits_per_byte(tmp_path):
+    example = Path(__file__).resolve().parent.parent / "examples" / "cross_tokenizer.py"
+    env = {**os.environ, "LIGHTNING_DISTILL_CACHE": str(tmp_path / "cache"), "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, str(example), "--small", "--steps", "10", "--teacher-steps", "10"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "teacher bpb" in result.stdout and "no-teacher bpb" in result.stdout
+    assert result.stdout.count(" bpb, teacher ") == 2  # one line per slice
