@@ -57,7 +57,8 @@ def checkpoint_errors(path: Any) -> Iterator[None]:
             "saved by a DistillationModule fit (ModelCheckpoint), or re-save the file from its source."
         ) from None
     except (OSError, RuntimeError, EOFError, KeyError, ValueError, AttributeError, IndexError) as error:
-        first = str(error).splitlines()[0][:200] if str(error) else ""
+        first = str(error).splitlines()[0] if str(error) else ""
+        first = first.split(". ")[0].rstrip(".")[:200]  # the library's first sentence, not its advice
         raise CheckpointError(
             f"{path} is damaged or truncated and cannot be read as a checkpoint ({type(error).__name__}"
             f"{': ' + first if first else ''}); it may have been cut off while being written or copied. "

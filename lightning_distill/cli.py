@@ -9,6 +9,7 @@
     lightning-distill --cfg job                        # print the composed config
     lightning-distill experiment=demo_cached +build_cache_only=true   # only build the teacher cache
     lightning-distill output_dir=outputs/<run> ckpt_path=last          # resume that run
+    lightning-distill generate source=demo prompts.run_dir=<run>       # teacher-written data (conf/generate.yaml)
 """
 
 from __future__ import annotations
@@ -136,14 +137,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     baseline; write the report; export the student.
     """
     import lightning as L
+    from torch import nn
 
     from lightning_distill.callbacks.teacher_cache import TeacherCache
     from lightning_distill.checkpoint import resolve_ckpt_path
+    from lightning_distill.losses.terms import check_terms
+    from lightning_distill.models.hf import freeze
+    from lightning_distill.paths import CACHE_ENV_VAR, cache_root, check_writable
 
     started = time.perf_counter()
     out_dir = _output_dir(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)  # a missing file fails before any work
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, "output_dir", "pass output_dir=<a folder you can write>, or fix its permissions.")
+    check_writable(cache_root(), CACHE_ENV_VAR, f"set {CACHE_ENV_VAR}=<a folder you can write> (tokenizers, "
+                   "tokenized data and teacher targets are kept there), or fix its permissions.")
+    losses = check_terms(_build_losses(cfg.loss))  # a bad loss value fails before data and models load
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = _instantiate(cfg.data)
@@ -153,7 +161,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     served = _served_teacher(teacher)  # teacher=served: the cache asks the server, no teacher runs here
     teacher = None if served is not None else teacher
     student = _instantiate(cfg.student, teacher=teacher)  # student=from_teacher is cut from the teacher
-    module = _build_module(cfg, student, teacher, _build_losses(cfg.loss), cached=served is not None)
+    if isinstance(teacher, nn.Module):
+        freeze(teacher)  # the configured teacher is frozen by design: no "handed over trainable" warning
+    module = _build_module(cfg, student, teacher, losses, cached=served is not None)
     trainer = _make_trainer(cfg, out_dir)
     cache = next((c for c in trainer.callbacks if isinstance(c, TeacherCache)), None)
     if served is not None:
@@ -311,6 +321,8 @@ def _export(cfg: DictConfig, report: dict[str, Any], module: Any, datamodule: An
         "data": {"fingerprint": getattr(datamodule, "fingerprint", None)},
         "slices": report["slices"],
     }
+    if getattr(datamodule, "generated_lineage", None):
+        record["generated_data"] = datamodule.generated_lineage
     if cache is not None:
         record["teacher_cache"] = cache.config()
     card = _card(module, datamodule, trainer, stats, coverage, distillation_card, cache)
@@ -364,6 +376,11 @@ def _build_cache_only(cache: Any, module: Any, datamodule: Any, started: float) 
     if cache is None:
         raise ValueError("build_cache_only=true needs a TeacherCache callback; add one, e.g. "
                          "callbacks=teacher_cache_sampled (or experiment=demo_cached).")
+    seq_len = getattr(datamodule, "seq_len", None)
+    if isinstance(seq_len, int):  # the teacher runs here without a Trainer (no DistillationModule.setup)
+        from lightning_distill.models.adapters import check_positions
+
+        check_positions({"student": module.student, "teacher": module.teacher}, seq_len, f"data seq_len={seq_len}")
     splits = cache.build(module, cache.split_loaders(datamodule), tokenizer=getattr(datamodule, "tokenizer", None),
                          data_fingerprint=getattr(datamodule, "data_fingerprint", None))  # one process: no barriers
     report = {"teacher_cache": cache.config(), "seconds": round(time.perf_counter() - started, 1)}
@@ -408,7 +425,8 @@ def _card(module: Any, datamodule: Any, trainer: Any, stats: Mapping[str, Any], 
     teacher = module.teacher_identity or (cache.config().get("teacher") if cache is not None else None)
     return build(student=module.student, teacher=teacher, data=data, slices=slices,
                  losses={n: t.config() for n, t in module.losses.items()}, schedule=schedules or None,
-                 coverage=cov, cache=cache.config() if cache is not None else "live")
+                 coverage=cov, cache=cache.config() if cache is not None else "live",
+                 generated=getattr(datamodule, "generated_lineage", None))
 
 
 def _wandb_loggers(trainer: Any) -> list[Any]:
@@ -453,6 +471,18 @@ def _user_error(error: BaseException) -> bool:
     return own or isinstance(error, ValueError | TypeError | FileNotFoundError | InterpolationResolutionError)
 
 
+def _user_message(error: BaseException) -> str:
+    """``Type: message`` of a user error; an error raised while Hydra built a config node is shown as
+    its cause, followed by the node (``ValueError: temperature must be ... (config: loss.kd)``)."""
+    from hydra.errors import InstantiationException
+
+    if isinstance(error, InstantiationException) and error.__cause__ is not None:
+        key = next((line.split(":", 1)[1].strip() for line in str(error).splitlines()
+                    if line.startswith("full_key:")), "")
+        return _user_message(error.__cause__) + (f" (config: {key})" if key else "")
+    return f"{type(error).__name__}: {error}"
+
+
 def _debug() -> bool:
     return any(os.environ.get(name, "") not in ("", "0") for name in (DEBUG_ENV, "HYDRA_FULL_ERROR"))
 
@@ -469,10 +499,28 @@ def _hydra_main(cfg: DictConfig) -> None:
         gap = isinstance(error, CoverageGapError)
         if _debug() or not (gap or _user_error(error)):
             raise
-        print(f"Error: {type(error).__name__}: {error}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        print(f"Error: {_user_message(error)}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         sys.exit(1 if gap else USER_ERROR_EXIT)
     finally:
         end_process_group()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="generate")
+def _hydra_generate(cfg: DictConfig) -> None:
+    """``lightning-distill generate``: ``blackbox.generate.run_generate``; user errors exit 2 as above."""
+    from lightning_distill.blackbox.generate import _drop_dumps, run_generate
+
+    try:
+        run_generate(cfg)
+    except Exception as error:
+        if "credential" in str(error):  # never leave a key in Hydra's dump of this job
+            from hydra.core.hydra_config import HydraConfig
+
+            _drop_dumps(HydraConfig.get().runtime.output_dir)
+        if _debug() or not _user_error(error):
+            raise
+        print(f"Error: {type(error).__name__}: {error}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
 
 
 def end_process_group() -> None:
@@ -507,6 +555,10 @@ def main() -> None:
     """Console entry point (``lightning-distill``); Hydra parses ``sys.argv``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet()
+    if sys.argv[1:2] == ["generate"]:  # lightning-distill generate <overrides>: conf/generate.yaml
+        del sys.argv[1]
+        _hydra_generate()
+        return
     _hydra_main()
 
 

@@ -63,7 +63,9 @@ def demo_teacher(model: dict[str, Any], *, datamodule: Any, steps: int = 600, lr
         datamodule = datamodule.teacher_datamodule
     model = dict(model)
     training = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed}
-    target = teacher_cache_dir(model, training, datamodule.data_fingerprint, cache_dir)
+    # keyed by the corpus alone: teacher-written train data (data.generated) does not retrain it
+    data_fingerprint = getattr(datamodule, "source_data_fingerprint", None) or datamodule.data_fingerprint
+    target = teacher_cache_dir(model, training, data_fingerprint, cache_dir)
     if (target / "config.json").is_file():
         log.info("Loading the demo teacher from %s", target)
         return AutoModelForCausalLM.from_pretrained(target).eval()
@@ -76,7 +78,7 @@ def demo_teacher(model: dict[str, Any], *, datamodule: Any, steps: int = 600, lr
     try:
         teacher.save_pretrained(tmp, safe_serialization=True)
         (tmp / "training.json").write_text(json.dumps({"model": model, "training": training,
-                                                       "data": datamodule.data_fingerprint}, indent=2))
+                                                       "data": data_fingerprint}, indent=2))
         os.replace(tmp, target)  # atomic: a half-written teacher is never loaded
     except OSError:
         if not (target / "config.json").is_file():
@@ -111,8 +113,9 @@ def _train(model_cfg: dict[str, Any], datamodule: Any, *, steps: int, lr: float,
         gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0,
     )
     with _seeded(seed):
-        trainer.fit(module, train_dataloaders=datamodule.train_dataloader_for(slices=None,
-                                                                              batch_size=batch_size))
+        corpus_only = {"generated": False} if getattr(datamodule, "generated", None) else {}
+        trainer.fit(module, train_dataloaders=datamodule.train_dataloader_for(slices=None, batch_size=batch_size,
+                                                                              **corpus_only))
     return teacher.cpu()
 
 

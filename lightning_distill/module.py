@@ -41,6 +41,7 @@ from lightning_distill.losses.cross_tokenizer import attach_tokenizers, cross_to
 from lightning_distill.losses.terms import LogitKD, LossTerm, TaskLoss, check_terms, fused_pair
 from lightning_distill.models.adapters import (
     call_model,
+    check_positions,
     is_causal_lm,
     logits_from_output,
     unwrap_model,
@@ -49,7 +50,7 @@ from lightning_distill.models.features import FeatureRequest, capture
 from lightning_distill.models.hf import freeze
 from lightning_distill.models.identity import describe_model
 from lightning_distill.optim import default_optimizer, optimizers_config
-from lightning_distill.scoring import agreement_and_kl
+from lightning_distill.scoring import agreement_and_kl, embedding_sums
 from lightning_distill.scoring import sample_sums as _sample_sums
 from lightning_distill.step_mean import StepMean
 from lightning_distill.teacher import (
@@ -77,7 +78,9 @@ class DistillationModule(L.LightningModule):
 
     The teacher is frozen: ``requires_grad`` off, eval mode for the whole fit (``.train()``
     on this module leaves it in eval), forward under ``no_grad``, never in the optimizer,
-    moved with the module, and left out of checkpoints (its identity is written instead).
+    moved with the module, and left out of checkpoints (its identity is written instead). A
+    teacher handed over in train mode or with trainable parameters is frozen here with one
+    warning (pass ``lightning_distill.models.freeze(teacher)`` to say it is meant).
 
     For Hugging Face causal LMs the labels are shifted once, the way transformers does it
     (logits at ``t`` score token ``t + 1``), and the same alignment feeds every term.
@@ -107,7 +110,11 @@ class DistillationModule(L.LightningModule):
         lr_scheduler: ``optimizer -> LRScheduler`` or ``None``. A ``num_training_steps``
             argument left unset is filled with the trainer's estimated stepping batches.
         lr_scheduler_interval: ``"step"`` or ``"epoch"``.
-        student_logits_fn: ``student_output -> logits`` for outputs the adapters can't read.
+        student_logits_fn: ``student_output -> logits`` for outputs the adapters can't read; a
+            callable with ``reads_inputs = True`` is called ``fn(output, inputs)``. With embedding
+            terms (``reads_embeddings``: RKD, similarity-preserving, ``EmbeddingKD``) it gives one
+            ``(B, D)`` embedding per sample, e.g. :class:`~lightning_distill.models.pooling.Pooling`
+            (docs/relation.md).
         teacher_logits_fn: the same for the teacher.
         shift_labels: shift labels for next-token prediction; default: on for Hugging Face
             causal LMs, off otherwise.
@@ -124,7 +131,10 @@ class DistillationModule(L.LightningModule):
             ``LossTerm``.
         ValueError: bad term names, all weights zero, a teacher-needing term without a
             teacher source, an unknown ``vocab_mismatch``; and, before the first optimizer
-            step, vocabularies that differ. During a run: a live teacher's NaN/+inf logits (or a
+            step, vocabularies that differ, sequences longer than a model's
+            ``max_position_embeddings`` (the data's ``seq_len`` at setup, the first batch before
+            the forward) and a first batch without labels that a term reads. During a run: a live
+            teacher's NaN/+inf logits (or a
             row of only -inf; any -inf for ``reverse_kl``/``logit_mse``), naming the global step
             and the batch's ``sample_id`` values (on CUDA one step later, to avoid a host sync).
 
@@ -170,6 +180,8 @@ class DistillationModule(L.LightningModule):
             "metrics_every_n_steps", "save_teacher_weights",
         )
         self.student = student
+        if teacher is not None:
+            _warn_if_trainable(teacher)
         self.teacher = freeze(teacher) if teacher is not None else None
         self._losses_given = losses is not None  # else: recorded terms on load, KD + task with a TeacherCache
         if losses is None:
@@ -205,6 +217,10 @@ class DistillationModule(L.LightningModule):
         to be used. Without a teacher the default losses were the task loss alone; they become KD +
         task. Explicit losses that no teacher target feeds get a warning (the cache would be read
         for nothing)."""
+        if self.embedding_output:
+            raise ValueError(f"a TeacherCache stores per-position teacher logits, but the loss terms "
+                             f"{[n for n, t in self.losses.items() if t.reads_embeddings]} read embeddings; run "
+                             "them with the live teacher (drop the TeacherCache callback).")
         if not self._losses_given and self.teacher is None and "kd" not in self.losses:
             self.losses = nn.ModuleDict({"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)})
             self.metrics = nn.ModuleDict()  # remade for the new terms on first use
@@ -242,6 +258,8 @@ class DistillationModule(L.LightningModule):
         """The teacher's targets for ``batch``: from the batch itself, else the live teacher."""
         if isinstance(batch, Mapping) and batch.get("teacher_targets") is not None:
             targets = batch["teacher_targets"]
+            if self.embedding_output and not isinstance(targets, TeacherTargets):
+                return TeacherTargets(embeddings=targets)
             return targets if isinstance(targets, TeacherTargets) else TeacherTargets(logits=targets)
         if self.teacher is None:
             return None
@@ -251,14 +269,22 @@ class DistillationModule(L.LightningModule):
         request = FeatureRequest.of([t for t in self.losses.values() if t.weight > 0], "teacher")
         with torch.no_grad(), capture(self.teacher, request.paths) as hooked:
             output = call_model(self.teacher, inputs, **request.flags(self.teacher))
-            logits = logits_from_output(output, self.teacher_logits_fn, who="teacher")
+            logits = logits_from_output(output, self.teacher_logits_fn, who="teacher", inputs=inputs)
             self._teacher_check.check(logits, batch, inputs, strict=any(t.no_neg_inf for t in self.losses.values()),
                                       step=self.trainer.global_step if self._trainer is not None else None)
+        if self.embedding_output:
+            return TeacherTargets(embeddings=logits)
         if not request:
             return TeacherTargets(logits=logits)
         features = request.collect(output, hooked)
         return TeacherTargets(logits=logits, hidden_states=features.hidden_states, attentions=features.attentions,
                               modules=features.modules)
+
+    @property
+    def embedding_output(self) -> bool:
+        """The terms read one ``(B, D)`` embedding per sample (``reads_embeddings``): the output functions
+        give embeddings, not logits; no labels are read and the step mean counts samples."""
+        return any(t.reads_embeddings for t in self.losses.values())
 
     def _check_first_batch(self, inputs: LossInputs) -> None:
         """One-off checks on the first batch, before any optimizer step (one host sync)."""
@@ -295,13 +321,24 @@ class DistillationModule(L.LightningModule):
 
     def _shared_step(self, batch: Any, stage: Stage) -> dict[str, Any]:
         inputs, labels = split_batch(batch)
+        if not self._checked_batch and isinstance(inputs, Mapping) and isinstance(inputs.get("input_ids"), Tensor):
+            check_positions({"student": self.student, "teacher": self.teacher}, inputs["input_ids"].shape[-1],
+                            f"the first {stage} batch's input_ids (length {inputs['input_ids'].shape[-1]})")
         active = {n: t for n, t in self.losses.items() if t.weight > 0}
         request = FeatureRequest.of(active.values(), "student")  # hidden states, attentions, hooks
         with capture(self.student, request.paths) as hooked:
             student_output = call_model(self.student, inputs, **request.flags(self.student))
         student_features = request.collect(student_output, hooked) if request else None
-        student_logits = logits_from_output(student_output, self.student_logits_fn, who="student")
-        labels = self._aligned_labels(labels, inputs, student_logits)
+        student_logits = logits_from_output(student_output, self.student_logits_fn, who="student", inputs=inputs)
+        # Embedding terms: one output per sample, no labels; the step mean counts samples.
+        embedding = self.embedding_output
+        labels = None if embedding else self._aligned_labels(labels, inputs, student_logits)
+        if labels is None and not embedding and any(t.reads_labels for t in active.values()):
+            raise ValueError(
+                f"the {stage} batch has no labels, but the loss terms {[n for n, t in active.items() if t.reads_labels]} "
+                "read them; put 'labels' in each batch (or yield (inputs, target) pairs), or drop those terms "
+                "(e.g. loss=kd_only)."
+            )
 
         teacher = self.teacher_targets(batch, inputs) if self._teacher_needed(stage, active) else None
         targets = teacher  # as they came, for the per-sample evaluation sums
@@ -316,7 +353,8 @@ class DistillationModule(L.LightningModule):
         # student's full output.
         full_inputs = LossInputs(student_logits=student_logits, labels=labels, teacher=teacher,
                                  ignore_index=self.ignore_index, student_output=student_output, batch=batch,
-                                 student_features=student_features)
+                                 student_features=student_features,
+                                 student_embeddings=student_logits if embedding else None)
         loss_inputs = (full_inputs if kd_logits is student_logits
                        else dataclasses.replace(full_inputs, student_logits=kd_logits))
         self._check_first_batch(full_inputs)  # the first batch of any stage (sanity checks run val first)
@@ -367,7 +405,9 @@ class DistillationModule(L.LightningModule):
         """
         inputs, labels = split_batch(batch)
         student_logits = logits_from_output(call_model(self.student, inputs), self.student_logits_fn,
-                                            who="student")
+                                            who="student", inputs=inputs)
+        if self.embedding_output:
+            return self.sample_sums(student_logits, None, self.teacher_targets(batch, inputs))
         labels = self._aligned_labels(labels, inputs, student_logits)
         if labels is None:
             raise ValueError("evaluate_batch needs labels (or input_ids for a causal LM) to score the student.")
@@ -398,9 +438,15 @@ class DistillationModule(L.LightningModule):
             label: accuracy = correct / tokens). Teacher entries are absent when there is no teacher.
             Slice-wise reports (perplexity = exp(nll / tokens)) are sums of these.
 
+            With embedding terms (:attr:`embedding_output`): ``tokens`` (1 per sample),
+            ``student_embeddings`` and ``teacher_embeddings`` (``(B, D)``, for
+            ``CoverageSlices(metric="similarity")``).
+
         Raises:
             ValueError: no labels; labels a smaller teacher vocabulary cannot score.
         """
+        if self.embedding_output:
+            return embedding_sums(student_logits, teacher)
         return _sample_sums(student_logits, labels, teacher, ignore_index=self.ignore_index,
                             vocab_mismatch=self.vocab_mismatch, batch=batch)
 
@@ -490,8 +536,9 @@ class DistillationModule(L.LightningModule):
         self.metrics = nn.ModuleDict()
         if self.teacher is not None:
             self.teacher.eval()
-            if not any(getattr(t, "cross_tokenizer", False) for t in self.losses.values()):
-                check_model_vocabs(self.student, self.teacher, self.vocab_mismatch)  # cross-tokenizer: expected
+        if (self.teacher is not None and not self.embedding_output
+                and not any(getattr(t, "cross_tokenizer", False) for t in self.losses.values())):
+            check_model_vocabs(self.student, self.teacher, self.vocab_mismatch)  # cross-tokenizer: differ
         if self._uses_deepspeed():
             warnings.warn("DeepSpeed manages gradients itself; the loss is normalised per micro-batch "
                           "instead of per optimizer step.", stacklevel=2)
@@ -533,6 +580,9 @@ class DistillationModule(L.LightningModule):
         if hasattr(strategy, "checkpoint_io") and not isinstance(io, CheckedCheckpointIO):
             strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io)
         attach_tokenizers(self.losses.values(), getattr(self.trainer, "datamodule", None))
+        seq_len = getattr(self.trainer.datamodule, "seq_len", None)  # before a teacher cache runs the teacher
+        if isinstance(seq_len, int):
+            check_positions({"student": self.student, "teacher": self.teacher}, seq_len, f"data seq_len={seq_len}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
@@ -574,6 +624,17 @@ class DistillationModule(L.LightningModule):
         if self.teacher is not None and state is not None and not any(k.startswith("teacher.") for k in state):
             # The checkpoint left the teacher out on purpose; keep the live one.
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+
+def _warn_if_trainable(teacher: nn.Module) -> None:
+    """One warning when a teacher arrives in train mode or with trainable parameters (it is frozen next)."""
+    trainable = sum(p.numel() for p in teacher.parameters() if p.requires_grad)
+    if teacher.training or trainable:
+        how = " and ".join(x for x in ("in train mode" if teacher.training else "",
+                                       f"with {trainable} trainable parameters" if trainable else "") if x)
+        warnings.warn(f"the teacher was handed over {how}; DistillationModule freezes it (eval mode, "
+                      "requires_grad=False) and never trains it. Pass lightning_distill.models.freeze(teacher) "
+                      "to make that explicit and drop this warning.", UserWarning, stacklevel=3)
 
 
 def _batch_size(labels: Tensor | None, logits: Tensor) -> int:

@@ -13,6 +13,9 @@ perplexities are not comparable): ``2 ** (teacher_bpb - student_bpb) = exp((teac
 bytes)``, the ratio of per-byte perplexities, where bits per byte = NLL in bits / UTF-8 bytes of the
 scored text (the same text for both models). A perplexity report switches to it by itself when
 the sums carry ``bytes`` (:func:`effective_metric`).
+``metric="similarity"`` (embedding models): the Spearman correlation of the student's and the
+teacher's pairwise cosine similarities over the slice's samples
+(:func:`lightning_distill.similarity.similarity_agreement`), 1.0 = the teacher's order of every pair.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ __all__ = ["COVERAGE_FIELDS", "METRICS", "TABLE_KEYS", "SliceStats", "card_rows"
 COVERAGE_FIELDS = ("samples", "tokens", "student_nll", "teacher_nll", "agreement", "kl", "correct",
                    "teacher_correct", "bytes")
 #: The metric kinds retention is defined for.
-METRICS = ("perplexity", "accuracy", "bits_per_byte")
+METRICS = ("perplexity", "accuracy", "similarity", "bits_per_byte")
 _LN2 = math.log(2.0)
 #: The columns of a coverage row, in table order (the W&B table).
 TABLE_KEYS = ("slice", "samples", "tokens", "train_samples", "train_tokens", "teacher_metric",
@@ -50,12 +53,14 @@ def fmt(value: Any, spec: str = "") -> str:
 
 def retention(metric: str, *, tokens: float, student_nll: float | None = None,
               teacher_nll: float | None = None, correct: float | None = None,
-              teacher_correct: float | None = None, bytes: float | None = None) -> float | None:
+              teacher_correct: float | None = None, similarity: float | None = None,
+              bytes: float | None = None) -> float | None:
     """Student relative to teacher, 1.0 = as good as the teacher (see the module docstring).
 
     ``perplexity``: ``exp((teacher_nll - student_nll) / tokens)``; ``accuracy``:
-    ``correct / teacher_correct``; ``bits_per_byte``: ``exp((teacher_nll - student_nll) / bytes)``.
-    ``None`` when it is undefined (no tokens or bytes, no teacher, or a teacher with accuracy 0).
+    ``correct / teacher_correct``; ``similarity``: the slice's ``similarity`` (Spearman agreement,
+    computed from embeddings, not from sums); ``bits_per_byte``: ``exp((teacher_nll - student_nll) /
+    bytes)``. ``None`` when it is undefined (no tokens or bytes, no teacher, or a teacher with accuracy 0).
 
     Raises:
         ValueError: an unknown ``metric``.
@@ -64,6 +69,8 @@ def retention(metric: str, *, tokens: float, student_nll: float | None = None,
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
     if tokens <= 0:
         return None
+    if metric == "similarity":
+        return similarity
     if metric == "bits_per_byte":
         if teacher_nll is None or student_nll is None or not bytes:
             return None
@@ -153,6 +160,8 @@ class SliceStats:
             return self.student_bits_per_byte, self.teacher_bits_per_byte
         if metric == "perplexity":
             return self.student_perplexity, self.teacher_perplexity
+        if metric == "similarity":
+            return None, None  # the agreement is the retention (a pair of geometries, not two scores)
         teacher = None if self.teacher_correct is None else self.teacher_correct / self.tokens
         return (None if self.correct is None else self.correct / self.tokens), teacher
 
@@ -201,11 +210,14 @@ def coverage_rows(per_slice: Mapping[str, Mapping[str, float | None]],
             "train_samples": int(tr.get("samples", 0)), "train_tokens": int(tr.get("tokens", 0)),
             "teacher_metric": teacher_metric, "student_metric": student_metric,
             "retention": retention(metric, tokens=s.tokens, student_nll=s.student_nll, teacher_nll=s.teacher_nll,
-                                   correct=s.correct, teacher_correct=s.teacher_correct, bytes=s.bytes),
+                                   correct=s.correct, teacher_correct=s.teacher_correct,
+                                   similarity=per_slice[name].get("similarity"), bytes=s.bytes),
             "agreement": s.agreement_rate if s.tokens > 0 else None,
             "kl": s.mean_kl if s.tokens > 0 else None,
             "gap": False, "gap_reason": None,
         })
+        if metric == "similarity":  # samples whose pairs were compared (a bounded sample per slice)
+            rows[-1]["pairs"] = per_slice[name].get("pairs")
     scored = [r["retention"] for r in rows if r["retention"] is not None]
     best = max(scored) if scored else None
     for r in rows:
@@ -285,18 +297,26 @@ def format_slice_table(stats: Mapping[str, SliceStats],
 
 
 def _metric_label(metric: str) -> str:
-    return {"perplexity": "ppl", "bits_per_byte": "bpb"}.get(metric, "acc")
+    return {"perplexity": "ppl", "accuracy": "acc", "bits_per_byte": "bpb"}.get(metric, "Spearman")
 
 
 def describe_row(row: Mapping[str, Any], metric: str) -> str:
     """One coverage row in words (for warnings and errors)."""
     label = _metric_label(metric)
+    if metric == "similarity":
+        return (f"similarity agreement {fmt(row['retention'], '.3f')} (Spearman over {fmt(row.get('pairs'))} "
+                f"pairs of {row['samples']} eval samples)")
     return (f"retention {fmt(row['retention'], '.3f')} (teacher {label} {fmt(row['teacher_metric'], '.3f')}, "
             f"student {label} {fmt(row['student_metric'], '.3f')}, {row['tokens']} eval tokens)")
 
 
 def format_coverage_table(rows: Sequence[Mapping[str, Any]], metric: str = "perplexity") -> str:
     """A markdown table: per slice, training coverage next to retention, and a GAP marker."""
+    if metric == "similarity":
+        header = ["slice", "train samples", "eval samples", "pairs", "similarity agreement (Spearman)", "gap"]
+        return markdown_table(header, [
+            [r["slice"], str(r["train_samples"]), str(r["samples"]), fmt(r.get("pairs")), fmt(r["retention"], ".3f"),
+             "GAP" if r["gap"] else ""] for r in rows])
     label = _metric_label(metric)
     spec = ".2f" if metric == "perplexity" else ".3f"
     header = ["slice", "train tokens", "eval tokens", f"teacher {label}", f"student {label}", "retention",
@@ -313,6 +333,11 @@ def _definition(metric: str) -> str:
                 "shows *bits per byte* (bpb: NLL in bits / UTF-8 bytes of the scored text, the same text for "
                 "both models). *Retention* = 2^(teacher bpb - student bpb), the ratio of per-byte perplexities "
                 "(1.0: as good as the teacher). *Train tokens*: the student's label positions of the slice.")
+    if metric == "similarity":
+        return ("*Similarity agreement* (the retention of embedding models) = Spearman correlation of the "
+                "student's and the teacher's cosine similarities over every pair of the slice's eval samples "
+                "(1.0: the student orders every pair as the teacher; 0: no relation). *Train samples*: samples "
+                "of the slice the student trained on.")
     if metric == "perplexity":
         return ("*Retention* = teacher perplexity / student perplexity (1.0: as good as the teacher; "
                 "0.5: twice the teacher's perplexity). *Train tokens*: label positions of the slice the "
@@ -400,7 +425,7 @@ def plot_retention(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
         line = max(scored) - thresholds["max_gap_to_best"]
         ax.axhline(line, color="purple", linestyle="-.", linewidth=1, label=f"best - gap = {line:.3f}")
     ax.set_ylabel("retention (1.0 = teacher)")
-    ax.set_ylim(0, max([1.05, *[v * 1.15 for v in values]]))
+    ax.set_ylim(min([0.0, *[v * 1.15 for v in values]]), max([1.05, *[v * 1.15 for v in values]]))
     ax.set_title(title, fontsize=9)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="upper right")

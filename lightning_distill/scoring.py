@@ -22,7 +22,7 @@ from lightning_distill.losses import functional as LF
 from lightning_distill.teacher import match_sparse_vocab, match_vocab
 from lightning_distill.types import LossInputs, SparseTargets, TeacherTargets
 
-__all__ = ["agreement_and_kl", "report_temperature", "sample_sums"]
+__all__ = ["agreement_and_kl", "embedding_sums", "report_temperature", "sample_sums"]
 
 
 def report_temperature(sparse: SparseTargets) -> float:
@@ -146,4 +146,18 @@ def sample_sums(student_logits: Tensor, labels: Tensor | None, teacher: TeacherT
         out["kl"] = LF.sparse_forward_kl(s, teacher.sparse, labels=labels, ignore_index=ignore_index,
                                          temperature=report_temperature(teacher.sparse),
                                          reduction="none").reshape(per_sample).sum(-1)
+    return out
+
+
+@torch.no_grad()
+def embedding_sums(student: Tensor, teacher: TeacherTargets | None) -> dict[str, Tensor]:
+    """Per-sample evaluation values of an embedding model: ``tokens`` (1 per sample, the count the
+    step mean uses), ``student_embeddings`` ``(B, Ds)`` and, with a teacher, ``teacher_embeddings``
+    ``(B, Dt)``. Per-slice similarity agreement is computed from them
+    (:func:`lightning_distill.similarity.similarity_agreement`).
+    """
+    out = {"tokens": torch.ones(student.shape[0], dtype=torch.long, device=student.device),
+           "student_embeddings": student.detach()}
+    if teacher is not None and teacher.embeddings is not None:
+        out["teacher_embeddings"] = teacher.embeddings.detach()
     return out

@@ -79,6 +79,10 @@ class TeacherTargets:
             holds, in order (a cache's ``hidden_layers``); ``None``: the whole tuple.
         attentions: the live teacher's ``attentions`` tuple (one ``(B, heads, T, T)`` per block).
         modules: ``{module path: output}`` of the live teacher's hooked modules.
+        hidden_states: optional per-layer hidden states, for feature losses.
+        embeddings: ``(B, D)`` the teacher's embedding of each sample (its output through an
+            output function such as :class:`~lightning_distill.models.pooling.Pooling`), for
+            relation and embedding terms (those that declare ``reads_embeddings``).
     """
 
     logits: Tensor | None = None
@@ -89,6 +93,7 @@ class TeacherTargets:
     hidden_layers: tuple[int, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
     modules: dict[str, Tensor] | None = None
+    embeddings: Tensor | None = None
 
     @property
     def has_distribution(self) -> bool:
@@ -113,6 +118,8 @@ class LossInputs:
         student_features: the student's hidden states, attentions and hooked module outputs
             (:class:`~lightning_distill.models.features.Features`) when an active term declares
             that it reads them; else ``None``.
+        student_embeddings: ``(B, D)`` the student's embedding of each sample, when the terms
+            read embeddings (then ``student_logits`` is the same tensor and ``labels`` is ``None``).
     """
 
     student_logits: Tensor
@@ -122,3 +129,4 @@ class LossInputs:
     student_output: Any = None
     batch: Any = None
     student_features: Any = None
+    student_embeddings: Tensor | None = None

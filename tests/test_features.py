@@ -305,10 +305,10 @@ def test_projector_is_saved_or_dropped_at_export_and_the_card_says_which(tmp_pat
         info = json.loads((out / "feat_projector.json").read_text())
         assert (info["in_features"], info["out_features"], info["bias"]) == (16, 24, False)
         assert record["extras"]["feat_projector"]["weights"] == "feat_projector.safetensors"
-        assert "feature projector of `feat`: saved beside the student" in markdown
+        assert "projector of `feat`: saved beside the student" in markdown
     else:
         assert not list(out.glob("feat_projector*")) and "extras" not in record
-        assert "feature projector of `feat`: dropped at export" in markdown
+        assert "projector of `feat`: dropped at export" in markdown
     assert no_hooks(module.student)
 
 

@@ -16,8 +16,11 @@ from lightning_distill.data import CrossTokenizerDataModule, SlicedTextDataModul
 from lightning_distill.losses import (
     AttentionTransfer,
     CrossTokenizerKD,
+    EmbeddingKD,
     FeatureKD,
     LogitKD,
+    RKDAngle,
+    RKDDistance,
     TaskLoss,
     ULDLoss,
 )
@@ -120,6 +123,10 @@ CONSTRUCTORS = {
     "TaskLoss.weight": lambda v: TaskLoss(weight=v),
     "FeatureKD.student_dim": lambda v: FeatureKD(student_dim=v),
     "AttentionTransfer.value_weight": lambda v: AttentionTransfer(value_weight=v),
+    "RKDDistance.delta": lambda v: RKDDistance(delta=v),
+    "RKDAngle.weight": lambda v: RKDAngle(weight=v),
+    "EmbeddingKD.student_dim": lambda v: EmbeddingKD(student_dim=v, teacher_dim=8),
+    "CoverageSlices.max_samples_per_slice": lambda v: CoverageSlices(metric="similarity", max_samples_per_slice=v),
     "DistillationModule.metrics_every_n_steps": lambda v: DistillationModule(torch.nn.Linear(2, 2),
                                                                              metrics_every_n_steps=v),
     "Schedule.start": lambda v: Schedule("linear", start=v, end=1.0, total_steps=10),
@@ -144,6 +151,8 @@ CONSTRUCTORS = {
 #: An out-of-range value of the right kind for each argument above.
 OUT_OF_RANGE = {
     "LogitKD.temperature": -1.0, "LogitKD.weight": -1.0, "TaskLoss.weight": math.nan,
+    "RKDDistance.delta": 0.0, "RKDAngle.weight": -2.0, "EmbeddingKD.student_dim": 0,
+    "CoverageSlices.max_samples_per_slice": 2,
     "DistillationModule.metrics_every_n_steps": 0, "Schedule.start": math.inf, "Schedule.total_steps": 0,
     "TemperatureSchedule.total_steps": 0, "CoverageSlices.min_relative_retention": 1.5, "TeacherCache.k": 0,
     "TeacherCache.sample_temperature": 0.0, "TextDataModule.seq_len": 1, "TextDataModule.val_fraction": 1.0,

@@ -454,9 +454,16 @@ class OpenAITeacher:
             except _Malformed as e:
                 what = f"malformed answer: {e}"
             if attempt == self.max_retries:
+                if what.startswith("connection"):
+                    fix = (" Check that the server is running and that base_url (host, port, the /v1 "
+                           "suffix) reaches it from this machine.")
+                elif what.startswith("no answer"):
+                    fix = " Raise timeout= for a slow server, or lower max_tokens or concurrency."
+                else:
+                    fix = " Raise max_retries= or try again later."
                 raise TeacherRequestError(
                     f"{where} failed {attempt + 1} time(s) (max_retries={self.max_retries}); "
-                    f"last: {what}.",
+                    f"last: {what}.{fix}",
                     status=status,
                     attempts=attempt + 1,
                 ) from None

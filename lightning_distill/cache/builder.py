@@ -51,7 +51,7 @@ from lightning_distill.models.adapters import (
     output_vocab_size,
     vocab_mismatch_message,
 )
-from lightning_distill.paths import cache_root
+from lightning_distill.paths import cache_root, check_writable
 from lightning_distill.validation import check_int, check_number
 
 __all__ = ["DENSE_WARN_VOCAB", "SPLITS", "CacheBuilder"]
@@ -409,6 +409,10 @@ class CacheBuilder:
         if storage.is_file():
             raise ValueError(f"TeacherCache(dirpath={url!r}) is a file, not a folder; pass a folder path (new or "
                              "holding a cache), e.g. a sibling of that file, or move the file away.")
+        if storage.local and fingerprint is not None:  # it will take a lock there and may write: fail now
+            check_writable(storage.root, "TeacherCache(dirpath)", "the cache writes its lock and targets there; "
+                           "fix the folder's permissions or pass another dirpath (Hydra: "
+                           "callbacks.teacher_cache.dirpath=<folder>).")
         # Before a lock file goes into that folder. A folder where a job of ours took the cache lock
         # (its lock file comes before anything that job writes) is a cache being made: checked
         # again under the lock. One listing, as another job may be writing the manifest right now.

@@ -50,6 +50,12 @@ class SplitReader:
                 f"the cache at {storage.url} has no complete index for split {split!r} ({error}); "
                 "run the build again (it resumes)."
             ) from None
+        except Exception as error:  # not JSON / not safetensors (safetensors raises its own error types)
+            raise CacheCorruptedError(
+                f"the index of split {split!r} in the cache at {storage.url} cannot be read ({type(error).__name__}: "
+                f"{str(error)[:120]}); it is damaged or not a cache file. Delete the folder {storage.path(split)} "
+                "and run the build again."
+            ) from None
         # The sorted id table and each id's shard and row, as NumPy (a batch's lookup is NumPy).
         self._table, self._shard_of, self._row_of = (table[k].numpy() for k in ("sample_id", "shard", "row"))
         self._shards: OrderedDict[int, LoadedShard] = OrderedDict()

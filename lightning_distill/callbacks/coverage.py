@@ -12,6 +12,10 @@ validation and test, sets that next to how much of each slice the student traine
   ``= exp((teacher_nll - student_nll) / tokens)``; 0.5 means twice the teacher's perplexity.
 * ``metric="accuracy"`` (classifiers): ``student_acc / teacher_acc``; 0.5 means half the
   teacher's accuracy.
+* ``metric="similarity"`` (embedding models, with relation/embedding loss terms): the Spearman
+  correlation of the student's and the teacher's pairwise cosine similarities over the slice's eval
+  samples (up to ``max_samples_per_slice`` of them, gathered from every rank); 1.0 means the
+  student orders every pair of samples as the teacher does.
 
 All sums (tokens, NLL, agreement, KL, correct predictions, training coverage) live in torchmetrics
 ``Metric`` states reduced with ``sum``, so the numbers are the same on one rank and under DDP.
@@ -31,6 +35,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from lightning_distill.alignment import valid_positions
 from lightning_distill.reporting import (
@@ -45,7 +50,8 @@ from lightning_distill.reporting import (
     retention,
     write_coverage_reports,
 )
-from lightning_distill.validation import check_bool, check_choice, check_number
+from lightning_distill.similarity import similarity_agreement
+from lightning_distill.validation import check_bool, check_choice, check_int, check_number
 
 __all__ = ["COVERAGE_FIELDS", "CoverageGapError", "CoverageSlices", "SliceSums", "coverage_rows",
            "format_coverage_table", "plot_retention", "retention"]
@@ -111,6 +117,60 @@ class SliceSums(Metric):
             return {field: value.reshape(-1) for field, value in self.compute().items()}
 
 
+class SliceEmbeddings(Metric):
+    """The student's and the teacher's embeddings of up to ``max_per_slice`` eval samples per slice.
+
+    States are lists concatenated across processes, so :meth:`compute` sees every rank's samples
+    (each rank keeps its first ``max_per_slice`` of a slice; after the gather, the first
+    ``max_per_slice`` in rank order are compared).
+    """
+
+    full_state_update = False
+
+    def __init__(self, slices: Sequence[str], max_per_slice: int) -> None:
+        super().__init__()
+        self.slices = list(slices)
+        self.max_per_slice = max_per_slice
+        for name in ("index", "student", "teacher"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+        self._kept = [0] * len(self.slices)
+
+    def update(self, index: Tensor, student: Tensor, teacher: Tensor | None) -> None:  # type: ignore[override]
+        keep = []
+        for row, i in enumerate(index.tolist()):
+            if self._kept[i] < self.max_per_slice:
+                keep.append(row)
+                self._kept[i] += 1
+        if not keep:
+            return
+        rows = torch.tensor(keep, dtype=torch.long, device=student.device)
+        self.index.append(index[rows.to(index.device)])
+        self.student.append(student.detach()[rows].float())
+        if teacher is not None:
+            self.teacher.append(teacher.detach()[rows].float())
+
+    def reset(self) -> None:
+        super().reset()
+        self._kept = [0] * len(self.slices)
+
+    def compute(self) -> dict[str, dict[str, float | None]]:
+        """``{slice: {"similarity": Spearman agreement or None, "pairs": pairs compared}}``."""
+        out: dict[str, dict[str, float | None]] = {n: {"similarity": None, "pairs": 0} for n in self.slices}
+        if isinstance(self.index, list) and not self.index:
+            return out
+        index = dim_zero_cat(self.index)
+        student = dim_zero_cat(self.student)
+        has_teacher = not (isinstance(self.teacher, list) and not self.teacher)
+        teacher = dim_zero_cat(self.teacher) if has_teacher else None
+        for i, name in enumerate(self.slices):
+            rows = (index == i).nonzero().reshape(-1)[: self.max_per_slice]
+            n = int(rows.numel())
+            out[name]["pairs"] = n * (n - 1) // 2
+            if teacher is not None and n >= 3:
+                out[name]["similarity"] = similarity_agreement(student[rows], teacher[rows])
+        return out
+
+
 class CoverageSlices(Callback):
     """Evaluate student and teacher per data slice; report coverage, retention and gaps.
 
@@ -140,7 +200,9 @@ class CoverageSlices(Callback):
             sample of dataloader *i* belongs to slice ``dataloader_names[i]``. Training batches
             still use ``slice_fn`` / ``slice_key`` (uncounted if the key is missing); names
             outside these and the datamodule's slices are skipped, with one warning.
-        metric: ``"perplexity"`` (language models) or ``"accuracy"`` (classifiers).
+        metric: ``"perplexity"`` (language models), ``"accuracy"`` (classifiers) or ``"similarity"``
+            (embedding models: a module whose terms read embeddings, e.g. ``RKDDistance``; the
+            thresholds then apply to the similarity agreement).
         min_retention: a slice with retention below this is a gap (``None``: no absolute rule).
             The default, 0.3, flags a slice where the student's perplexity is more than 3.3x the
             teacher's (or its accuracy under 30% of the teacher's).
@@ -150,6 +212,8 @@ class CoverageSlices(Callback):
         on_gap: ``"warn"`` or ``"error"``.
         dirpath: where reports go; default: ``trainer.default_root_dir``.
         count_training: count training coverage per slice.
+        max_samples_per_slice: ``metric="similarity"``: how many eval samples per slice are kept
+            for the pairwise comparison (memory ``n * width`` per slice, time ``n²``).
 
     Raises:
         ValueError: on a bad argument (the message names the value), on a slice name that is not
@@ -175,6 +239,7 @@ class CoverageSlices(Callback):
         on_gap: str = "warn",
         dirpath: str | os.PathLike[str] | None = None,
         count_training: bool = True,
+        max_samples_per_slice: int = 1024,
     ) -> None:
         super().__init__()
         if isinstance(slices, str):
@@ -212,6 +277,8 @@ class CoverageSlices(Callback):
         self.on_gap = on_gap
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.count_training = count_training
+        self.max_samples_per_slice = check_int("max_samples_per_slice", max_samples_per_slice, low=3)
+        self._embeddings: SliceEmbeddings | None = None
         self._eval: SliceSums | None = None
         self._train: SliceSums | None = None
         self._restored_train: dict[str, dict[str, float]] = {}
@@ -231,7 +298,8 @@ class CoverageSlices(Callback):
                 "slice_fn": getattr(self.slice_fn, "__qualname__", None) if self.slice_fn else None,
                 "dataloader_names": self.dataloader_names, "metric": self.metric,
                 "min_retention": self.min_retention, "min_relative_retention": self.min_relative_retention,
-                "max_gap_to_best": self.max_gap_to_best, "on_gap": self.on_gap}
+                "max_gap_to_best": self.max_gap_to_best, "on_gap": self.on_gap,
+                "max_samples_per_slice": self.max_samples_per_slice}
 
     def train_coverage(self) -> dict[str, dict[str, float]]:
         """Training samples and tokens seen per slice, summed over ranks (a collective under DDP)."""
@@ -285,7 +353,11 @@ class CoverageSlices(Callback):
                 found = getattr(trainer.datamodule, "slices", None) or []
                 train_slices += [str(n) for n in found if str(n) not in train_slices]
             self._train = SliceSums(train_slices, _TRAIN_FIELDS)
+        if self.metric == "similarity" and self._embeddings is None:
+            self._embeddings = SliceEmbeddings(self.slices, self.max_samples_per_slice)
         self._eval.to(pl_module.device)
+        if self._embeddings is not None:
+            self._embeddings.to(pl_module.device)
         if self._train is not None:
             self._train.to(pl_module.device)
 
@@ -308,6 +380,26 @@ class CoverageSlices(Callback):
         if len(names) != n:
             raise ValueError(f"the batch has {n} samples but {len(names)} slice names.")
         return [str(x) for x in names]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Before the first step, the first validation batch must name its slices: otherwise the first
+        validation, after ``val_check_interval`` training steps, would be the first to fail."""
+        if self.dataloader_names is not None or self.slice_fn is not None or trainer.datamodule is None \
+                or not trainer.limit_val_batches:
+            return
+        try:
+            loaders = trainer.datamodule.val_dataloader()
+        except Exception:  # no validation data: nothing to check here
+            return
+        if isinstance(loaders, Mapping):
+            loaders = list(loaders.values())
+        first = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
+        batch = next(iter(first), None) if first is not None else None
+        if isinstance(batch, Mapping) and self.slice_key not in batch:
+            raise ValueError(f"the validation batches have no slice names: no {self.slice_key!r} key (they have "
+                             f"{sorted(map(str, batch))}), no slice_fn and no dataloader_names; set slice_key to "
+                             "the key that names each sample's slice, or configure one of the others. "
+                             "(Checked before training.)")
 
     # ------------------------------------------------------------------ training coverage
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -335,6 +427,8 @@ class CoverageSlices(Callback):
     def _start(self) -> None:
         if self._eval is not None:
             self._eval.reset()
+        if self._embeddings is not None:
+            self._embeddings.reset()
 
     def _batch(self, pl_module: L.LightningModule, outputs: Any, batch: Any, dataloader_idx: int) -> None:
         assert self._eval is not None
@@ -347,6 +441,13 @@ class CoverageSlices(Callback):
             raise ValueError(f"an evaluation batch has no slice names: no {self.slice_key!r} key, no "
                              "slice_fn and no dataloader_names; configure one of them.")
         self._eval.update(names, {"samples": torch.ones_like(out["tokens"]), **out})
+        if self._embeddings is not None:
+            if "student_embeddings" not in out:
+                raise ValueError("CoverageSlices(metric='similarity') needs embeddings from the eval step: give the "
+                                 "DistillationModule embedding terms (RKDDistance, EmbeddingKD, ...) and an output "
+                                 "function that pools (student_logits_fn=Pooling()), or use metric='perplexity'.")
+            index = self._eval.slice_index(names, out["student_embeddings"].device)
+            self._embeddings.update(index, out["student_embeddings"], out.get("teacher_embeddings"))
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start()
@@ -380,6 +481,9 @@ class CoverageSlices(Callback):
             for entry in per_slice.values():
                 for f in ("teacher_nll", "agreement", "kl", "teacher_correct"):
                     entry[f] = None
+        if self._embeddings is not None:
+            for name, values in self._embeddings.compute().items():
+                per_slice[name].update(values)
         self.last_sums = per_slice
         return coverage_rows(per_slice, self.train_coverage(), metric=self.metric,
                              min_retention=self.min_retention,

@@ -313,7 +313,8 @@ def check_slice_names(what: str, names: list[str], known: list[str]) -> None:
     """
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise ValueError(f"Unknown {what} {unknown}; this data has slices {known}.")
+        example = f" (e.g. {what}=[{known[0]}])" if known else ""
+        raise ValueError(f"Unknown {what} {unknown}; this data has slices {known}. Use names from that list{example}.")
 
 
 def check_split(split: str) -> None:

@@ -144,6 +144,9 @@ class TextSource:
         self, suffix: str, paths: list[Path], slice_name: str | None
     ) -> list[TextDocument]:
         """All files of one format in one ``load_dataset`` call (one call per file is ~50x slower)."""
+        paths = [p for p in paths if p.stat().st_size]  # an empty file holds no rows (datasets trips on it)
+        if not paths:
+            return []
         datasets = import_datasets()
         kwargs: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
         with _quiet_datasets(not self.progress):

@@ -46,7 +46,10 @@ class LossTerm(nn.Module):
       :func:`~lightning_distill.losses.functional.fused_forward_kl_and_ce`; the module then
       computes a ``"kd"`` and a ``"task"`` term together, in one pass. ``None``: never fused;
     * ``no_neg_inf``: a teacher logit of ``-inf`` makes its value infinite (the module refuses
-      such a teacher output).
+      such a teacher output);
+    * ``reads_embeddings``: it reads one ``(B, D)`` embedding per sample (the output function's
+      result, :mod:`lightning_distill.losses.relation`) instead of logits over a vocabulary: the
+      module then passes no labels, counts samples instead of positions and skips vocabulary checks.
     * ``cross_tokenizer``: it compares a teacher with another tokenizer through the batch's
       alignment (:mod:`lightning_distill.losses.cross_tokenizer`); the module then runs the teacher
       on ``teacher_input_ids`` and skips the vocabulary-size check.
@@ -64,6 +67,7 @@ class LossTerm(nn.Module):
     teacher_layers: tuple[int | str, ...] = ()
     #: It reads attention probabilities (asks ``output_attentions`` of both models).
     reads_attentions: bool = False
+    reads_embeddings: bool = False
 
     @property
     def fused_role(self) -> FusedRole | None:
@@ -257,6 +261,11 @@ def check_terms(losses: Mapping[str, LossTerm]) -> dict[str, LossTerm]:
                 f"loss term {name!r} is a {type(term).__name__}, not a LossTerm; wrap it in a "
                 "LossTerm subclass (see lightning_distill.losses)."
             )
+    embedding = sorted(n for n, t in losses.items() if t.reads_embeddings)
+    if embedding and len(embedding) < len(losses):
+        others = sorted(set(losses) - set(embedding))
+        raise ValueError(f"loss terms {embedding} read (batch, width) embeddings but {others} read logits over a "
+                         "vocabulary; one module's output is one or the other: use embedding terms alone.")
     if all(term.weight == 0 for term in losses.values()):
         raise ValueError(f"every loss term has weight 0 ({', '.join(losses)}); give at least one a weight > 0.")
     return dict(losses)

@@ -16,12 +16,14 @@ from torch import Tensor, nn
 __all__ = [
     "RESERVED_BATCH_KEYS",
     "call_model",
+    "check_positions",
     "decoder_input_ids_from_labels",
     "is_causal_lm",
     "is_classifier",
     "is_hf_model",
     "is_seq2seq",
     "logits_from_output",
+    "max_positions",
     "output_vocab_size",
     "unwrap_model",
     "wrapper_prefix",
@@ -161,6 +163,40 @@ def output_vocab_size(model: nn.Module) -> int | None:
     return int(size) if size else None
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The longest input a Hugging Face model declares it takes (``config.max_position_embeddings``,
+    GPT-2's ``n_positions``), or ``None`` (plain modules, relative positions as in T5)."""
+    if not is_hf_model(model):
+        return None
+    config = unwrap_model(model).config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_positions(models: Mapping[str, nn.Module | None], length: int, what: str) -> None:
+    """Refuse sequences longer than a model takes, before any forward.
+
+    Args:
+        models: ``{"student": model, "teacher": model or None}``.
+        length: the sequence length in question.
+        what: where it comes from, for the message (``"data seq_len=64"``).
+
+    Raises:
+        ValueError: ``length`` exceeds a model's maximum, naming the model, both numbers and the fix.
+    """
+    for name, model in models.items():
+        limit = max_positions(model) if model is not None else None
+        if limit is not None and length > limit:
+            raise ValueError(
+                f"{what} is longer than the {name} takes ({limit} positions, config.max_position_embeddings); "
+                f"longer inputs would index past its position table or run where it was never trained. "
+                f"Lower the sequence length to {limit} (data.seq_len={limit}) or use a {name} with a longer context."
+            )
+
+
 def _forward_parameters(model: nn.Module) -> tuple[frozenset[str], bool, bool, bool]:
     """(named inputs, takes ``**kwargs``, is a Hugging Face model, is an encoder-decoder), read
     once per model from the unwrapped model (a compiled model's own ``forward`` takes only
@@ -229,7 +265,7 @@ def call_model(model: nn.Module, inputs: Any, **extra: Any) -> Any:
     return model(inputs, **extra)
 
 
-def logits_from_output(output: Any, fn: LogitsFn | None = None, *, who: str = "model") -> Tensor:
+def logits_from_output(output: Any, fn: LogitsFn | None = None, *, who: str = "model", inputs: Any = None) -> Tensor:
     """Read logits from a model's output.
 
     Args:
@@ -237,12 +273,15 @@ def logits_from_output(output: Any, fn: LogitsFn | None = None, *, who: str = "m
         fn: optional user callable ``output -> logits`` for anything else (for example a
             model that returns log-probabilities flattened to ``(N, V)``).
         who: ``"student"`` or ``"teacher"``, for error messages.
+        inputs: the model's inputs, passed as ``fn(output, inputs)`` to a callable that sets
+            ``reads_inputs = True`` (e.g. :class:`~lightning_distill.models.pooling.Pooling`,
+            which needs the attention mask).
 
     Raises:
         TypeError: when no logits can be found; the message says what came back.
     """
     if fn is not None:
-        logits = fn(output)
+        logits = fn(output, inputs) if getattr(fn, "reads_inputs", False) else fn(output)
     elif isinstance(output, Tensor):
         logits = output
     elif getattr(output, "logits", None) is not None:

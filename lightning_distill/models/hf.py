@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,8 @@ def load_pretrained(path: str | os.PathLike, *, revision: str | None = None, dty
 
     Raises:
         FileNotFoundError: ``path`` looks like a local path (``/``, ``./``, ``~``...) and does not exist.
-        ValueError: an unknown ``dtype``.
+        ValueError: an unknown ``dtype``; pickled weights that hold more than tensors (refused unread);
+            weights that are not readable safetensors.
         TypeError: ``trust_remote_code`` or ``local_files_only`` is not a bool.
     """
     from transformers import AutoModelForCausalLM
@@ -109,10 +111,26 @@ def load_pretrained(path: str | os.PathLike, *, revision: str | None = None, dty
         extra["dtype"] = torch_dtype
     if attn_implementation is not None:
         extra["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(
-        path, revision=revision, trust_remote_code=trust_remote_code,
-        local_files_only=local_files_only, use_safetensors=None, **extra, **kwargs,
-    )
+    from safetensors import SafetensorError
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, revision=revision, trust_remote_code=trust_remote_code,
+            local_files_only=local_files_only, use_safetensors=None, **extra, **kwargs,
+        )
+    except SafetensorError as error:
+        raise ValueError(
+            f"the safetensors weights at {path!r} cannot be read ({error}): the file is damaged or is not "
+            "safetensors (nothing in it was run). Re-save the model with save_pretrained(), or export the "
+            "student again."
+        ) from None
+    except pickle.UnpicklingError:
+        # torch's message advises weights_only=False, the load that runs the file's code: never pass it on.
+        raise ValueError(
+            f"the weights at {path!r} are a pickle holding Python objects besides tensors, so they were not "
+            "loaded (unpickling them could run code). Use safetensors weights (model.safetensors), e.g. "
+            "re-saved with save_pretrained() from a copy you trust."
+        ) from None
 
 
 def freeze(model: nn.Module) -> nn.Module:
