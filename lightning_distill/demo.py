@@ -59,6 +59,8 @@ def demo_teacher(model: dict[str, Any], *, datamodule: Any, steps: int = 600, lr
 
     if steps < 1:
         raise ValueError(f"teacher steps must be >= 1, got {steps}.")
+    if hasattr(type(datamodule), "teacher_datamodule"):  # cross-tokenizer data: the teacher's own tokens
+        datamodule = datamodule.teacher_datamodule
     model = dict(model)
     training = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed}
     # keyed by the corpus alone: teacher-written train data (data.generated) does not retrain it

@@ -39,7 +39,7 @@ def test_every_config_composes_and_resolves(group, name):
     overrides = [f"{group}={name}"]
     if group in ("teacher", "student") and name == "hf_pretrained":
         overrides.append(f"{group}.path=/nonexistent/model")
-    if group == "data" and name != "demo":  # user data: a source, and a size instead of a tokenizer
+    if group == "data" and name not in ("demo", "cross_tokenizer"):  # user data: a source, and a size, no tokenizer
         source = "dataset" if name == "hf_dataset" else "files"
         overrides += [f"data.{source}=/x", "data.tokenizer=/x", "data.vocab_size=320"]
     cfg = _compose(*overrides)
