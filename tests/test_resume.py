@@ -1,0 +1,108 @@
+"""Resuming exactly after a real interruption: the process is killed with SIGKILL mid-epoch.
+
+The run with the kill and the uninterrupted run must agree on everything a user reads: the
+per-step ``train/loss`` and schedule values in the CSV logs, the teacher cache's reads per step,
+the training coverage per slice and the final per-slice metrics (docs/resume.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+# 24 training samples in batches of 4: 6 steps per epoch; 8 steps cross into a second epoch.
+# A checkpoint every 3 steps; the kill comes at the start of step 6 (steps 4 and 5 trained, not saved).
+COMMON = ["experiment=tiny", "baseline=false", "export=false", "trainer.max_steps=8",
+          "trainer.val_check_interval=4", "trainer.deterministic=true", "data.max_train_samples=24",
+          "callbacks=[default,teacher_cache,temperature_linear]", "~callbacks.lr_monitor",
+          "callbacks.coverage.min_retention=null", "callbacks.teacher_cache.progress=false",
+          "callbacks.teacher_cache.kind=topk", "callbacks.teacher_cache.k=8",
+          "callbacks.checkpoint.every_n_train_steps=3", "callbacks.checkpoint.save_top_k=-1",
+          "callbacks.temperature.weights={kd:{shape:linear,start:0.2,end:0.8}}",
+          "+callbacks.probe._target_=resume_probe.ResumeProbe"]
+KILL_AT = 5
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "LIGHTNING_DISTILL_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false",
+            "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+            "PYTHONPATH": os.pathsep.join([str(SCRIPTS), str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lightning_distill", *COMMON, *overrides], cwd=tmp_path,
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+
+
+def _steps(log: Path) -> dict[int, dict]:
+    """The probe's rows by step; a step trained twice (before the kill, after the resume) keeps the last."""
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    return {r["step"]: r for r in rows}
+
+
+def _csv_series(run: Path) -> dict[str, dict[int, float]]:
+    """Every logged value by (key, step) over all CSV versions of a run (later versions win)."""
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted((run / "csv").rglob("metrics.csv"), key=lambda p: int(p.parent.name.split("_")[-1])):
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                for key, value in row.items():
+                    if key not in ("step", "epoch") and value not in ("", None):
+                        out.setdefault(key, {})[int(row["step"])] = float(value)
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    done = _cli(tmp_path, f"output_dir={whole}", f"+callbacks.probe.log={tmp_path / 'whole.jsonl'}")
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    killed = _cli(tmp_path, f"output_dir={cut}", f"+callbacks.probe.log={tmp_path / 'cut.jsonl'}",
+                  f"+callbacks.probe.kill_at_step={KILL_AT}")
+    assert killed.returncode == -9, killed.stderr[-4000:]  # SIGKILL: no handler, no interrupted.ckpt
+    assert not list(cut.rglob("interrupted.ckpt"))
+    before = _steps(tmp_path / "cut.jsonl")
+    assert sorted(before) == [1, 2, 3, 4, 5]  # killed mid-epoch, two steps after the step-3 checkpoint
+    resumed = _cli(tmp_path, f"output_dir={cut}", "ckpt_path=last", f"+callbacks.probe.log={tmp_path / 'cut.jsonl'}")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "Resuming from" in resumed.stdout and "last.ckpt" in resumed.stdout  # links to step3.ckpt
+
+    # Cache reads, batch order and loss per step: the same steps, the same samples, the same targets.
+    a, b = _steps(tmp_path / "whole.jsonl"), _steps(tmp_path / "cut.jsonl")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        assert b[step]["sample_ids"] == a[step]["sample_ids"], step
+        assert b[step]["targets"] == a[step]["targets"] != 0, step
+        assert b[step]["loss"] == a[step]["loss"], step
+    # The steps trained before the kill and again after the resume got the same batches too.
+    for step in (4, 5):
+        assert before[step]["sample_ids"] == a[step]["sample_ids"]
+
+    # The CSV logs: train/loss every step, the schedule values, validation.
+    sa, sb = _csv_series(whole), _csv_series(cut)
+    for key in ("train/loss", "schedule/temperature", "schedule/kd.weight"):
+        assert key in sa and sorted(sa[key]) == list(range(8)), (key, sorted(sa.get(key, {})))
+        assert sb[key] == sa[key], key
+    assert {k for k in sa if k.startswith("val/")} == {k for k in sb if k.startswith("val/")}
+    for key in (k for k in sa if k.startswith("val/")):
+        assert sb[key] == sa[key], key
+
+    # Training coverage per slice and the final per-slice metrics.
+    ca, cb = (json.loads((d / "coverage.json").read_text()) for d in (whole, cut))
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (whole, cut))
+    train_a = {r["slice"]: (r["train_samples"], r["train_tokens"]) for r in ca["slices"]}
+    train_b = {r["slice"]: (r["train_samples"], r["train_tokens"]) for r in cb["slices"]}
+    assert train_a == train_b and sum(s for s, _ in train_a.values()) == 8 * 4
+    assert ca["slices"] == cb["slices"]
+    assert ra["slices"] == rb["slices"]
