@@ -21,27 +21,52 @@ SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 # 24 training samples in batches of 4: 6 steps per epoch; 8 steps cross into a second epoch.
 # A checkpoint every 3 steps; the kill comes at the start of step 6 (steps 4 and 5 trained, not saved).
-COMMON = ["experiment=tiny", "baseline=false", "export=false", "trainer.max_steps=8",
-          "trainer.val_check_interval=4", "trainer.deterministic=true", "data.max_train_samples=24",
-          "callbacks=[default,teacher_cache,temperature_linear]", "~callbacks.lr_monitor",
-          "callbacks.coverage.min_retention=null", "callbacks.teacher_cache.progress=false",
-          "callbacks.teacher_cache.kind=topk", "callbacks.teacher_cache.k=8",
-          "callbacks.checkpoint.every_n_train_steps=3", "callbacks.checkpoint.save_top_k=-1",
-          "callbacks.temperature.weights={kd:{shape:linear,start:0.2,end:0.8}}",
-          "+callbacks.probe._target_=resume_probe.ResumeProbe"]
+COMMON = [
+    "experiment=tiny",
+    "baseline=false",
+    "export=false",
+    "trainer.max_steps=8",
+    "trainer.val_check_interval=4",
+    "trainer.deterministic=true",
+    "data.max_train_samples=24",
+    "callbacks=[default,teacher_cache,temperature_linear]",
+    "~callbacks.lr_monitor",
+    "callbacks.coverage.min_retention=null",
+    "callbacks.teacher_cache.progress=false",
+    "callbacks.teacher_cache.kind=topk",
+    "callbacks.teacher_cache.k=8",
+    "callbacks.checkpoint.every_n_train_steps=3",
+    "callbacks.checkpoint.save_top_k=-1",
+    "callbacks.temperature.weights={kd:{shape:linear,start:0.2,end:0.8}}",
+    "+callbacks.probe._target_=resume_probe.ResumeProbe",
+]
 KILL_AT = 5
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "LIGHTNING_DISTILL_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false",
-            "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
-            "PYTHONPATH": os.pathsep.join([str(SCRIPTS), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "LIGHTNING_DISTILL_CACHE": str(tmp_path / "cache"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+        "PYTHONPATH": os.pathsep.join([str(SCRIPTS), str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lightning_distill", *COMMON, *overrides], cwd=tmp_path,
-                          env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_distill", *COMMON, *overrides],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _steps(log: Path) -> dict[int, dict]:
@@ -53,7 +78,9 @@ def _steps(log: Path) -> dict[int, dict]:
 def _csv_series(run: Path) -> dict[str, dict[int, float]]:
     """Every logged value by (key, step) over all CSV versions of a run (later versions win)."""
     out: dict[str, dict[int, float]] = {}
-    for path in sorted((run / "csv").rglob("metrics.csv"), key=lambda p: int(p.parent.name.split("_")[-1])):
+    for path in sorted(
+        (run / "csv").rglob("metrics.csv"), key=lambda p: int(p.parent.name.split("_")[-1])
+    ):
         with path.open() as f:
             for row in csv.DictReader(f):
                 for key, value in row.items():
@@ -68,15 +95,26 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
     done = _cli(tmp_path, f"output_dir={whole}", f"+callbacks.probe.log={tmp_path / 'whole.jsonl'}")
     assert done.returncode == 0, done.stderr[-4000:]
 
-    killed = _cli(tmp_path, f"output_dir={cut}", f"+callbacks.probe.log={tmp_path / 'cut.jsonl'}",
-                  f"+callbacks.probe.kill_at_step={KILL_AT}")
-    assert killed.returncode == -9, killed.stderr[-4000:]  # SIGKILL: no handler, no interrupted.ckpt
+    killed = _cli(
+        tmp_path,
+        f"output_dir={cut}",
+        f"+callbacks.probe.log={tmp_path / 'cut.jsonl'}",
+        f"+callbacks.probe.kill_at_step={KILL_AT}",
+    )
+    # SIGKILL: no handler runs, no interrupted.ckpt
+    assert killed.returncode == -9, killed.stderr[-4000:]
     assert not list(cut.rglob("interrupted.ckpt"))
     before = _steps(tmp_path / "cut.jsonl")
-    assert sorted(before) == [1, 2, 3, 4, 5]  # killed mid-epoch, two steps after the step-3 checkpoint
-    resumed = _cli(tmp_path, f"output_dir={cut}", "ckpt_path=last", f"+callbacks.probe.log={tmp_path / 'cut.jsonl'}")
+    # Killed mid-epoch, two steps after the step-3 checkpoint.
+    assert sorted(before) == [1, 2, 3, 4, 5]
+    resumed = _cli(
+        tmp_path,
+        f"output_dir={cut}",
+        "ckpt_path=last",
+        f"+callbacks.probe.log={tmp_path / 'cut.jsonl'}",
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "Resuming from" in resumed.stdout and "last.ckpt" in resumed.stdout  # links to step3.ckpt
+    assert "Resuming from" in resumed.stdout and "last.ckpt" in resumed.stdout  # -> step3.ckpt
 
     # Cache reads, batch order and loss per step: the same steps, the same samples, the same targets.
     a, b = _steps(tmp_path / "whole.jsonl"), _steps(tmp_path / "cut.jsonl")

@@ -44,17 +44,29 @@ class ResumeProbe(L.Callback):
         self.path, self.kill_at_step = log, kill_at_step
         torch.set_num_threads(1)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.kill_at_step is not None and trainer.global_step == self.kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
-        row = {"step": trainer.global_step, "batch_idx": batch_idx, "epoch": trainer.current_epoch,
-               "sample_ids": [int(i) for i in batch["sample_id"]],
-               "targets": _checksum(batch.get("teacher_targets")), "loss": float(loss)}
+        row = {
+            "step": trainer.global_step,
+            "batch_idx": batch_idx,
+            "epoch": trainer.current_epoch,
+            "sample_ids": [int(i) for i in batch["sample_id"]],
+            "targets": _checksum(batch.get("teacher_targets")),
+            "loss": float(loss),
+        }
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
