@@ -129,6 +129,14 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
 
     # The CSV logs: train/loss every step, the schedule values, validation.
     sa, sb = _csv_series(whole), _csv_series(cut)
+    # The resumed fit logs to a new CSV version, from the first step after the checkpoint (step
+    # indices are 0-based there); the killed run's rows for steps 4 and 5 stay in the old version.
+    newest = max(
+        (cut / "csv").rglob("metrics.csv"), key=lambda p: int(p.parent.name.split("_")[-1])
+    )
+    with newest.open() as f:
+        logged = sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")})
+    assert logged == list(range(3, 8))
     for key in ("train/loss", "schedule/temperature", "schedule/kd.weight"):
         assert key in sa and sorted(sa[key]) == list(range(8)), (key, sorted(sa.get(key, {})))
         assert sb[key] == sa[key], key
@@ -144,3 +152,81 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
     assert train_a == train_b and sum(s for s, _ in train_a.values()) == 8 * 4
     assert ca["slices"] == cb["slices"]
     assert ra["slices"] == rb["slices"]
+
+
+CACHE = [
+    "experiment=tiny",
+    "callbacks=teacher_cache_topk",
+    "callbacks.teacher_cache.k=8",
+    "callbacks.teacher_cache.progress=false",
+    "callbacks.teacher_cache.shard_mb=0.01",
+    "+build_cache_only=true",
+]
+
+
+def _cache_contents(folder: Path) -> dict[str, dict[int, dict[str, list]]]:
+    """Per split, each sample id's stored tensors (as lists), read from the shards the index lists."""
+    import zlib
+
+    from safetensors.torch import load as load_safetensors
+
+    out: dict[str, dict[int, dict[str, list]]] = {}
+    for split in ("train", "val", "test"):
+        index = json.loads((folder / split / "index.json").read_text())
+        samples: dict[int, dict[str, list]] = {}
+        for shard in index["shards"]:
+            raw = (folder / split / "shards" / shard["file"]).read_bytes()
+            tensors = load_safetensors(zlib.decompress(raw))
+            starts = [0, *tensors["sample.lengths"].cumsum(0).tolist()]
+            for i, sid in enumerate(tensors["sample.ids"].tolist()):
+                assert sid not in samples, f"{split}: sample {sid} listed twice"
+                samples[sid] = {
+                    name: t[starts[i] : starts[i + 1]].tolist()
+                    for name, t in tensors.items()
+                    if name.startswith("pos.")
+                }
+        assert len(samples) == index["samples"]
+        out[split] = samples
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_mid_cache_build_then_rerun_equals_an_uninterrupted_build(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    done = _cli_cache(tmp_path, [sys.executable, "-m", "lightning_distill"], whole)
+    assert done.returncode == 0, done.stderr[-4000:]
+    killer = [sys.executable, str(SCRIPTS / "cli_kill_after_shards.py"), "3"]
+    killed = _cli_cache(tmp_path, killer, cut)
+    assert killed.returncode == -9, killed.stderr[-4000:]
+    assert not (cut / "train" / "index.json").exists()  # killed before the train split was complete
+    partial = list((cut / "train" / "shards").glob("*.json"))
+    assert len(partial) == 3
+    again = _cli_cache(tmp_path, [sys.executable, "-m", "lightning_distill"], cut)
+    assert again.returncode == 0, again.stderr[-4000:]
+
+    a, b = _cache_contents(whole), _cache_contents(cut)
+    for split in a:
+        assert sorted(a[split]) == sorted(b[split]) and a[split], split
+        assert b[split] == a[split], split
+    built = json.loads((cut / "train" / "index.json").read_text())
+    # The rerun built only what the kill left unbuilt: the three shards written before it are kept.
+    kept = [json.loads(p.read_text()) for p in partial]
+    assert {s["file"] for s in kept} <= {s["file"] for s in built["shards"]}
+    total, before = built["samples"], sum(s["samples"] for s in kept)
+    assert 0 < before < total and f"| train | {total} | {total - before} |" in again.stdout
+
+
+def _cli_cache(tmp_path: Path, program: list[str], folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            *program,
+            *CACHE,
+            f"callbacks.teacher_cache.dirpath={folder}",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
