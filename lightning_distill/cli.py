@@ -9,6 +9,7 @@
     lightning-distill --cfg job                        # print the composed config
     lightning-distill experiment=demo_cached +build_cache_only=true   # only build the teacher cache
     lightning-distill output_dir=outputs/<run> ckpt_path=last          # resume that run
+    lightning-distill generate source=demo prompts.run_dir=<run>       # teacher-written data (conf/generate.yaml)
 """
 
 from __future__ import annotations
@@ -318,6 +319,8 @@ def _export(cfg: DictConfig, report: dict[str, Any], module: Any, datamodule: An
         "data": {"fingerprint": getattr(datamodule, "fingerprint", None)},
         "slices": report["slices"],
     }
+    if getattr(datamodule, "generated_lineage", None):
+        record["generated_data"] = datamodule.generated_lineage
     if cache is not None:
         record["teacher_cache"] = cache.config()
     card = _card(module, datamodule, trainer, stats, coverage, distillation_card, cache)
@@ -417,7 +420,8 @@ def _card(module: Any, datamodule: Any, trainer: Any, stats: Mapping[str, Any], 
     teacher = module.teacher_identity or (cache.config().get("teacher") if cache is not None else None)
     return build(student=module.student, teacher=teacher, data=data, slices=slices,
                  losses={n: t.config() for n, t in module.losses.items()}, schedule=schedules or None,
-                 coverage=cov, cache=cache.config() if cache is not None else "live")
+                 coverage=cov, cache=cache.config() if cache is not None else "live",
+                 generated=getattr(datamodule, "generated_lineage", None))
 
 
 def _wandb_loggers(trainer: Any) -> list[Any]:
@@ -496,6 +500,24 @@ def _hydra_main(cfg: DictConfig) -> None:
         end_process_group()
 
 
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="generate")
+def _hydra_generate(cfg: DictConfig) -> None:
+    """``lightning-distill generate``: ``blackbox.generate.run_generate``; user errors exit 2 as above."""
+    from lightning_distill.blackbox.generate import _drop_dumps, run_generate
+
+    try:
+        run_generate(cfg)
+    except Exception as error:
+        if "credential" in str(error):  # never leave a key in Hydra's dump of this job
+            from hydra.core.hydra_config import HydraConfig
+
+            _drop_dumps(HydraConfig.get().runtime.output_dir)
+        if _debug() or not _user_error(error):
+            raise
+        print(f"Error: {type(error).__name__}: {error}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+
+
 def end_process_group() -> None:
     """Destroy the process group a DDP run created, so each rank exits cleanly (otherwise gloo's
     threads can abort the process at interpreter exit: "terminate called without an active exception")."""
@@ -528,6 +550,10 @@ def main() -> None:
     """Console entry point (``lightning-distill``); Hydra parses ``sys.argv``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet()
+    if sys.argv[1:2] == ["generate"]:  # lightning-distill generate <overrides>: conf/generate.yaml
+        del sys.argv[1]
+        _hydra_generate()
+        return
     _hydra_main()
 
 

@@ -61,7 +61,9 @@ def demo_teacher(model: dict[str, Any], *, datamodule: Any, steps: int = 600, lr
         raise ValueError(f"teacher steps must be >= 1, got {steps}.")
     model = dict(model)
     training = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed}
-    target = teacher_cache_dir(model, training, datamodule.data_fingerprint, cache_dir)
+    # keyed by the corpus alone: teacher-written train data (data.generated) does not retrain it
+    data_fingerprint = getattr(datamodule, "source_data_fingerprint", None) or datamodule.data_fingerprint
+    target = teacher_cache_dir(model, training, data_fingerprint, cache_dir)
     if (target / "config.json").is_file():
         log.info("Loading the demo teacher from %s", target)
         return AutoModelForCausalLM.from_pretrained(target).eval()
@@ -74,7 +76,7 @@ def demo_teacher(model: dict[str, Any], *, datamodule: Any, steps: int = 600, lr
     try:
         teacher.save_pretrained(tmp, safe_serialization=True)
         (tmp / "training.json").write_text(json.dumps({"model": model, "training": training,
-                                                       "data": datamodule.data_fingerprint}, indent=2))
+                                                       "data": data_fingerprint}, indent=2))
         os.replace(tmp, target)  # atomic: a half-written teacher is never loaded
     except OSError:
         if not (target / "config.json").is_file():
@@ -109,8 +111,9 @@ def _train(model_cfg: dict[str, Any], datamodule: Any, *, steps: int, lr: float,
         gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0,
     )
     with _seeded(seed):
-        trainer.fit(module, train_dataloaders=datamodule.train_dataloader_for(slices=None,
-                                                                              batch_size=batch_size))
+        corpus_only = {"generated": False} if getattr(datamodule, "generated", None) else {}
+        trainer.fit(module, train_dataloaders=datamodule.train_dataloader_for(slices=None, batch_size=batch_size,
+                                                                              **corpus_only))
     return teacher.cpu()
 
 

@@ -103,7 +103,8 @@ def _save_extra(directory: Path, name: str, module: nn.Module) -> dict[str, Any]
 def distillation_card(*, student: nn.Module, teacher: dict[str, Any] | None, data: dict[str, Any],
                       slices: list[dict[str, Any]], losses: dict[str, Any], schedule: Any = None,
                       coverage: dict[str, Any] | None = None,
-                      cache: str | dict[str, Any] = "live") -> dict[str, Any]:
+                      cache: str | dict[str, Any] = "live",
+                      generated: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The distillation card: the fixed record that makes a distilled model governable.
 
     Args:
@@ -117,6 +118,9 @@ def distillation_card(*, student: nn.Module, teacher: dict[str, Any] | None, dat
         cache: where teacher targets came from: ``"live"`` (the frozen teacher at every step) or
             the teacher cache's description (``TeacherCache.config()``: kind, parameters,
             location, fingerprint, bytes per token per split).
+        generated: the lineage of teacher-written training records, one entry per records folder
+            (``blackbox.loop.generated_lineage``: teacher, settings, counts and acceptance per
+            slice, source run, ``terms``), or ``None`` when the data has none.
     """
     return {
         "card_version": 1,
@@ -128,6 +132,7 @@ def distillation_card(*, student: nn.Module, teacher: dict[str, Any] | None, dat
         "losses": losses,
         "schedule": schedule,
         "cache": cache,
+        **({"generated_data": generated} if generated else {}),
         "versions": versions(),
     }
 
@@ -155,6 +160,17 @@ def _projector_lines(losses: dict[str, Any]) -> list[str]:
             for name, config in losses.items() if isinstance(config, dict) and "projector_export" in config]
 
 
+def _generated_line(entry: dict[str, Any]) -> str:
+    teacher = entry.get("teacher") or {}
+    name = teacher.get("model_name") if isinstance(teacher, dict) else "several teachers"
+    slices = ", ".join(f"{s} {v.get('records')}" + (f" (accepted {v['acceptance']:.0%})" if "acceptance" in v else "")
+                       for s, v in (entry.get("slices") or {}).items())
+    run = (entry.get("source_run") or {}).get("path")
+    return (f"- teacher-written training data: `{entry.get('path')}`: {entry.get('records')} records ({slices}) "
+            f"by {name}" + (f", for the gaps of run `{run}`" if run else "")
+            + f"; terms: {entry.get('terms') or 'not given'}")
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     """A short human-readable version of a distillation card."""
     teacher = card.get("teacher") or {}
@@ -177,6 +193,7 @@ def card_markdown(card: dict[str, Any]) -> str:
              *_projector_lines(card.get("losses") or {}),
              f"- schedule: {json.dumps(card.get('schedule')) if card.get('schedule') else 'none'}",
              f"- teacher targets: {_cache_line(card.get('cache'))}",
+             *[_generated_line(g) for g in card.get("generated_data") or []],
              "- versions: " + ", ".join(f"{k} {v}" for k, v in (card.get("versions") or {}).items()),
              "", "## Slices: coverage and retention", "",
              "| slice | train tokens | teacher | student | retention | gap |", "|---|---|---|---|---|---|"]

@@ -6,10 +6,11 @@ OpenAI-compatible server (:class:`OpenAITeacher`), and a loopback OpenAI-compati
 and offline tries (:func:`serve`). The resumable record writer (:func:`write_records`), prompt
 sources (``prompts.py``), rationale templates and answer checks (``rationale.py``), per-slice
 summaries (``summary.py``), training on teacher text (:class:`TeacherTextDataModule`) and a
-served teacher's top-k log-probabilities as a teacher cache (:class:`ServedTeacher`). See
-``docs/blackbox.md``.
+served teacher's top-k log-probabilities as a teacher cache (:class:`ServedTeacher`); the coverage
+loop's prompts (:func:`prompts_from_run`; ``lightning-distill generate``). See ``docs/blackbox.md``.
 """
 
+from lightning_distill.blackbox.loop import prompts_from_run
 from lightning_distill.blackbox.openai_source import OpenAITeacher, TeacherRequestError
 from lightning_distill.blackbox.prompts import Prompt, prompts_from_dataset, prompts_from_jsonl
 from lightning_distill.blackbox.rationale import (
@@ -46,6 +47,7 @@ __all__ = [
     "prompt_id",
     "prompts_from_dataset",
     "prompts_from_jsonl",
+    "prompts_from_run",
     "rationale_template",
     "read_records",
     "serve",

@@ -20,6 +20,7 @@ from .base import (
     check_fractions,
     check_slice_names,
     check_split,
+    digest,
 )
 from .blocks import TokenBlockDataset, concat_with_eos
 from .corpus import Document, corpus_fingerprint, demo_corpus
@@ -80,6 +81,11 @@ class SlicedTextDataModule(SplitDataModule):
         cache_dir: tokenizer cache folder; ``None`` uses ``cache_root() / "data"``.
         code_bytes: ``code`` slice budget of the demo corpus.
         prose_bytes: ``prose`` slice budget of the demo corpus (``None``: all of it).
+        generated: teacher-written records (a folder of ``shard-*.jsonl``, or a list of them,
+            e.g. from ``lightning-distill generate``) added to the *train* split only: each
+            record's prompt + completion is a document of its slice, tokenized and blocked like
+            the corpus, kept whatever ``train_slices`` says. Their fingerprint is part of
+            :attr:`data_fingerprint`; :attr:`generated_lineage` says where they came from.
 
     Raises:
         ValueError: on an unknown corpus name or an out-of-range setting; an unknown
@@ -102,6 +108,7 @@ class SlicedTextDataModule(SplitDataModule):
         cache_dir: str | None = None,
         code_bytes: int = 500_000,
         prose_bytes: int | None = None,
+        generated: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(corpus, str) and corpus not in CORPORA:
@@ -129,6 +136,19 @@ class SlicedTextDataModule(SplitDataModule):
         self._cache_dir = cache_dir
         self.code_bytes = code_bytes
         self.prose_bytes = prose_bytes
+        if isinstance(generated, Path):
+            generated = str(generated)
+        if generated is not None and not isinstance(generated, str):
+            if not isinstance(generated, Sequence) or not all(
+                isinstance(g, str) for g in generated
+            ):
+                raise TypeError(
+                    f"generated must be a records folder or a list of them, got {generated!r}."
+                )
+            generated = [str(g) for g in generated] or None
+        self.generated = generated
+        self._generated: tuple[list[tuple[str, str]], str] | None = None
+        self._real_train: TokenBlockDataset | None = None
 
         self._docs: list[Document] | None = None
         self._slices: list[str] | None = None
@@ -191,11 +211,87 @@ class SlicedTextDataModule(SplitDataModule):
                 n = len(stream) // self.seq_len
                 blocks.append(stream[: n * self.seq_len].reshape(n, self.seq_len))
                 slice_index.append(np.full(n, index, dtype=np.int64))
+            if split == "train" and self.generated is not None:
+                self._real_train_size = sum(len(b) for b in blocks)
+                for index, name in enumerate(self.slices):
+                    texts = [text for s, text in self._generated_docs()[0] if s == name]
+                    if not texts:
+                        continue
+                    ids = [enc.ids for enc in backend.encode_batch(texts, add_special_tokens=False)]
+                    stream = concat_with_eos(ids, eos)
+                    n = len(stream) // self.seq_len
+                    blocks.append(stream[: n * self.seq_len].reshape(n, self.seq_len))
+                    slice_index.append(np.full(n, index, dtype=np.int64))
             input_ids = torch.from_numpy(np.concatenate(blocks))
             slice_ids = torch.from_numpy(np.concatenate(slice_index))
             sample_ids = torch.arange(len(input_ids), dtype=torch.long)
             built[split] = TokenBlockDataset(input_ids, slice_ids, sample_ids, self.slices)
+        if self.generated is not None:  # ids of the corpus blocks come first, unchanged
+            self._real_train = built["train"].subset(torch.arange(self._real_train_size))
         self._serve(built)
+
+    def _train_subset(self, slices: list[str] | None) -> Any:
+        """As the base class; the student's train split (``train_slices``) keeps every teacher-written block."""
+        if self.generated is None or slices is None or slices != self.train_slices:
+            return super()._train_subset(slices)
+        full = self._full_train
+        wanted = torch.tensor([full.slice_names.index(name) for name in slices])
+        keep = torch.isin(full.slice_index, wanted) | (
+            torch.arange(len(full)) >= self._real_train_size
+        )
+        self._full_train = full.subset(torch.nonzero(keep).flatten())
+        try:
+            return super()._train_subset(None)  # max_train_samples as usual
+        finally:
+            self._full_train = full
+
+    def train_dataloader_for(
+        self,
+        slices: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        *,
+        generated: bool = True,
+    ) -> Any:
+        """As the base class; ``generated=False`` serves the corpus blocks only (the demo teacher's).
+
+        Raises:
+            ValueError: as the base class.
+        """
+        if generated or self.generated is None:
+            return super().train_dataloader_for(slices, batch_size, seed)
+        self.setup()
+        full, self._full_train = self._full_train, self._real_train
+        try:
+            return super().train_dataloader_for(slices, batch_size, seed)
+        finally:
+            self._full_train = full
+
+    # ------------------------------------------------------------------ generated data
+
+    def _generated_docs(self) -> tuple[list[tuple[str, str]], str]:
+        if self._generated is None:
+            from lightning_distill.blackbox.loop import generated_documents
+
+            assert self.generated is not None
+            self._generated = generated_documents(self.generated, self.slices)
+        return self._generated
+
+    @property
+    def generated_lineage(self) -> list[dict[str, Any]] | None:
+        """Where the teacher-written train documents came from (for the distillation card), or ``None``."""
+        if self.generated is None:
+            return None
+        from lightning_distill.blackbox.loop import generated_lineage
+
+        return generated_lineage(self.generated)
+
+    @property
+    def source_data_fingerprint(self) -> str:
+        """:attr:`data_fingerprint` of the corpus alone (without ``generated``): the demo teacher's key."""
+        settings = self._data_settings()
+        settings.pop("generated", None)
+        return digest(settings)
 
     # ------------------------------------------------------------------ queries
 
@@ -247,4 +343,5 @@ class SlicedTextDataModule(SplitDataModule):
             "seq_len": self.seq_len,
             "val_fraction": self.val_fraction,
             "test_fraction": self.test_fraction,
+            **({"generated": self._generated_docs()[1]} if self.generated is not None else {}),
         }
