@@ -195,7 +195,7 @@ def test_sigkill_mid_cache_build_then_rerun_equals_an_uninterrupted_build(tmp_pa
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     done = _cli_cache(tmp_path, [sys.executable, "-m", "lightning_distill"], whole)
     assert done.returncode == 0, done.stderr[-4000:]
-    killer = [sys.executable, str(SCRIPTS / "cli_kill_after_shards.py"), "3"]
+    killer = [sys.executable, str(SCRIPTS / "cli_kill_after_shards.py"), "cache", "3"]
     killed = _cli_cache(tmp_path, killer, cut)
     assert killed.returncode == -9, killed.stderr[-4000:]
     assert not (cut / "train" / "index.json").exists()  # killed before the train split was complete
