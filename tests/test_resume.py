@@ -29,18 +29,25 @@ COMMON = [
     "trainer.val_check_interval=4",
     "trainer.deterministic=true",
     "data.max_train_samples=24",
-    "callbacks=[default,teacher_cache,temperature_linear]",
     "~callbacks.lr_monitor",
     "callbacks.coverage.min_retention=null",
-    "callbacks.teacher_cache.progress=false",
-    "callbacks.teacher_cache.kind=topk",
-    "callbacks.teacher_cache.k=8",
     "callbacks.checkpoint.every_n_train_steps=3",
     "callbacks.checkpoint.save_top_k=-1",
     "callbacks.temperature.weights={kd:{shape:linear,start:0.2,end:0.8}}",
     "+callbacks.probe._target_=resume_probe.ResumeProbe",
 ]
 KILL_AT = 5
+SETUPS = {
+    # The teacher's targets read from a teacher cache (top-k) by sample id.
+    "cached": [
+        "callbacks=[default,teacher_cache,temperature_linear]",
+        "callbacks.teacher_cache.progress=false",
+        "callbacks.teacher_cache.kind=topk",
+        "callbacks.teacher_cache.k=8",
+    ],
+    # A live teacher, and a student with dropout: the random draws continue where they stopped.
+    "live_dropout": ["callbacks=[default,temperature_linear]", "+student.attention_dropout=0.3"],
+}
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -58,7 +65,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     }
 
 
-def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "lightning_distill", *COMMON, *overrides],
         cwd=tmp_path,
@@ -90,7 +97,11 @@ def _csv_series(run: Path) -> dict[str, dict[int, float]]:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, setup):
+    def _cli(tmp_path, *overrides):
+        return _run(tmp_path, *SETUPS[setup], *overrides)
+
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     done = _cli(tmp_path, f"output_dir={whole}", f"+callbacks.probe.log={tmp_path / 'whole.jsonl'}")
     assert done.returncode == 0, done.stderr[-4000:]
@@ -121,7 +132,8 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for step in a:
         assert b[step]["sample_ids"] == a[step]["sample_ids"], step
-        assert b[step]["targets"] == a[step]["targets"] != 0, step
+        assert b[step]["targets"] == a[step]["targets"], step
+        assert (a[step]["targets"] != 0) == (setup == "cached"), step
         assert b[step]["loss"] == a[step]["loss"], step
     # The steps trained before the kill and again after the resume got the same batches too.
     for step in (4, 5):
