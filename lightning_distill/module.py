@@ -590,6 +590,7 @@ class DistillationModule(L.LightningModule):
             "teacher": self.teacher_identity,
             "losses": {name: term.config() for name, term in self.losses.items()},
             "rng": rng_states(),  # a resumed fit draws what the uninterrupted one would have
+            "step_mean_scale": self._step_mean.scale,  # C, fixed at the first step: kept for a resume
         }
 
     def _restore_losses(self, recorded: Mapping[str, Any]) -> None:
@@ -619,6 +620,7 @@ class DistillationModule(L.LightningModule):
             self._restore_losses(recorded)
         if self._trainer is not None:  # a resume: the generators are set just before its first step
             self._resumed_rng = (checkpoint.get("lightning_distill") or {}).get("rng")
+            self._step_mean.scale = (checkpoint.get("lightning_distill") or {}).get("step_mean_scale")
         state = checkpoint.get("state_dict")
         if state is not None:
             rename_keys(state, self._wrapper_prefixes(), wrap=True)
