@@ -186,6 +186,7 @@ class DistillationModule(L.LightningModule):
         self.teacher = freeze(teacher) if teacher is not None else None
         self._losses_given = losses is not None  # else: recorded terms on load, KD + task with a TeacherCache
         self._resumed_rng: dict[str, Any] | None = None  # set before the first step after a resume
+        self._rng_outside_eval: dict[str, Any] | None = None  # the generators as validation found them
         if losses is None:
             losses = ({"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)} if teacher is not None
                       else {"task": TaskLoss()})
@@ -589,7 +590,8 @@ class DistillationModule(L.LightningModule):
             "version": __version__,
             "teacher": self.teacher_identity,
             "losses": {name: term.config() for name, term in self.losses.items()},
-            "rng": rng_states(),  # a resumed fit draws what the uninterrupted one would have
+            # a resumed fit draws what the uninterrupted one would have (validation draws nothing)
+            "rng": self._rng_outside_eval or rng_states(),
             "step_mean_scale": self._step_mean.scale,  # C, fixed at the first step: kept for a resume
         }
 
@@ -608,6 +610,15 @@ class DistillationModule(L.LightningModule):
             self.metrics = nn.ModuleDict()  # remade for the recorded terms on first use
             return
         warnings.warn(losses_differ_message(recorded, current), UserWarning, stacklevel=2)
+
+    def on_validation_start(self) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._rng_outside_eval = rng_states()  # put back at its end: training draws as if none ran
+
+    def on_validation_end(self) -> None:
+        if self._rng_outside_eval is not None:
+            restore_rng_states(self._rng_outside_eval)
+            self._rng_outside_eval = None
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._resumed_rng is not None:  # after Lightning's restore, loaders and callbacks' setup
