@@ -186,7 +186,8 @@ class DistillationModule(L.LightningModule):
         self.teacher = freeze(teacher) if teacher is not None else None
         self._losses_given = losses is not None  # else: recorded terms on load, KD + task with a TeacherCache
         self._resumed_rng: dict[str, Any] | None = None  # set before the first step after a resume
-        self._rng_outside_eval: dict[str, Any] | None = None  # the generators as validation found them
+        self._rng_after_step: dict[str, Any] | None = None  # the generators after the last training step
+        self._in_fit_eval = False
         if losses is None:
             losses = ({"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)} if teacher is not None
                       else {"task": TaskLoss()})
@@ -591,7 +592,7 @@ class DistillationModule(L.LightningModule):
             "teacher": self.teacher_identity,
             "losses": {name: term.config() for name, term in self.losses.items()},
             # a resumed fit draws what the uninterrupted one would have (validation draws nothing)
-            "rng": self._rng_outside_eval or rng_states(),
+            "rng": self._rng_after_step if self._in_fit_eval else rng_states(),
             "step_mean_scale": self._step_mean.scale,  # C, fixed at the first step: kept for a resume
         }
 
@@ -611,14 +612,16 @@ class DistillationModule(L.LightningModule):
             return
         warnings.warn(losses_differ_message(recorded, current), UserWarning, stacklevel=2)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._rng_after_step = rng_states()  # validation puts it back: training draws as if none ran
+
     def on_validation_start(self) -> None:
-        if self._trainer is not None and self.trainer.state.fn == "fit":
-            self._rng_outside_eval = rng_states()  # put back at its end: training draws as if none ran
+        self._in_fit_eval = self._trainer is not None and self.trainer.state.fn == "fit"
 
     def on_validation_end(self) -> None:
-        if self._rng_outside_eval is not None:
-            restore_rng_states(self._rng_outside_eval)
-            self._rng_outside_eval = None
+        if self._in_fit_eval and self._rng_after_step is not None:
+            restore_rng_states(self._rng_after_step)  # the val loaders' and any other draws undone
+        self._in_fit_eval = False
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._resumed_rng is not None:  # after Lightning's restore, loaders and callbacks' setup

@@ -26,7 +26,6 @@ COMMON = [
     "baseline=false",
     "export=false",
     "trainer.max_steps=8",
-    "trainer.val_check_interval=4",
     "trainer.deterministic=true",
     "data.max_train_samples=24",
     "~callbacks.lr_monitor",
@@ -41,12 +40,18 @@ SETUPS = {
     # The teacher's targets read from a teacher cache (top-k) by sample id.
     "cached": [
         "callbacks=[default,teacher_cache,temperature_linear]",
+        "trainer.val_check_interval=4",
         "callbacks.teacher_cache.progress=false",
         "callbacks.teacher_cache.kind=topk",
         "callbacks.teacher_cache.k=8",
     ],
-    # A live teacher, and a student with dropout: the random draws continue where they stopped.
-    "live_dropout": ["callbacks=[default,temperature_linear]", "+student.attention_dropout=0.3"],
+    # A live teacher, a student with dropout, and validation right after the checkpoint's step:
+    # the random draws continue where they stopped, whatever validation drew.
+    "live_dropout": [
+        "callbacks=[default,temperature_linear]",
+        "+student.attention_dropout=0.3",
+        "trainer.val_check_interval=3",
+    ],
 }
 
 
