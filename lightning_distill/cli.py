@@ -269,7 +269,9 @@ def _test(trainer: Any, module: Any, datamodule: Any, cache: Any,
         trainer.test(module, datamodule=datamodule, verbose=False)
     except CoverageGapError as error:
         gap_error = error
-    report["coverage"] = {"metric": coverage.metric, "config": coverage.config(),
+    from lightning_distill.reporting import effective_metric
+
+    report["coverage"] = {"metric": effective_metric(coverage.metric, coverage.last_sums), "config": coverage.config(),
                           "gaps": [r["slice"] for r in coverage.last_rows if r["gap"]],
                           "slices": coverage.last_rows}
     return stats_from_sums(coverage.last_sums), coverage, gap_error
@@ -397,7 +399,10 @@ def _card(module: Any, datamodule: Any, trainer: Any, stats: Mapping[str, Any], 
     """The distillation card of this run (see ``export.distillation_card``)."""
     if coverage is not None:
         slices = coverage.last_rows
-        cov = {"metric": coverage.metric, "stage": coverage.last_stage, "config": coverage.config(),
+        from lightning_distill.reporting import effective_metric
+
+        cov = {"metric": effective_metric(coverage.metric, coverage.last_sums), "stage": coverage.last_stage,
+               "config": coverage.config(),
                "thresholds": {k: coverage.config()[k] for k in ("min_retention", "min_relative_retention",
                                                                 "max_gap_to_best")},
                "gaps": [r["slice"] for r in slices if r["gap"]]}

@@ -59,6 +59,8 @@ def demo_teacher(model: dict[str, Any], *, datamodule: Any, steps: int = 600, lr
 
     if steps < 1:
         raise ValueError(f"teacher steps must be >= 1, got {steps}.")
+    if hasattr(type(datamodule), "teacher_datamodule"):  # cross-tokenizer data: the teacher's own tokens
+        datamodule = datamodule.teacher_datamodule
     model = dict(model)
     training = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed}
     # keyed by the corpus alone: teacher-written train data (data.generated) does not retrain it
@@ -111,7 +113,8 @@ def _train(model_cfg: dict[str, Any], datamodule: Any, *, steps: int, lr: float,
         gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0,
     )
     with _seeded(seed):
-        corpus_only = {"generated": False} if getattr(datamodule, "generated", None) else {}
+        corpus_only = {"generated": False} if hasattr(type(datamodule), "source_data_fingerprint") \
+            and getattr(datamodule, "generated", None) else {}  # the demo data serves its corpus alone
         trainer.fit(module, train_dataloaders=datamodule.train_dataloader_for(slices=None, batch_size=batch_size,
                                                                               **corpus_only))
     return teacher.cpu()

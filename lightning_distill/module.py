@@ -39,6 +39,7 @@ from lightning_distill.checkpoint import (
     wrapper_prefixes,
 )
 from lightning_distill.losses import functional as LF
+from lightning_distill.losses.cross_tokenizer import attach_tokenizers, cross_tokenizer_batch
 from lightning_distill.losses.terms import LogitKD, LossTerm, TaskLoss, check_terms, fused_pair
 from lightning_distill.models.adapters import (
     call_model,
@@ -267,6 +268,9 @@ class DistillationModule(L.LightningModule):
             return targets if isinstance(targets, TeacherTargets) else TeacherTargets(logits=targets)
         if self.teacher is None:
             return None
+        if isinstance(batch, Mapping) and batch.get("teacher_input_ids") is not None:
+            # Cross-tokenizer batch: the teacher reads the same text in its own tokens.
+            inputs = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch.get("teacher_attention_mask")}
         request = FeatureRequest.of([t for t in self.losses.values() if t.weight > 0], "teacher")
         with torch.no_grad(), capture(self.teacher, request.paths) as hooked:
             output = call_model(self.teacher, inputs, **request.flags(self.teacher))
@@ -344,7 +348,8 @@ class DistillationModule(L.LightningModule):
         teacher = self.teacher_targets(batch, inputs) if self._teacher_needed(stage, active) else None
         targets = teacher  # as they came, for the per-sample evaluation sums
         kd_logits = student_logits
-        if teacher is not None and teacher.logits is not None:
+        cross = cross_tokenizer_batch(batch, active)  # teacher logits in the teacher's own positions
+        if teacher is not None and teacher.logits is not None and not cross:
             kd_logits, teacher_logits = match_vocab(student_logits, teacher.logits, self.vocab_mismatch)
             teacher = dataclasses.replace(teacher, logits=teacher_logits)
         elif teacher is not None and teacher.sparse is not None:
@@ -360,7 +365,7 @@ class DistillationModule(L.LightningModule):
         self._check_first_batch(full_inputs)  # the first batch of any stage (sanity checks run val first)
 
         sums: dict[str, Tensor] = {}
-        fused = fused_pair(active, loss_inputs, same_vocab=kd_logits is student_logits)
+        fused = fused_pair(active, loss_inputs, same_vocab=kd_logits is student_logits and not cross)
         if fused is not None:
             # Forward KL at T=1 and the task loss share one softmax of the student and one
             # gradient buffer (same values and gradients as the two terms apart).
@@ -411,11 +416,11 @@ class DistillationModule(L.LightningModule):
         labels = self._aligned_labels(labels, inputs, student_logits)
         if labels is None:
             raise ValueError("evaluate_batch needs labels (or input_ids for a causal LM) to score the student.")
-        return self.sample_sums(student_logits, labels, self.teacher_targets(batch, inputs))
+        return self.sample_sums(student_logits, labels, self.teacher_targets(batch, inputs), batch)
 
     @torch.no_grad()
     def sample_sums(self, student_logits: Tensor, labels: Tensor | None,
-                    teacher: TeacherTargets | None) -> dict[str, Tensor]:
+                    teacher: TeacherTargets | None, batch: Any = None) -> dict[str, Tensor]:
         """Per-sample evaluation sums from one forward's logits, with the same alignment as training.
 
         The validation/test step returns these when :attr:`eval_sample_sums` is on (as
@@ -427,6 +432,8 @@ class DistillationModule(L.LightningModule):
             labels: labels aligned to the logits (:func:`~lightning_distill.alignment.align_labels`).
             teacher: the teacher's targets for the batch as they came (before any vocabulary
                 slicing), or ``None``.
+            batch: the batch; a cross-tokenizer batch adds ``bytes`` and scores the teacher on
+                its own tokens (:func:`lightning_distill.scoring.sample_sums`).
 
         Returns:
             A dict of 1-D tensors over the batch's samples: ``tokens`` (valid positions),
@@ -446,7 +453,7 @@ class DistillationModule(L.LightningModule):
         if self.embedding_output:
             return embedding_sums(student_logits, teacher)
         return _sample_sums(student_logits, labels, teacher, ignore_index=self.ignore_index,
-                            vocab_mismatch=self.vocab_mismatch)
+                            vocab_mismatch=self.vocab_mismatch, batch=batch)
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -498,7 +505,7 @@ class DistillationModule(L.LightningModule):
                      metric_attribute=f"metrics.{key}.{name}", **kwargs)
 
         wanted = self.eval_sample_sums and not (self._trainer is not None and self.trainer.sanity_checking)
-        per_sample = self.sample_sums(out["student_logits"], out["labels"], out["targets"]) if wanted else None
+        per_sample = self.sample_sums(out["student_logits"], out["labels"], out["targets"], batch) if wanted else None
         count = out["count"]
         weight = count.float().clamp_min(1e-12)
         for name, value in out["sums"].items():
@@ -506,7 +513,8 @@ class DistillationModule(L.LightningModule):
             log(name)
         metrics["loss"].update(out["weighted"] / weight, weight)
         log("loss", prog_bar=stage == "val")
-        if per_sample is not None and out["targets"] is not None and out["targets"].logits is not None:
+        if (per_sample is not None and out["targets"] is not None and out["targets"].logits is not None
+                and "agreement" in per_sample):
             # Dense targets: the per-sample agreement and KL are the same functions on the same
             # (vocabulary-matched) logits; their totals serve the batch metrics (no second pass).
             extra = (per_sample["agreement"].sum(), out["kl"] if out["kl"] is not None else per_sample["kl"].sum())
@@ -533,8 +541,9 @@ class DistillationModule(L.LightningModule):
         self.metrics = nn.ModuleDict()
         if self.teacher is not None:
             self.teacher.eval()
-        if self.teacher is not None and not self.embedding_output:
-            check_model_vocabs(self.student, self.teacher, self.vocab_mismatch)
+        if (self.teacher is not None and not self.embedding_output
+                and not any(getattr(t, "cross_tokenizer", False) for t in self.losses.values())):
+            check_model_vocabs(self.student, self.teacher, self.vocab_mismatch)  # cross-tokenizer: differ
         if self._uses_deepspeed():
             warnings.warn("DeepSpeed manages gradients itself; the loss is normalised per micro-batch "
                           "instead of per optimizer step.", stacklevel=2)
@@ -575,6 +584,7 @@ class DistillationModule(L.LightningModule):
         io = getattr(strategy, "_checkpoint_io", None)
         if hasattr(strategy, "checkpoint_io") and not isinstance(io, CheckedCheckpointIO):
             strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io)
+        attach_tokenizers(self.losses.values(), getattr(self.trainer, "datamodule", None))
         seq_len = getattr(self.trainer.datamodule, "seq_len", None)  # before a teacher cache runs the teacher
         if isinstance(seq_len, int):
             check_positions({"student": self.student, "teacher": self.teacher}, seq_len, f"data seq_len={seq_len}")

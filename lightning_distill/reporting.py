@@ -8,6 +8,11 @@ from those sums here.
 **Retention** is the student's task metric relative to the teacher's, 1.0 = as good as the teacher:
 ``metric="perplexity"``: ``teacher_ppl / student_ppl = exp((teacher_nll - student_nll) / tokens)``;
 ``metric="accuracy"``: ``student_acc / teacher_acc``;
+``metric="bits_per_byte"`` (teacher and student with different tokenizers, whose per-token
+perplexities are not comparable): ``2 ** (teacher_bpb - student_bpb) = exp((teacher_nll - student_nll) /
+bytes)``, the ratio of per-byte perplexities, where bits per byte = NLL in bits / UTF-8 bytes of the
+scored text (the same text for both models). A perplexity report switches to it by itself when
+the sums carry ``bytes`` (:func:`effective_metric`).
 ``metric="similarity"`` (embedding models): the Spearman correlation of the student's and the
 teacher's pairwise cosine similarities over the slice's samples
 (:func:`lightning_distill.similarity.similarity_agreement`), 1.0 = the teacher's order of every pair.
@@ -24,14 +29,15 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["COVERAGE_FIELDS", "METRICS", "TABLE_KEYS", "SliceStats", "card_rows", "coverage_markdown", "coverage_rows",
-           "describe_row", "fmt", "format_coverage_table", "format_slice_table", "markdown_table",
+           "describe_row", "effective_metric", "fmt", "format_coverage_table", "format_slice_table", "markdown_table",
            "plot_retention", "retention", "stats_from_sums", "write_coverage_reports"]
 
 #: Per-slice sums kept for held-out evaluation (``sample_sums`` keys plus ``samples``).
 COVERAGE_FIELDS = ("samples", "tokens", "student_nll", "teacher_nll", "agreement", "kl", "correct",
-                   "teacher_correct")
+                   "teacher_correct", "bytes")
 #: The metric kinds retention is defined for.
-METRICS = ("perplexity", "accuracy", "similarity")
+METRICS = ("perplexity", "accuracy", "similarity", "bits_per_byte")
+_LN2 = math.log(2.0)
 #: The columns of a coverage row, in table order (the W&B table).
 TABLE_KEYS = ("slice", "samples", "tokens", "train_samples", "train_tokens", "teacher_metric",
               "student_metric", "retention", "agreement", "kl", "gap")
@@ -47,13 +53,14 @@ def fmt(value: Any, spec: str = "") -> str:
 
 def retention(metric: str, *, tokens: float, student_nll: float | None = None,
               teacher_nll: float | None = None, correct: float | None = None,
-              teacher_correct: float | None = None, similarity: float | None = None) -> float | None:
+              teacher_correct: float | None = None, similarity: float | None = None,
+              bytes: float | None = None) -> float | None:
     """Student relative to teacher, 1.0 = as good as the teacher (see the module docstring).
 
     ``perplexity``: ``exp((teacher_nll - student_nll) / tokens)``; ``accuracy``:
     ``correct / teacher_correct``; ``similarity``: the slice's ``similarity`` (Spearman agreement,
-    computed from embeddings, not from sums). ``None`` when it is undefined (no tokens, no teacher,
-    or a teacher with accuracy 0).
+    computed from embeddings, not from sums); ``bits_per_byte``: ``exp((teacher_nll - student_nll) /
+    bytes)``. ``None`` when it is undefined (no tokens or bytes, no teacher, or a teacher with accuracy 0).
 
     Raises:
         ValueError: an unknown ``metric``.
@@ -64,6 +71,10 @@ def retention(metric: str, *, tokens: float, student_nll: float | None = None,
         return None
     if metric == "similarity":
         return similarity
+    if metric == "bits_per_byte":
+        if teacher_nll is None or student_nll is None or not bytes:
+            return None
+        return math.exp((teacher_nll - student_nll) / bytes)
     if metric == "perplexity":
         if teacher_nll is None or student_nll is None:
             return None
@@ -89,16 +100,20 @@ class SliceStats:
     kl: float | None = None
     correct: float | None = None
     teacher_correct: float | None = None
+    bytes: float | None = None
 
     def add(self, values: Mapping[str, Sequence[float]], i: int) -> None:
         """Add sample ``i`` of per-sample sums (``DistillationModule.sample_sums``, as lists)."""
         self.samples += 1
         self.tokens += int(values["tokens"][i])
         self.student_nll += values["student_nll"][i]
+        if "bytes" in values:
+            self.bytes = _add(self.bytes, values["bytes"][i])
         if "teacher_nll" in values:
             self.teacher_nll = _add(self.teacher_nll, values["teacher_nll"][i])
-            self.agreement = _add(self.agreement, values["agreement"][i])
-            self.kl = _add(self.kl, values["kl"][i])
+        for key in ("agreement", "kl"):
+            if key in values:
+                setattr(self, key, _add(getattr(self, key), values[key][i]))
 
     @property
     def student_perplexity(self) -> float:
@@ -109,7 +124,23 @@ class SliceStats:
         return None if self.teacher_nll is None else math.exp(self.teacher_nll / max(self.tokens, 1))
 
     @property
+    def student_bits_per_byte(self) -> float | None:
+        return self.student_nll / _LN2 / self.bytes if self.bytes else None
+
+    @property
+    def teacher_bits_per_byte(self) -> float | None:
+        return None if self.teacher_nll is None or not self.bytes else self.teacher_nll / _LN2 / self.bytes
+
+    @property
+    def metric(self) -> str:
+        """``"bits_per_byte"`` when the sums carry bytes (different tokenizers), else ``"perplexity"``."""
+        return "bits_per_byte" if self.bytes else "perplexity"
+
+    @property
     def retention(self) -> float | None:
+        if self.bytes:
+            return retention("bits_per_byte", tokens=self.tokens, student_nll=self.student_nll,
+                             teacher_nll=self.teacher_nll, bytes=self.bytes)
         teacher = self.teacher_perplexity
         return None if teacher is None else teacher / self.student_perplexity
 
@@ -125,6 +156,8 @@ class SliceStats:
         """``(student, teacher)`` perplexity or accuracy; ``None`` without tokens (or teacher)."""
         if self.tokens <= 0:
             return None, None
+        if metric == "bits_per_byte":
+            return self.student_bits_per_byte, self.teacher_bits_per_byte
         if metric == "perplexity":
             return self.student_perplexity, self.teacher_perplexity
         if metric == "similarity":
@@ -137,23 +170,37 @@ class SliceStats:
         return {"samples": self.samples, "tokens": self.tokens, "student_nll": self.student_nll,
                 "teacher_nll": self.teacher_nll, "agreement": self.agreement, "kl": self.kl,
                 "student_perplexity": self.student_perplexity, "teacher_perplexity": self.teacher_perplexity,
-                "retention": self.retention, "agreement_rate": self.agreement_rate, "mean_kl": self.mean_kl}
+                "retention": self.retention, "agreement_rate": self.agreement_rate, "mean_kl": self.mean_kl,
+                "bytes": self.bytes, "student_bits_per_byte": self.student_bits_per_byte,
+                "teacher_bits_per_byte": self.teacher_bits_per_byte}
 
 
 def stats_from_sums(sums: Mapping[str, Mapping[str, float | None]]) -> dict[str, SliceStats]:
-    """:class:`SliceStats` from per-slice sums (``COVERAGE_FIELDS``) such as ``CoverageSlices.last_sums``."""
+    """:class:`SliceStats` from per-slice sums (``COVERAGE_FIELDS``) such as ``CoverageSlices.last_sums``.
+    Sums with ``bytes`` (different tokenizers) have no agreement or KL (they need one vocabulary)."""
     return {name: SliceStats(samples=int(s.get("samples") or 0), tokens=int(s.get("tokens") or 0),
                              student_nll=float(s.get("student_nll") or 0.0), teacher_nll=s.get("teacher_nll"),
-                             agreement=s.get("agreement"), kl=s.get("kl"), correct=s.get("correct"),
-                             teacher_correct=s.get("teacher_correct"))
+                             agreement=None if s.get("bytes") else s.get("agreement"),
+                             kl=None if s.get("bytes") else s.get("kl"), correct=s.get("correct"),
+                             teacher_correct=s.get("teacher_correct"), bytes=s.get("bytes") or None)
             for name, s in sums.items()}
+
+
+def effective_metric(metric: str, per_slice: Mapping[str, Mapping[str, float | None]]) -> str:
+    """``"bits_per_byte"`` for a ``"perplexity"`` report whose sums carry bytes (teacher and student
+    tokenize differently, so per-token perplexities do not compare), else ``metric``."""
+    if metric == "perplexity" and any(s.get("bytes") for s in per_slice.values()):
+        return "bits_per_byte"
+    return metric
 
 
 def coverage_rows(per_slice: Mapping[str, Mapping[str, float | None]],
                   train: Mapping[str, Mapping[str, float]] | None = None, *, metric: str = "perplexity",
                   min_retention: float | None = None, min_relative_retention: float | None = None,
                   max_gap_to_best: float | None = None) -> list[dict[str, Any]]:
-    """From per-slice sums (``COVERAGE_FIELDS``) to table rows with retention and gap flags."""
+    """From per-slice sums (``COVERAGE_FIELDS``) to table rows with retention and gap flags
+    (``perplexity`` becomes ``bits_per_byte`` when the sums carry bytes: :func:`effective_metric`)."""
+    metric = effective_metric(metric, per_slice)
     rows = []
     for name, s in stats_from_sums(per_slice).items():
         student_metric, teacher_metric = s.metrics(metric)
@@ -164,7 +211,7 @@ def coverage_rows(per_slice: Mapping[str, Mapping[str, float | None]],
             "teacher_metric": teacher_metric, "student_metric": student_metric,
             "retention": retention(metric, tokens=s.tokens, student_nll=s.student_nll, teacher_nll=s.teacher_nll,
                                    correct=s.correct, teacher_correct=s.teacher_correct,
-                                   similarity=per_slice[name].get("similarity")),
+                                   similarity=per_slice[name].get("similarity"), bytes=s.bytes),
             "agreement": s.agreement_rate if s.tokens > 0 else None,
             "kl": s.mean_kl if s.tokens > 0 else None,
             "gap": False, "gap_reason": None,
@@ -191,8 +238,8 @@ def coverage_rows(per_slice: Mapping[str, Mapping[str, float | None]],
 
 def card_rows(stats: Mapping[str, SliceStats]) -> list[dict[str, Any]]:
     """Slice rows for the distillation card when no ``CoverageSlices`` ran (perplexity, no gap rule)."""
-    return [{"slice": n, "tokens": s.tokens, "teacher_metric": s.teacher_perplexity,
-             "student_metric": s.student_perplexity, "retention": s.retention, "gap": None}
+    return [{"slice": n, "tokens": s.tokens, "teacher_metric": s.metrics(s.metric)[1],
+             "student_metric": s.metrics(s.metric)[0], "retention": s.retention, "gap": None}
             for n, s in stats.items()]
 
 
@@ -214,24 +261,35 @@ def format_slice_table(stats: Mapping[str, SliceStats],
     its perplexity and how much lower the distilled student's is (``gain`` > 1 is better).
     With ``coverage`` (``{slice: row}`` rows of ``CoverageSlices``), a ``train tokens`` column
     shows how much of each slice the student trained on, and a ``gap`` column marks coverage
-    gaps with ``GAP``.
+    gaps with ``GAP``. When the stats carry bytes (teacher and student tokenize differently), the
+    columns are bits per byte (``bpb``) and ``gain`` is ``2 ** (no-teacher bpb - student bpb)``.
     """
+    bpb = any(s.bytes for s in stats.values())
+    unit = "bpb" if bpb else "ppl"
     header = ["slice"] + (["train tokens"] if coverage is not None else [])
-    header += ["tokens", "teacher ppl", "student ppl", "retention", "top-1 agree", "KL(t||s)"]
+    header += ["tokens", f"teacher {unit}", f"student {unit}", "retention", "top-1 agree", "KL(t||s)"]
     if baseline is not None:
-        header += ["no-teacher ppl", "gain"]
+        header += [f"no-teacher {unit}", "gain"]
     if coverage is not None:
         header += ["gap"]
     rows = []
     for name, s in stats.items():
         cov = (coverage or {}).get(name) or {}
         row = [name] + ([str(cov.get("train_tokens", "-"))] if coverage is not None else [])
-        row += [str(s.tokens), fmt(s.teacher_perplexity, ".2f"), fmt(s.student_perplexity, ".2f"),
-                fmt(s.retention, ".3f"), fmt(s.agreement_rate, ".3f"), fmt(s.mean_kl, ".3f")]
+        if bpb:
+            row += [str(s.tokens), fmt(s.teacher_bits_per_byte, ".3f"), fmt(s.student_bits_per_byte, ".3f")]
+        else:
+            row += [str(s.tokens), fmt(s.teacher_perplexity, ".2f"), fmt(s.student_perplexity, ".2f")]
+        row += [fmt(s.retention, ".3f"), fmt(s.agreement_rate, ".3f"), fmt(s.mean_kl, ".3f")]
         if baseline is not None:
             base = baseline.get(name)
-            row += [fmt(base.student_perplexity if base else None, ".2f"),
-                    fmt(base.student_perplexity / s.student_perplexity if base else None, ".3f")]
+            if bpb:
+                ok = base is not None and base.bytes and s.bytes
+                row += [fmt(base.student_bits_per_byte if ok else None, ".3f"),
+                        fmt(2.0 ** (base.student_bits_per_byte - s.student_bits_per_byte) if ok else None, ".3f")]
+            else:
+                row += [fmt(base.student_perplexity if base else None, ".2f"),
+                        fmt(base.student_perplexity / s.student_perplexity if base else None, ".3f")]
         if coverage is not None:
             row += ["GAP" if cov.get("gap") else ""]
         rows.append(row)
@@ -239,7 +297,7 @@ def format_slice_table(stats: Mapping[str, SliceStats],
 
 
 def _metric_label(metric: str) -> str:
-    return {"perplexity": "ppl", "accuracy": "acc"}.get(metric, "Spearman")
+    return {"perplexity": "ppl", "accuracy": "acc", "bits_per_byte": "bpb"}.get(metric, "Spearman")
 
 
 def describe_row(row: Mapping[str, Any], metric: str) -> str:
@@ -270,6 +328,11 @@ def format_coverage_table(rows: Sequence[Mapping[str, Any]], metric: str = "perp
 
 
 def _definition(metric: str) -> str:
+    if metric == "bits_per_byte":
+        return ("Teacher and student tokenize differently, so per-token perplexities do not compare: the table "
+                "shows *bits per byte* (bpb: NLL in bits / UTF-8 bytes of the scored text, the same text for "
+                "both models). *Retention* = 2^(teacher bpb - student bpb), the ratio of per-byte perplexities "
+                "(1.0: as good as the teacher). *Train tokens*: the student's label positions of the slice.")
     if metric == "similarity":
         return ("*Similarity agreement* (the retention of embedding models) = Spearman correlation of the "
                 "student's and the teacher's cosine similarities over every pair of the slice's eval samples "

@@ -11,9 +11,13 @@ count only positions whose label is not ``ignore_index``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from lightning_distill.alignment import align_labels
 from lightning_distill.losses import functional as LF
 from lightning_distill.teacher import match_sparse_vocab, match_vocab
 from lightning_distill.types import LossInputs, SparseTargets, TeacherTargets
@@ -27,6 +31,11 @@ def report_temperature(sparse: SparseTargets) -> float:
     if sparse.kind == "sampled" and sparse.logprobs is None:
         return float(sparse.sample_temperature)
     return 1.0
+
+
+def _cross(batch: Any) -> bool:
+    """A cross-tokenizer batch: the teacher reads its own tokens (``teacher_input_ids``)."""
+    return isinstance(batch, Mapping) and batch.get("teacher_input_ids") is not None
 
 
 @torch.no_grad()
@@ -44,6 +53,8 @@ def agreement_and_kl(loss_inputs: LossInputs, kl: Tensor | None = None) -> tuple
     if teacher is None or not teacher.has_distribution:
         return None
     s, labels = loss_inputs.student_logits.detach(), loss_inputs.labels
+    if _cross(loss_inputs.batch):
+        return None  # a teacher with its own tokens (cross-tokenizer): no position-wise agreement
     if teacher.logits is None:
         mask = labels != ignore_index
         agree = (LF.is_top1(s, teacher.top1) & mask).sum()
@@ -62,7 +73,7 @@ def agreement_and_kl(loss_inputs: LossInputs, kl: Tensor | None = None) -> tuple
 
 @torch.no_grad()
 def sample_sums(student_logits: Tensor, labels: Tensor | None, teacher: TeacherTargets | None, *,
-                ignore_index: int, vocab_mismatch: str) -> dict[str, Tensor]:
+                ignore_index: int, vocab_mismatch: str, batch: Any = None) -> dict[str, Tensor]:
     """Per-sample evaluation sums from one forward's logits (see
     :meth:`DistillationModule.sample_sums <lightning_distill.module.DistillationModule.sample_sums>`).
 
@@ -72,10 +83,15 @@ def sample_sums(student_logits: Tensor, labels: Tensor | None, teacher: TeacherT
         teacher: the teacher's targets as they came (before any vocabulary slicing), or ``None``.
         ignore_index: label value that masks a position.
         vocab_mismatch: ``"error"`` or ``"slice"`` (see :mod:`lightning_distill.teacher`).
+        batch: the batch. A cross-tokenizer batch (``teacher_input_ids``, ``teacher_labels``,
+            ``bytes``) adds ``bytes`` (UTF-8 bytes of the scored text, the same for both models)
+            and scores the teacher's NLL on its own tokens; agreement and KL, which need one
+            vocabulary, are left out.
 
     Returns:
         ``{name: (batch,) tensor}``: ``tokens``, ``student_nll``, ``correct`` and, with a teacher,
-        ``teacher_nll``, ``agreement``, ``kl``, ``teacher_correct`` (as far as the targets hold them).
+        ``teacher_nll``, ``agreement``, ``kl``, ``teacher_correct`` (as far as the targets hold them);
+        ``bytes`` for a cross-tokenizer batch.
 
     Raises:
         ValueError: no labels; labels a smaller teacher vocabulary cannot score.
@@ -90,6 +106,16 @@ def sample_sums(student_logits: Tensor, labels: Tensor | None, teacher: TeacherT
                                         reduction="none").reshape(per_sample).sum(-1),
         "correct": (LF.is_top1(student_logits, labels) & mask).reshape(per_sample).sum(-1),
     }
+    if _cross(batch):
+        if batch.get("bytes") is not None:
+            out["bytes"] = batch["bytes"].reshape(-1)
+        if teacher is not None and teacher.logits is not None:
+            # Cross-tokenizer batches are causal-LM text: the teacher's labels shift as the student's.
+            t_labels = align_labels(batch.get("teacher_labels"), {"input_ids": batch["teacher_input_ids"]},
+                                    teacher.logits, shift_labels=True, ignore_index=ignore_index)
+            out["teacher_nll"] = LF.cross_entropy(teacher.logits, t_labels, ignore_index=ignore_index,
+                                                  reduction="none").reshape(per_sample).sum(-1)
+        return out
     if teacher is not None and teacher.logits is not None:
         s, t = match_vocab(student_logits, teacher.logits, vocab_mismatch)
         vt = teacher.logits.shape[-1]

@@ -407,3 +407,63 @@ def test_the_loop_end_to_end_card_records_the_lineage(run_dir, cache, tmp_path):
             "fingerprint"
         ]
     )
+
+
+@pytest.mark.slow
+def test_a_served_teacher_key_never_reaches_a_file_log_card_or_wandb_run(run_dir, cache, tmp_path):
+    """The whole black-box path with a key: `generate source=openai` against a loopback server that
+    checks it, then a distillation on the records with the card and an offline W&B run. The key is in
+    none of the files written (records, lineage, summary, Hydra dumps, card, W&B files) nor in any
+    output of either process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_distill.blackbox import serve
+
+    key = "sk-LEAKCHECK-7f3a9c2e5b1d"
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "student")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "student")
+    records, train = tmp_path / "records", tmp_path / "train"
+    env_key = {"LD_TEST_TEACHER_KEY": key}
+    with serve(model, tokenizer, model_name="loop-teacher", api_key=key) as server:
+        gen = _cli_env(cache, env_key, "generate", "source=openai", f"source.base_url={server.base_url}",
+                       "source.model=loop-teacher", "source.api_key_env=LD_TEST_TEACHER_KEY",
+                       "source.endpoint=completions", "source.max_tokens=6", "source.progress=false",
+                       f"prompts.run_dir={run_dir}", "prompts.per_slice=2", "prompts.slices=[code]",
+                       f"out={records}", "terms=loopback test terms")
+        assert server.requests >= 2  # the server checked the key on every request
+    assert len(read_records(records)) == 2
+    fit = _cli_env(cache, {**env_key, "WANDB_MODE": "offline", "WANDB_DIR": str(train)}, *RUN,
+                   f"data.generated={records}", "logger=wandb", "logger.offline=true", f"hydra.run.dir={train}")
+    card = json.loads((train / "student" / "distillation_card.json").read_text())
+    assert card["generated_data"][0]["terms"] == "loopback test terms"
+    assert list(train.rglob("*.wandb")), "no W&B run was written"
+    outputs = gen.stdout + gen.stderr + fit.stdout + fit.stderr
+    assert key not in outputs
+    files = [p for root in (records, train) for p in root.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    leaked = [str(p) for p in files if key.encode() in p.read_bytes()]
+    assert not leaked, leaked
+
+
+def _cli_env(cache: Path, extra: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "lightning_distill", *args], cwd=cache.parent,
+                            env={**_env(cache), **extra}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{args}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def test_generate_with_jsonl_prompts_and_a_rationale_template_scores_and_summarises(run_dir, cache, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"question": f"What is {i} + {i}?", "topic": "math", "answer": str(2 * i)} for i in range(3)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "rationale"
+    _cli(cache, "generate", "source=local", f"source.path={run_dir / 'student'}", "source.max_new_tokens=4",
+         "source.progress=false", "source.device=cpu", "prompts=jsonl", f"prompts.files={prompts}",
+         "prompts.prompt_field=question", "prompts.slice_field=topic", "prompts.reference_field=answer",
+         "rationale=steps", f"out={out}")
+    records = read_records(out)
+    assert len(records) == 3 and {r["slice"] for r in records} == {"math"}
+    assert {r["prompt"] for r in records} == {r["question"] for r in rows}  # the original prompt is kept
+    assert all(r["template"] == "steps" and r["reference"] is not None and "accepted" in r for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["slices"]["math"]["scored"] == 3 and (out / "summary.md").is_file()

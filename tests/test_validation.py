@@ -12,15 +12,17 @@ from lightning_distill import DistillationModule
 from lightning_distill.blackbox import OpenAITeacher
 from lightning_distill.callbacks import CoverageSlices, TeacherCache, TemperatureSchedule
 from lightning_distill.callbacks.temperature import Schedule
-from lightning_distill.data import SlicedTextDataModule, TextDataModule
+from lightning_distill.data import CrossTokenizerDataModule, SlicedTextDataModule, TextDataModule
 from lightning_distill.losses import (
     AttentionTransfer,
+    CrossTokenizerKD,
     EmbeddingKD,
     FeatureKD,
     LogitKD,
     RKDAngle,
     RKDDistance,
     TaskLoss,
+    ULDLoss,
 )
 from lightning_distill.models import causal_lm_from_config, student_from_teacher
 from lightning_distill.validation import check_bool, check_choice, check_int, check_number
@@ -142,6 +144,9 @@ CONSTRUCTORS = {
     "student_from_teacher.k": lambda v: student_from_teacher(_teacher(), layers="first_k", k=v),
     "OpenAITeacher.timeout": lambda v: OpenAITeacher("http://127.0.0.1:1/v1", "m", timeout=v),
     "OpenAITeacher.concurrency": lambda v: OpenAITeacher("http://127.0.0.1:1/v1", "m", concurrency=v),
+    "CrossTokenizerKD.uld_weight": lambda v: CrossTokenizerKD(uld_weight=v),
+    "ULDLoss.temperature": lambda v: ULDLoss(temperature=v),
+    "CrossTokenizerDataModule.teacher_seq_len": lambda v: CrossTokenizerDataModule(teacher_seq_len=v),
 }
 #: An out-of-range value of the right kind for each argument above.
 OUT_OF_RANGE = {
@@ -155,6 +160,7 @@ OUT_OF_RANGE = {
     "student_from_teacher.intermediate_size": 64, "student_from_teacher.k": 9,
     "OpenAITeacher.timeout": 0.0, "OpenAITeacher.concurrency": 0,
     "FeatureKD.student_dim": 0, "AttentionTransfer.value_weight": -1.0,
+    "CrossTokenizerKD.uld_weight": -1.0, "ULDLoss.temperature": 0.0, "CrossTokenizerDataModule.teacher_seq_len": 1,
 }
 
 

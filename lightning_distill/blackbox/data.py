@@ -231,9 +231,11 @@ class TeacherTextDataModule(TextDataModule):
             max_train_samples, num_workers, seed, cache_dir, progress, revision,
             trust_remote_code: as for :class:`~lightning_distill.data.TextDataModule`
             (``add_special_tokens`` applies to the prompt when there is no chat template).
+        generated: refused (``ValueError``): list more records folders in ``records``.
 
     Raises:
-        TypeError, ValueError: a setting of the wrong kind or out of range. Data problems (no
+        TypeError, ValueError: a setting of the wrong kind or out of range; ``generated`` set.
+            Data problems (no
             records, fields missing, filters that leave nothing) are raised by
             :meth:`prepare_data` / :meth:`setup`, before training.
     """
@@ -268,7 +270,14 @@ class TeacherTextDataModule(TextDataModule):
         progress: bool = True,
         revision: str | None = None,
         trust_remote_code: bool = False,
+        generated: Any = None,
     ) -> None:
+        if generated is not None:
+            raise ValueError(
+                f"generated={generated!r}: TeacherTextDataModule's data is already teacher-written "
+                "records; add the folder to records instead (data.records=[<records>, <more records>]). "
+                "generated= is for TextDataModule and the demo's data."
+            )
         if records is None or (not isinstance(records, str | os.PathLike | Sequence)):
             raise TypeError(
                 f"records must be a folder, file or glob (or a list of them), got {type(records).__name__}."

@@ -19,6 +19,7 @@ from typing import Any
 from lightning_distill.blackbox.loop import LINEAGE_NAME, generated_lineage, load_run_config
 from lightning_distill.blackbox.prompts import Prompt
 from lightning_distill.blackbox.sources import LocalHFTeacher
+from lightning_distill.blackbox.summary import write_summary
 from lightning_distill.blackbox.writer import write_records
 from lightning_distill.validation import check_int
 
@@ -223,16 +224,19 @@ def run_generate(cfg: Any) -> dict[str, Any]:
         )
     out = Path(plain["out"])
     prompts = _check_prompts(_instantiate(cfg.prompts))
+    # a RationaleTemplate (the teacher sees the templated prompt; records get answer/accepted) or None
+    rationale = _instantiate(cfg.rationale) if cfg.get("rationale") is not None else None
     source = _instantiate(cfg.source)
     result = write_records(
         source,
-        [p.text for p in prompts],
+        prompts,  # Prompt objects: their slice and reference go into the records
         out,
         n=n,
         seed=seed,
-        slices=[p.slice for p in prompts],
         shard_size=shard_size,
+        rationale=rationale,
     )
+    summary = write_summary(out)  # summary.json / summary.md: per-slice counts and acceptance
     identity = dict(source.identity())
     settings = {
         **dict(identity.pop("generation", None) or {}),
@@ -264,6 +268,9 @@ def run_generate(cfg: Any) -> dict[str, Any]:
     print(
         f"\nWrote {result['written']} records ({result['skipped']} already there) to {out}: {counts}."
     )
+    accepted = summary.get("total", {}).get("acceptance_rate")
+    if accepted is not None:
+        print(f"Rationale filter: {accepted:.0%} of the scored records match their reference ({out}/summary.md).")
     print(f"Lineage in {lineage_path}. Train on them with data.generated={out}")
     return lineage
 

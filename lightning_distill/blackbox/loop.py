@@ -25,6 +25,7 @@ __all__ = [
     "LINEAGE_NAME",
     "generated_documents",
     "generated_lineage",
+    "generated_records",
     "load_run_config",
     "prompts_from_run",
 ]
@@ -91,6 +92,10 @@ def prompts_from_run(
     (never val or test text) and holds the next ``prompt_tokens`` tokens of the run's tokenizer.
     Start lines are drawn without replacement by ``seed``, spread over the slice's documents;
     repeated texts are dropped, so a small slice can give fewer than ``per_slice`` prompts.
+    The run's data is the demo's (``SlicedTextDataModule``) or your own (``TextDataModule``, its
+    files read again from their saved paths); for instruction data (prompt/response pairs) the
+    prompts are the slice's training prompts as they are (``prompt_tokens`` and ``min_chars`` do
+    not apply), drawn by ``seed``.
 
     Args:
         run_dir: a ``lightning-distill`` run directory (with ``coverage.json``).
@@ -130,24 +135,36 @@ def prompts_from_run(
         if unknown:
             raise ValueError(f"unknown slice(s) {unknown}; {run_dir} has slices {known}.")
     datamodule = _run_datamodule(run_dir)
-    if not hasattr(datamodule, "document_ids") or not isinstance(
+    from lightning_distill.data.text import TextDataModule
+
+    if isinstance(datamodule, TextDataModule):
+        train_docs = datamodule.train_documents()
+        if datamodule.instruct:  # the slice's training prompts, as they are
+            return _training_prompts(train_docs, chosen, per_slice, seed, run_dir)
+        texts = {name: [d.text or "" for d in train_docs if d.slice == name] for name in chosen}
+    elif hasattr(datamodule, "document_ids") and isinstance(
         getattr(type(datamodule), "documents", None), property
     ):
+        datamodule.prepare_data()
+        train_ids = set(datamodule.document_ids("train"))
+        texts = {
+            name: [d.text for d in datamodule.documents if d.slice == name and d.id in train_ids]
+            for name in chosen
+        }
+    else:
         raise TypeError(
             f"prompts_from_run cuts prompts from documents; {type(datamodule).__name__} does not "
-            "list them per split (SlicedTextDataModule does). Use prompts from a JSONL file instead."
+            "list them per split (SlicedTextDataModule and TextDataModule do). Use prompts from a "
+            "JSONL file instead."
         )
-    datamodule.prepare_data()
     tokenizer = datamodule.tokenizer
-    train_ids = set(datamodule.document_ids("train"))
     prompts: list[Prompt] = []
     for name in chosen:
-        docs = [d for d in datamodule.documents if d.slice == name and d.id in train_ids]
         starts = [
-            (d, i)
-            for d in docs
-            for i in _line_starts(d.text)
-            if d.text[i:].strip() and len(d.text) - i >= min_chars and d.text[i] != "\n"
+            (text, i)
+            for text in texts[name]
+            for i in _line_starts(text)
+            if text[i:].strip() and len(text) - i >= min_chars and text[i] != "\n"
         ]
         if not starts:
             raise ValueError(
@@ -157,8 +174,8 @@ def prompts_from_run(
         rng = random.Random(f"{seed}/{name}")
         rng.shuffle(starts)
         seen: set[str] = set()
-        for doc, start in starts:
-            window = doc.text[start : start + 16 * prompt_tokens]
+        for doc_text, start in starts:
+            window = doc_text[start : start + 16 * prompt_tokens]
             ids = tokenizer(window, add_special_tokens=False)["input_ids"][:prompt_tokens]
             text = tokenizer.decode(ids)
             if not text.strip() or text in seen:
@@ -167,6 +184,24 @@ def prompts_from_run(
             prompts.append(Prompt(text, slice=name))
             if len(seen) == per_slice:
                 break
+    return prompts
+
+
+def _training_prompts(
+    docs: Sequence[Any], chosen: list[str], per_slice: int, seed: int, run_dir: Path
+) -> list[Prompt]:
+    """Up to ``per_slice`` distinct training prompts of each chosen slice, drawn by ``seed``."""
+    prompts: list[Prompt] = []
+    for name in chosen:
+        texts = list(
+            dict.fromkeys(d.prompt for d in docs if d.slice == name and (d.prompt or "").strip())
+        )
+        if not texts:
+            raise ValueError(
+                f"slice {name!r} has no training prompt in {run_dir}'s data; pick another slice."
+            )
+        random.Random(f"{seed}/{name}").shuffle(texts)
+        prompts.extend(Prompt(text, slice=name) for text in texts[:per_slice])
     return prompts
 
 
@@ -218,29 +253,28 @@ def _folders(generated: str | Path | Sequence[str | Path]) -> list[Path]:
     return folders
 
 
-def generated_documents(
+def generated_records(
     generated: str | Path | Sequence[str | Path], slices: Sequence[str]
-) -> tuple[list[tuple[str, str]], str]:
-    """The teacher-written documents of records folders and their fingerprint.
+) -> tuple[list[tuple[str, str, str]], str]:
+    """The teacher-written (slice, prompt, completion) triples of records folders and their fingerprint.
 
-    One document per record: its prompt followed by its completion (a record with
-    ``"accepted": false``, from a rationale filter, is left out). Documents come in a fixed
-    order (folder, then ``prompt_id``, then ``sample_index``), whatever the shard layout.
+    A record with ``"accepted": false`` (from a rationale filter) is left out. Records come in a
+    fixed order (folder, then ``prompt_id``, then ``sample_index``), whatever the shard layout.
 
     Args:
         generated: a records folder or a list of them.
         slices: the slice names the data has; every record's slice must be one of them.
 
     Returns:
-        ``([(slice, text), ...], fingerprint)``: the fingerprint hashes slice, prompt and
-        completion of every document used.
+        ``([(slice, prompt, completion), ...], fingerprint)``: the fingerprint hashes slice,
+        prompt and completion of every record used.
 
     Raises:
         FileNotFoundError: a folder with no records.
         ValueError: a record without a slice or with a slice the data does not have.
         TypeError: ``generated`` is not a path or a list of paths.
     """
-    docs: list[tuple[str, str]] = []
+    out: list[tuple[str, str, str]] = []
     digest = hashlib.sha256()
     for folder in _folders(generated):
         records = sorted(
@@ -260,11 +294,31 @@ def generated_documents(
                     f"a record of {folder} has slice {name!r}, which this data does not have "
                     f"(slices {list(slices)}); generate for this data's slices."
                 )
-            text = f"{rec['prompt']}{rec['completion']}"
-            docs.append((name, text))
+            out.append((name, rec["prompt"], rec["completion"]))
             for part in (name, rec["prompt"], rec["completion"]):
                 digest.update(part.encode("utf-8") + b"\x1f")
-    return docs, digest.hexdigest()[:16]
+    return out, digest.hexdigest()[:16]
+
+
+def generated_documents(
+    generated: str | Path | Sequence[str | Path], slices: Sequence[str]
+) -> tuple[list[tuple[str, str]], str]:
+    """The teacher-written documents of records folders and their fingerprint.
+
+    One document per record of :func:`generated_records`: its prompt followed by its completion.
+
+    Args:
+        generated: a records folder or a list of them.
+        slices: the slice names the data has; every record's slice must be one of them.
+
+    Returns:
+        ``([(slice, text), ...], fingerprint)``, the fingerprint of :func:`generated_records`.
+
+    Raises:
+        FileNotFoundError, ValueError, TypeError: as :func:`generated_records`.
+    """
+    records, fingerprint = generated_records(generated, slices)
+    return [(name, prompt + completion) for name, prompt, completion in records], fingerprint
 
 
 def generated_lineage(generated: str | Path | Sequence[str | Path]) -> list[dict[str, Any]]:

@@ -272,6 +272,14 @@ class CacheBuilder:
             TokenMismatchError: a served teacher (``served=``) whose tokens are not the student's.
             TeacherRequestError: a served teacher's request failed for good.
         """
+        losses = getattr(module, "losses", None) or {}
+        crossed = [n for n, t in losses.items() if getattr(t, "cross_tokenizer", False)]
+        if crossed:
+            raise ValueError(
+                f"the loss terms {crossed} compare a teacher with another tokenizer, whose targets a teacher cache "
+                "does not store yet (teacher token space plus the alignment); train without the teacher cache "
+                "(callbacks=default), the teacher then runs live on its own tokens."
+            )
         world = world_size
 
         def sync(name: str) -> None:

@@ -44,6 +44,7 @@ from lightning_distill.reporting import (
     TABLE_KEYS,
     coverage_rows,
     describe_row,
+    effective_metric,
     format_coverage_table,
     plot_retention,
     retention,
@@ -505,7 +506,8 @@ class CoverageSlices(Callback):
                 pl_module.log(f"{prefix}/{r['slice']}/{key}", float(value), on_step=False, on_epoch=True,
                               rank_zero_only=True)
         pl_module.log(f"{prefix}/gaps", float(len(gaps)), on_step=False, on_epoch=True, rank_zero_only=True)
-        record = {"stage": stage, "step": trainer.global_step, "metric": self.metric,
+        metric = effective_metric(self.metric, self.last_sums)  # bits per byte across tokenizers
+        record = {"stage": stage, "step": trainer.global_step, "metric": metric,
                   "thresholds": {"min_retention": self.min_retention,
                                  "min_relative_retention": self.min_relative_retention,
                                  "max_gap_to_best": self.max_gap_to_best},
@@ -526,7 +528,7 @@ class CoverageSlices(Callback):
         for r in self.last_rows:
             if r["gap"]:
                 rank_zero_warn(f"coverage gap on slice {r['slice']!r} ({stage}, step {step}): "
-                               f"{describe_row(r, self.metric)}; {r['gap_reason']}. The distillation data "
+                               f"{describe_row(r, effective_metric(self.metric, self.last_sums))}; {r['gap_reason']}. The distillation data "
                                f"covered {int(r['train_tokens'])} training tokens of it.")
 
     def write_reports(self, directory: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
@@ -565,7 +567,7 @@ class CoverageSlices(Callback):
     def _raise_if_gaps(self, stage: str) -> None:
         gaps = [r for r in self.last_rows if r["gap"]]
         if self.on_gap == "error" and gaps:
-            details = "; ".join(f"{r['slice']}: {describe_row(r, self.metric)}, {r['gap_reason']}" for r in gaps)
+            details = "; ".join(f"{r['slice']}: {describe_row(r, effective_metric(self.metric, self.last_sums))}, {r['gap_reason']}" for r in gaps)
             raise CoverageGapError(f"coverage gap(s) after {stage} on slice(s) "
                                    f"{[r['slice'] for r in gaps]} — {details}. Reports are written; add "
                                    "training data for these slices or lower the thresholds.")

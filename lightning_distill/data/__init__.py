@@ -49,6 +49,7 @@ from lightning_distill.paths import cache_root
 from .base import SliceCount
 from .blocks import TokenBlockDataset
 from .corpus import Document, corpus_fingerprint, demo_corpus
+from .cross import CrossTokenizerDataModule
 from .datamodule import SlicedTextDataModule
 from .splits import assign_splits
 from .text import TextDataModule
@@ -56,6 +57,7 @@ from .tokenizer import EOS_TOKEN, tokenizer_fingerprint, train_bpe_tokenizer
 
 __all__ = [
     "EOS_TOKEN",
+    "CrossTokenizerDataModule",
     "Document",
     "SliceCount",
     "SlicedTextDataModule",

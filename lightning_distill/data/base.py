@@ -63,6 +63,11 @@ class SplitDataModule(L.LightningDataModule):
     _datasets: dict[str, Any] | None = None
     _slices: list[str] | None = None
     _full_train: Any = None
+    #: Teacher-written records folder(s) added to the train split (``None``: none).
+    generated: str | list[str] | None = None
+    #: With ``generated``: how many samples of the full train split come from the data itself
+    #: (they come first; the teacher-written ones follow).
+    _real_train_size: int | None = None
 
     # ------------------------------------------------------------------ fingerprints
 
@@ -234,13 +239,30 @@ class SplitDataModule(L.LightningDataModule):
         for split in SPLITS:
             log.info("%s split: %s", split, dict(self.slice_counts(split)))
 
+    @property
+    def generated_lineage(self) -> list[dict[str, Any]] | None:
+        """Where the teacher-written train samples came from (for the distillation card), or ``None``."""
+        if self.generated is None:
+            return None
+        from lightning_distill.blackbox.loop import generated_lineage
+
+        return generated_lineage(self.generated)
+
     def _train_subset(self, slices: list[str] | None) -> Any:
+        """The full train split filtered by ``slices`` and ``max_train_samples``.
+
+        The student's split (``slices == train_slices``) keeps every teacher-written sample
+        (``generated``), whatever its slice.
+        """
         full = self._full_train
         assert full is not None
         keep = torch.arange(len(full))
         if slices is not None:
             wanted = torch.tensor([full.slice_names.index(name) for name in slices])
-            keep = keep[torch.isin(full.slice_index, wanted)]
+            chosen = torch.isin(full.slice_index, wanted)
+            if self._real_train_size is not None and slices == self.train_slices:
+                chosen |= keep >= self._real_train_size
+            keep = keep[chosen]
         if self.max_train_samples is not None and len(keep) > self.max_train_samples:
             # Evenly strided, so the slice mix of the full split survives the cap.
             cap = self.max_train_samples
@@ -287,6 +309,23 @@ def digest(settings: dict[str, Any]) -> str:
     """Short hex digest of a JSON-able settings dict (key order does not matter)."""
     blob = json.dumps(settings, sort_keys=True, default=str).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_generated(generated: Any) -> str | list[str] | None:
+    """``generated`` as plain values: a records folder, a list of them, or ``None``.
+
+    Raises:
+        TypeError: anything else.
+    """
+    if isinstance(generated, os.PathLike):
+        generated = os.fspath(generated)
+    if generated is None or isinstance(generated, str):
+        return generated
+    if not isinstance(generated, Sequence) or not all(
+        isinstance(g, str | os.PathLike) for g in generated
+    ):
+        raise TypeError(f"generated must be a records folder or a list of them, got {generated!r}.")
+    return [os.fspath(g) for g in generated] or None
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:

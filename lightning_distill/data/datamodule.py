@@ -18,6 +18,7 @@ from .base import (
     SliceCount,
     SplitDataModule,
     check_fractions,
+    check_generated,
     check_slice_names,
     check_split,
     digest,
@@ -136,16 +137,7 @@ class SlicedTextDataModule(SplitDataModule):
         self._cache_dir = cache_dir
         self.code_bytes = code_bytes
         self.prose_bytes = prose_bytes
-        if isinstance(generated, Path):
-            generated = str(generated)
-        if generated is not None and not isinstance(generated, str):
-            if not isinstance(generated, Sequence) or not all(
-                isinstance(g, str) for g in generated
-            ):
-                raise TypeError(
-                    f"generated must be a records folder or a list of them, got {generated!r}."
-                )
-            generated = [str(g) for g in generated] or None
+        generated = check_generated(generated)
         self.generated = generated
         self._generated: tuple[list[tuple[str, str]], str] | None = None
         self._real_train: TokenBlockDataset | None = None
@@ -230,21 +222,6 @@ class SlicedTextDataModule(SplitDataModule):
             self._real_train = built["train"].subset(torch.arange(self._real_train_size))
         self._serve(built)
 
-    def _train_subset(self, slices: list[str] | None) -> Any:
-        """As the base class; the student's train split (``train_slices``) keeps every teacher-written block."""
-        if self.generated is None or slices is None or slices != self.train_slices:
-            return super()._train_subset(slices)
-        full = self._full_train
-        wanted = torch.tensor([full.slice_names.index(name) for name in slices])
-        keep = torch.isin(full.slice_index, wanted) | (
-            torch.arange(len(full)) >= self._real_train_size
-        )
-        self._full_train = full.subset(torch.nonzero(keep).flatten())
-        try:
-            return super()._train_subset(None)  # max_train_samples as usual
-        finally:
-            self._full_train = full
-
     def train_dataloader_for(
         self,
         slices: Sequence[str] | None = None,
@@ -276,15 +253,6 @@ class SlicedTextDataModule(SplitDataModule):
             assert self.generated is not None
             self._generated = generated_documents(self.generated, self.slices)
         return self._generated
-
-    @property
-    def generated_lineage(self) -> list[dict[str, Any]] | None:
-        """Where the teacher-written train documents came from (for the distillation card), or ``None``."""
-        if self.generated is None:
-            return None
-        from lightning_distill.blackbox.loop import generated_lineage
-
-        return generated_lineage(self.generated)
 
     @property
     def source_data_fingerprint(self) -> str:

@@ -41,11 +41,11 @@ import numpy as np
 from lightning_distill.paths import cache_root
 
 from ..validation import check_int
-from .base import SPLITS, SplitDataModule, check_fractions, check_slice_names
+from .base import SPLITS, SplitDataModule, check_fractions, check_generated, check_slice_names
 from .blocks import TextRowDataset, collate_rows, flatten_rows, pack_blocks, rows_per_document
 from .encode import load_tokenizer, text_tokenizer_fingerprint, tokenize_documents, vocab_size_of
 from .sources import TextDocument, TextSource, plain
-from .splits import assign_by_content
+from .splits import assign_by_content, sample_id
 from .store import read_splits, write_splits
 
 __all__ = ["TextDataModule", "TextDocument", "TextRowDataset", "collate_rows", "vocab_size_of"]
@@ -102,6 +102,14 @@ class TextDataModule(SplitDataModule):
         progress: show a progress bar while tokenizing.
         revision: revision of a hub dataset or tokenizer.
         trust_remote_code: allow a hub tokenizer's own code (off: only for code you have read).
+        generated: teacher-written records (a folder of ``shard-*.jsonl``, or a list of them,
+            e.g. from ``lightning-distill generate``) added to the *train* split only, each as a
+            document of its record's slice: prompt + completion as text (plain text), or a
+            prompt/response pair with the loss on the completion only (instruction data).
+            Records marked ``"accepted": false`` are left out; the student's train split keeps
+            them whatever ``train_slices`` says; with ``dedupe`` one that repeats a document
+            (or an earlier record) is dropped. They are part of :attr:`data_fingerprint`;
+            :attr:`generated_lineage` says where they came from.
 
     Raises:
         ValueError: on a missing or doubled source, a field setting that cannot work, or an
@@ -142,10 +150,12 @@ class TextDataModule(SplitDataModule):
         progress: bool = True,
         revision: str | None = None,
         trust_remote_code: bool = False,
+        generated: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         # Plain values only (no DictConfig, no Path): they go into checkpoints as hyperparameters.
         files = plain(files) if files is not None else None
+        generated = check_generated(plain(generated) if generated is not None else None)
         splits = plain(splits) if splits is not None else None
         tokenizer = str(tokenizer) if isinstance(tokenizer, os.PathLike) else tokenizer
         cache_dir = str(cache_dir) if cache_dir is not None else None
@@ -199,6 +209,8 @@ class TextDataModule(SplitDataModule):
         self._cache_dir = cache_dir
         self.progress = progress
         self.revision, self.trust_remote_code = revision, trust_remote_code
+        self.generated = generated
+        self._generated: tuple[list[tuple[str, str, str]], str] | None = None
 
         self._tokenizer: Any = None
         self._docs: list[TextDocument] | None = None
@@ -298,6 +310,8 @@ class TextDataModule(SplitDataModule):
             meta, loaded = read_splits(folder)
         self.stats = meta["stats"]
         self._report(self.stats)
+        if self.generated is not None:  # the teacher-written samples come last in train
+            self._real_train_size = len(loaded["train"]) - int(self.stats["generated"]["samples"])
         self._serve(loaded)
 
     def documents(self) -> list[TextDocument]:
@@ -362,6 +376,7 @@ class TextDataModule(SplitDataModule):
             "test_fraction": self.test_fraction,
             "split_seed": self.split_seed,
             "own_splits": self.splits is not None,
+            **({"generated": self._generated_records()[1]} if self.generated is not None else {}),
         }
         return self._settings
 
@@ -404,6 +419,10 @@ class TextDataModule(SplitDataModule):
                     stats["empty_slices"].append(f"{split}/{name}")
                 rows.extend(made)
                 row_slice.extend([s_index] * len(made))
+            if split == "train" and self.generated is not None:
+                made, made_slice = self._generated_samples(docs, stats)
+                rows.extend(made)
+                row_slice.extend(made_slice)
             arrays[split] = flatten_rows(rows, row_slice)
         stats["seconds"] = round(time.perf_counter() - started, 3)
         stats["documents_per_split"] = {
@@ -449,6 +468,97 @@ class TextDataModule(SplitDataModule):
             self.add_eos,
             self.progress,
         )
+
+    def train_documents(self) -> list[TextDocument]:
+        """The documents of the train split (after dedupe), as :meth:`setup` assigns them; no records.
+
+        For prompts cut from the training text only (the coverage loop), never val/test text.
+        """
+        docs = sorted(self.documents(), key=_order)
+        if self.dedupe:
+            unique: dict[bytes, TextDocument] = {}
+            for doc in docs:
+                unique.setdefault(doc.key, doc)
+            docs = list(unique.values())
+        assignment = self._assign(docs)
+        return [d for d, where in zip(docs, assignment, strict=True) if where == "train"]
+
+    # ------------------------------------------------------------------ teacher-written records
+
+    def _generated_records(self) -> tuple[list[tuple[str, str, str]], str]:
+        if self._generated is None:
+            from lightning_distill.blackbox.loop import generated_records
+
+            assert self.generated is not None
+            self._generated = generated_records(self.generated, self.slices)
+        return self._generated
+
+    def _generated_samples(
+        self, docs: list[TextDocument], stats: dict[str, Any]
+    ) -> tuple[list[tuple[np.ndarray, np.ndarray, int]], list[int]]:
+        """The train samples of the records (``generated``), slice by slice, and their slice indices.
+
+        Tokenized like the data's documents, packed or one row each, but apart from them, so the
+        data's samples keep their ids; the records' sample ids are in a namespace of their own.
+        """
+        records, _ = self._generated_records()
+        seen = {d.key for d in docs} if self.dedupe else set()
+        gen_docs, keys, repeats = [], [], {}
+        for name, prompt, completion in records:
+            where = f"{name} record {len(gen_docs)} of data.generated"
+            doc = (
+                TextDocument(None, prompt, completion, name, where)
+                if self.instruct
+                else TextDocument(prompt + completion, None, None, name, where)
+            )
+            if self.dedupe and doc.key in seen:
+                continue
+            seen.add(doc.key)
+            k = repeats.get(doc.key, 0)  # without dedupe, a repeated record gets its own id
+            repeats[doc.key] = k + 1
+            gen_docs.append(doc)
+            keys.append(hashlib.sha256(b"generated\0" + doc.key + str(k).encode()).digest())
+        ids, labels = self._tokenize(gen_docs) if gen_docs else ([], [])
+        rows: list[tuple[np.ndarray, np.ndarray, int]] = []
+        row_slice: list[int] = []
+        counts: dict[str, int] = {}
+        for s_index, name in enumerate(self.slices):
+            chosen = [i for i, d in enumerate(gen_docs) if d.slice == name]
+            if not chosen:
+                continue
+            if self.packing:
+                made = pack_blocks(
+                    [ids[i] for i in chosen],
+                    [labels[i] for i in chosen],
+                    self.seq_len,
+                    name,
+                    stats,
+                    drop_unlabelled=self.instruct,
+                )
+                # ids apart from the data's blocks: a namespace of their own
+                made = [(x, y, sample_id(b"generated", str(sid).encode())) for x, y, sid in made]
+            else:
+                made = rows_per_document(
+                    [ids[i] for i in chosen],
+                    [labels[i] for i in chosen],
+                    [keys[i] for i in chosen],
+                    [gen_docs[i].source for i in chosen],
+                    self.seq_len,
+                    self.truncation,
+                    stats,
+                    drop_unlabelled=self.instruct,
+                )
+            rows.extend(made)
+            row_slice.extend([s_index] * len(made))
+            counts[name] = len(made)
+        stats["generated"] = {
+            "records": len(records),
+            "documents": len(gen_docs),
+            "duplicates_dropped": len(records) - len(gen_docs),
+            "samples": len(rows),
+            "samples_per_slice": counts,
+        }
+        return rows, row_slice
 
     def _samples(
         self,

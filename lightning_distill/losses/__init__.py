@@ -1,6 +1,7 @@
 """Loss terms and the pure divergence functions they wrap."""
 
 from lightning_distill.losses import functional
+from lightning_distill.losses.cross_tokenizer import CrossTokenizerKD, ULDLoss
 from lightning_distill.losses.feature_terms import AttentionTransfer, FeatureKD
 from lightning_distill.losses.relation import (
            EmbeddingKD,
@@ -10,5 +11,5 @@ from lightning_distill.losses.relation import (
 )
 from lightning_distill.losses.terms import LogitKD, LossTerm, TaskLoss
 
-__all__ = ["AttentionTransfer", "EmbeddingKD", "FeatureKD", "LogitKD", "LossTerm", "RKDAngle", "RKDDistance",
-           "SimilarityPreserving", "TaskLoss", "functional"]
+__all__ = ["AttentionTransfer", "CrossTokenizerKD", "EmbeddingKD", "FeatureKD", "LogitKD", "LossTerm", "RKDAngle",
+           "RKDDistance", "SimilarityPreserving", "TaskLoss", "ULDLoss", "functional"]

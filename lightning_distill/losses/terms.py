@@ -50,6 +50,9 @@ class LossTerm(nn.Module):
     * ``reads_embeddings``: it reads one ``(B, D)`` embedding per sample (the output function's
       result, :mod:`lightning_distill.losses.relation`) instead of logits over a vocabulary: the
       module then passes no labels, counts samples instead of positions and skips vocabulary checks.
+    * ``cross_tokenizer``: it compares a teacher with another tokenizer through the batch's
+      alignment (:mod:`lightning_distill.losses.cross_tokenizer`); the module then runs the teacher
+      on ``teacher_input_ids`` and skips the vocabulary-size check.
 
     Args:
         weight: multiplier of this term in the total loss, ``>= 0``.
@@ -57,6 +60,7 @@ class LossTerm(nn.Module):
 
     requires_teacher: bool = False
     reads_labels: bool = False
+    cross_tokenizer: bool = False
     #: Features it reads (:mod:`lightning_distill.models.features`): hidden-state indices (``int``,
     #: asks ``output_hidden_states``) or module paths (``str``, hooked for the forward) of each model.
     student_layers: tuple[int | str, ...] = ()

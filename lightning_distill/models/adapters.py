@@ -307,5 +307,7 @@ def vocab_mismatch_message(student_vocab: int, teacher_vocab: int) -> str:
         f"student vocabulary ({student_vocab}) and teacher vocabulary ({teacher_vocab}) differ. If one tokenizer "
         f"extends the other (padded embedding rows, as Qwen2.5's 151936 vs 152064), pass "
         f"vocab_mismatch='slice' to compare over the first {min(student_vocab, teacher_vocab)} entries; if the "
-        "tokenizers differ, the logit losses cannot compare them (a cross-tokenizer loss is needed)."
+        "tokenizers differ, the logit losses cannot compare them: use the cross-tokenizer loss (loss=cross_tokenizer, "
+        "or CrossTokenizerKD / ULDLoss in Python) with batches that carry both tokenizations (data=cross_tokenizer, "
+        "CrossTokenizerDataModule(teacher_tokenizer=...)); see docs/cross_tokenizer.md."
     )
