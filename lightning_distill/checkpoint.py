@@ -28,7 +28,8 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 
 __all__ = ["CheckedCheckpointIO", "CheckpointError", "SaveOnInterrupt", "checkpoint_errors", "losses_differ_message",
-           "rebuild_terms", "rename_keys", "resolve_ckpt_path", "resume_command", "wrapper_prefixes"]
+           "rebuild_terms", "rename_keys", "resolve_ckpt_path", "restore_rng_states", "resume_command",
+           "rng_states", "wrapper_prefixes"]
 
 
 class CheckpointError(ValueError):
@@ -189,6 +190,50 @@ def resume_command(overrides: Sequence[str], output_dir: Any, ckpt_path: Any, pr
 
 
 # ---------------------------------------------------------------------- the module's own entries
+def rng_states() -> dict[str, Any]:
+    """This process's random generators (Python, NumPy, torch CPU and CUDA) as tensors and plain values.
+
+    Lightning's checkpoints do not keep them; without them a resumed fit draws other dropout masks
+    (or other random choices) than the uninterrupted fit from the first step after the checkpoint.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: Mapping[str, Any]) -> None:
+    """Set the generators saved by :func:`rng_states` (CUDA only when the device count matches)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in states:
+        n = states["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def wrapper_prefixes(models: Mapping[str, Any]) -> dict[str, str]:
     """``{"student.": "student._orig_mod.", ...}`` for the ``{attribute: model}`` that are wrapped
     (compiled, peft); plain models and ``None`` are left out."""

@@ -34,6 +34,8 @@ from lightning_distill.checkpoint import (
     losses_differ_message,
     rebuild_terms,
     rename_keys,
+    restore_rng_states,
+    rng_states,
     wrapper_prefixes,
 )
 from lightning_distill.losses import functional as LF
@@ -184,6 +186,9 @@ class DistillationModule(L.LightningModule):
             _warn_if_trainable(teacher)
         self.teacher = freeze(teacher) if teacher is not None else None
         self._losses_given = losses is not None  # else: recorded terms on load, KD + task with a TeacherCache
+        self._resumed_rng: dict[str, Any] | None = None  # set before the first step after a resume
+        self._rng_after_step: dict[str, Any] | None = None  # the generators after the last training step
+        self._in_fit_eval = False
         if losses is None:
             losses = ({"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)} if teacher is not None
                       else {"task": TaskLoss()})
@@ -596,6 +601,9 @@ class DistillationModule(L.LightningModule):
             "version": __version__,
             "teacher": self.teacher_identity,
             "losses": {name: term.config() for name, term in self.losses.items()},
+            # a resumed fit draws what the uninterrupted one would have (validation draws nothing)
+            "rng": self._rng_after_step if self._in_fit_eval else rng_states(),
+            "step_mean_scale": self._step_mean.scale,  # C, fixed at the first step: kept for a resume
         }
 
     def _restore_losses(self, recorded: Mapping[str, Any]) -> None:
@@ -614,10 +622,29 @@ class DistillationModule(L.LightningModule):
             return
         warnings.warn(losses_differ_message(recorded, current), UserWarning, stacklevel=2)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._rng_after_step = rng_states()  # validation puts it back: training draws as if none ran
+
+    def on_validation_start(self) -> None:
+        self._in_fit_eval = self._trainer is not None and self.trainer.state.fn == "fit"
+
+    def on_validation_end(self) -> None:
+        if self._in_fit_eval and self._rng_after_step is not None:
+            restore_rng_states(self._rng_after_step)  # the val loaders' and any other draws undone
+        self._in_fit_eval = False
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._resumed_rng is not None:  # after Lightning's restore, loaders and callbacks' setup
+            restore_rng_states(self._resumed_rng)
+            self._resumed_rng = None
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         recorded = (checkpoint.get("lightning_distill") or {}).get("losses")
         if self._trainer is None and isinstance(recorded, Mapping):  # load_from_checkpoint, not a resume
             self._restore_losses(recorded)
+        if self._trainer is not None:  # a resume: the generators are set just before its first step
+            self._resumed_rng = (checkpoint.get("lightning_distill") or {}).get("rng")
+            self._step_mean.scale = (checkpoint.get("lightning_distill") or {}).get("step_mean_scale")
         state = checkpoint.get("state_dict")
         if state is not None:
             rename_keys(state, self._wrapper_prefixes(), wrap=True)

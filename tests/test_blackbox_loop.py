@@ -262,6 +262,53 @@ def test_generate_writes_records_and_lineage_then_resumes(run_dir, cache, tmp_pa
     assert "Wrote 3 records (6 already there)" in more.stdout and len(read_records(out)) == 9
 
 
+@pytest.mark.slow
+def test_generate_killed_with_sigkill_then_rerun_equals_an_uninterrupted_one(
+    run_dir, cache, tmp_path
+):
+    """A real kill mid-generation (after 2 of 6 shards): the rerun writes only the rest, and the
+    records equal an uninterrupted run's (same (prompt, sample) pairs once each, same texts)."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    args = [
+        "generate",
+        "source=demo",
+        f"prompts.run_dir={run_dir}",
+        "prompts.per_slice=6",
+        "source.max_new_tokens=4",
+        "source.progress=false",
+        "n=2",
+        "shard_size=4",
+    ]
+    _cli(cache, *args, f"out={whole}")
+    killer = [
+        sys.executable,
+        str(REPO / "tests" / "scripts" / "cli_kill_after_shards.py"),
+        "records",
+        "2",
+    ]
+    killed = subprocess.run(
+        [*killer, *args, f"out={cut}"],
+        cwd=cache.parent,
+        env=_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL
+    assert len(read_records(cut)) == 8 and not (cut / "generation.json").exists()
+    again = _cli(cache, *args, f"out={cut}")
+    assert "Wrote 16 records (8 already there)" in again.stdout
+
+    def pairs(folder):
+        records = read_records(folder)
+        keys = [(r["prompt_id"], r["sample_index"]) for r in records]
+        assert len(keys) == len(set(keys))  # each (prompt, sample) once
+        return {k: (r["slice"], r["prompt"], r["completion"]) for k, r in zip(keys, records)}
+
+    a, b = pairs(whole), pairs(cut)
+    assert len(a) == 24 and b == a
+
+
 def test_generate_from_a_local_model_folder(run_dir, cache, tmp_path):
     out = tmp_path / "local"
     _cli(
