@@ -140,6 +140,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     from lightning_distill.callbacks.teacher_cache import TeacherCache
     from lightning_distill.checkpoint import resolve_ckpt_path
+    from lightning_distill.engines import check_strategy_available
     from lightning_distill.losses.terms import check_terms
     from lightning_distill.models.hf import freeze
     from lightning_distill.paths import CACHE_ENV_VAR, cache_root, check_writable
@@ -151,6 +152,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_writable(cache_root(), CACHE_ENV_VAR, f"set {CACHE_ENV_VAR}=<a folder you can write> (tokenizers, "
                    "tokenized data and teacher targets are kept there), or fix its permissions.")
     losses = check_terms(_build_losses(cfg.loss))  # a bad loss value fails before data and models load
+    check_strategy_available(cfg.get("trainer"))  # e.g. trainer=deepspeed_zero3 without deepspeed
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = _instantiate(cfg.data)
