@@ -310,6 +310,7 @@ def _write_report(report: dict[str, Any], stats: Mapping[str, Any], baseline_sta
 def _export(cfg: DictConfig, report: dict[str, Any], module: Any, datamodule: Any, trainer: Any,
             stats: Mapping[str, Any], coverage: Any, cache: Any, out_dir: Path) -> None:
     """Save the student (weights, tokenizer, ``distillation.json``, its card) to ``<run>/student``; log it to W&B."""
+    from lightning_distill.engines import whole
     from lightning_distill.export import distillation_card, export_student
     from lightning_distill.losses.feature_terms import export_modules
 
@@ -322,8 +323,9 @@ def _export(cfg: DictConfig, report: dict[str, Any], module: Any, datamodule: An
     }
     if cache is not None:
         record["teacher_cache"] = cache.config()
-    card = _card(module, datamodule, trainer, stats, coverage, distillation_card, cache)
-    report["student_dir"] = str(export_student(module.student, out_dir / "student",
+    student = whole(module.student)  # FSDP2: gathered into one plain model, on every rank
+    card = _card(module, datamodule, trainer, stats, coverage, distillation_card, cache, student=student)
+    report["student_dir"] = str(export_student(student, out_dir / "student",
                                                tokenizer=getattr(datamodule, "tokenizer", None),
                                                record=record, card=card, extras=export_modules(module.losses)))
     _log_wandb_artifact(trainer, Path(report["student_dir"]), card)
@@ -392,7 +394,7 @@ def _build_cache_only(cache: Any, module: Any, datamodule: Any, started: float) 
 
 
 def _card(module: Any, datamodule: Any, trainer: Any, stats: Mapping[str, Any], coverage: Any,
-          build: Any, cache: Any = None) -> dict[str, Any]:
+          build: Any, cache: Any = None, student: Any = None) -> dict[str, Any]:
     """The distillation card of this run (see ``export.distillation_card``)."""
     if coverage is not None:
         slices = coverage.last_rows
@@ -417,7 +419,7 @@ def _card(module: Any, datamodule: Any, trainer: Any, stats: Mapping[str, Any], 
             "data_fingerprint": getattr(datamodule, "data_fingerprint", None),
             "train_slices": getattr(datamodule, "train_slices", None)}
     teacher = module.teacher_identity or (cache.config().get("teacher") if cache is not None else None)
-    return build(student=module.student, teacher=teacher, data=data, slices=slices,
+    return build(student=module.student if student is None else student, teacher=teacher, data=data, slices=slices,
                  losses={n: t.config() for n, t in module.losses.items()}, schedule=schedules or None,
                  coverage=cov, cache=cache.config() if cache is not None else "live")
 

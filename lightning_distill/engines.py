@@ -12,15 +12,17 @@ See ``docs/scale.md``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from torch import nn
 
 from lightning_distill.models.adapters import unwrap_model
 
-__all__ = ["MissingPackageError", "TransformerBlocks", "block_classes", "check_strategy_available", "shard_fsdp2"]
+__all__ = ["MissingPackageError", "TransformerBlocks", "block_classes", "check_strategy_available", "reshard",
+           "shard_fsdp2", "whole"]
 
 
 class MissingPackageError(ImportError):
@@ -125,3 +127,30 @@ def reshard(model: nn.Module | None) -> None:
 
     if isinstance(model, FSDPModule):
         model.reshard()
+
+
+
+def whole(model: nn.Module) -> nn.Module:
+    """An FSDP2-sharded Hugging Face model as one plain, whole model (to describe and export it).
+
+    Gathers the full state dict on every rank (a collective: every rank calls it) into a fresh
+    instance of the model's own class. A model that is not sharded is returned as it is.
+
+    Raises:
+        TypeError: a sharded model without a Hugging Face ``config`` (cannot be rebuilt).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not any(isinstance(m, FSDPModule) for m in model.modules()):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"cannot rebuild the sharded {type(model).__name__} whole (no Hugging Face config); "
+                        "export it from a checkpoint instead.")
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # FSDP2 subclasses the model
+    plain = cls(config)
+    plain.load_state_dict(state)
+    return plain.to(next(iter(state.values())).dtype).eval()

@@ -537,6 +537,7 @@ class DistillationModule(L.LightningModule):
         from lightning_distill.engines import shard_fsdp2
 
         if not isinstance(self.student, FSDPModule):  # called again by a later fit/test: already sharded
+            _ = self.teacher_identity  # fingerprinted while whole (checkpoints, caches name the teacher)
             shard_fsdp2({"student": self.student, "teacher": self.teacher}, self.device_mesh)
 
     def on_fit_start(self) -> None:
