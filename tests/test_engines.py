@@ -218,3 +218,4 @@ def test_fsdp2_two_ranks_shard_both_models_and_step_with_the_single_process_grad
         assert r["teacher_trainable"] == r["teacher_grads"] == r["teacher_in_optimizer"] == 0
         assert r["teacher_optimizer_state"] == 0 and r["student_optimizer_state"] == 12
         assert r["teacher_training"] is False
+        assert r["checkpoint_keys_match"] and r["whole_student_matches"]  # keys name the plain student

@@ -25,6 +25,7 @@ from ddp_grads import items, model  # noqa: E402
 
 from lightning_distill import DistillationModule  # noqa: E402
 from lightning_distill.cli import end_process_group  # noqa: E402
+from lightning_distill.engines import whole  # noqa: E402
 from lightning_distill.losses import LogitKD, TaskLoss  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def strategy_for(name: str, devices: int):
     if name == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+        return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=False)
     if name == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
 
@@ -91,8 +92,15 @@ def main(out: Path, name: str, devices: int, batch_size: int, accelerator: str) 
         "teacher_training": module.teacher.training,
         "world_size": trainer.world_size,
     }
+    out.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(out / "last.ckpt")  # a collective under FSDP/FSDP2
+    exported = whole(module.student)  # what the CLI exports: the student gathered whole (a collective)
+    initial = model(0, 16).state_dict()  # lr=0: the step leaves the weights as they were
+    report["whole_student_matches"] = exported.state_dict().keys() == initial.keys() and all(
+        torch.equal(v.cpu(), initial[k]) for k, v in exported.state_dict().items())
     if trainer.global_rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        state = torch.load(out / "last.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+        report["checkpoint_keys_match"] = set(state) == {f"student.{k}" for k in initial}  # no teacher.*
         save_file({f"g{i}": g for i, g in enumerate(grads)}, out / "grads.safetensors")
         (out / "report.json").write_text(json.dumps(report, indent=1))
 
