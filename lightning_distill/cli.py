@@ -323,7 +323,7 @@ def _export(cfg: DictConfig, report: dict[str, Any], module: Any, datamodule: An
     }
     if cache is not None:
         record["teacher_cache"] = cache.config()
-    student = whole(module.student)  # FSDP2: gathered into one plain model, on every rank
+    student = whole(module.student, root=trainer.strategy.model)  # FSDP/FSDP2: gathered whole, every rank
     card = _card(module, datamodule, trainer, stats, coverage, distillation_card, cache, student=student)
     report["student_dir"] = str(export_student(student, out_dir / "student",
                                                tokenizer=getattr(datamodule, "tokenizer", None),

@@ -38,8 +38,9 @@ class TransformerBlocks:
     """FSDP (``FSDPStrategy(auto_wrap_policy=TransformerBlocks())``) auto-wrap policy.
 
     Every module whose class is a transformer block of a Hugging Face model above it
-    (``_no_split_modules``) becomes an FSDP unit, the student's and the teacher's alike; the rest
-    (embeddings, final norm, heads) stays in the root unit. FSDP visits a parent before its
+    (``_no_split_modules``) becomes an FSDP unit, the student's and the teacher's alike, and so does
+    each frozen Hugging Face model as a whole (the teacher); the student's embeddings, final norm and
+    head stay in the root unit. FSDP visits a parent before its
     children, so the block names are read from each model as the walk reaches it.
 
     Args:
@@ -48,12 +49,20 @@ class TransformerBlocks:
 
     def __init__(self, extra: list[str] | None = None) -> None:
         self.names: set[str] = {str(n) for n in (extra or ())}
+        self._frozen: set[int] = set()
+        self._inside: set[int] = set()
 
     def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
         if recurse:
             self.names |= block_classes(module)
+            if (id(module) not in self._inside and block_classes(module)
+                    and not any(p.requires_grad for p in module.parameters())):
+                # The outermost frozen model (the teacher) is a unit of its own: its embeddings and
+                # head share no unit with the trained student's (no gradient memory kept for them).
+                self._frozen.add(id(module))
+                self._inside |= {id(m) for m in module.modules()}
             return True
-        return type(module).__name__ in self.names
+        return type(module).__name__ in self.names or id(module) in self._frozen
 
 
 def shard_fsdp2(models: Mapping[str, nn.Module | None], device_mesh: Any) -> None:
@@ -129,27 +138,49 @@ def reshard(model: nn.Module | None) -> None:
 
 
 
-def whole(model: nn.Module) -> nn.Module:
-    """An FSDP2-sharded Hugging Face model as one plain, whole model (to describe and export it).
+def whole(model: nn.Module, root: nn.Module | None = None) -> nn.Module:
+    """A sharded Hugging Face model as one plain, whole model (to describe and export it).
 
-    Gathers the full state dict on every rank (a collective: every rank calls it) into a fresh
-    instance of the model's own class. A model that is not sharded is returned as it is.
+    FSDP2 (``fully_shard``): the full state dict is gathered on every rank. FSDP1 (Lightning's
+    ``FSDPStrategy``; pass its wrapped LightningModule as ``root``): the parameters are gathered with
+    ``summon_full_params``. Either is a collective: every rank calls it. The result is a fresh
+    instance of the model's own class; a model that is not sharded is returned as it is.
+
+    Args:
+        model: the student (``module.student``).
+        root: ``trainer.strategy.model`` (FSDP1 wraps the LightningModule there).
 
     Raises:
         TypeError: a sharded model without a Hugging Face ``config`` (cannot be rebuilt).
     """
     from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 
-    if not any(isinstance(m, FSDPModule) for m in model.modules()):
+    fsdp2 = any(isinstance(m, FSDPModule) for m in model.modules())
+    fsdp1 = root is not None and any(isinstance(m, FSDP1) for m in root.modules())
+    if not (fsdp1 or fsdp2):
         return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     config = getattr(model, "config", None)
     if config is None:
         raise TypeError(f"cannot rebuild the sharded {type(model).__name__} whole (no Hugging Face config); "
                         "export it from a checkpoint instead.")
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # FSDP2 subclasses the model
     plain = cls(config)
+    if fsdp2:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    else:
+        with FSDP1.summon_full_params(root, writeback=False):
+            named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+            state = {_fsdp1_name(k): v.detach().clone() for k, v in named}
+        wanted = plain.state_dict().keys()
+        state = {k: v for k, v in state.items() if k in wanted}  # non-persistent buffers are not loaded
     plain.load_state_dict(state)
     return plain.to(next(iter(state.values())).dtype).eval()
+
+
+def _fsdp1_name(name: str) -> str:
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name

@@ -127,7 +127,7 @@ def test_transformer_blocks_policy_wraps_student_and_teacher_blocks_only():
             wrapped.append(name)
 
     walk(module, "")
-    assert wrapped == [f"student.model.layers.{i}" for i in range(2)] + [f"teacher.model.layers.{i}" for i in range(3)]
+    assert wrapped == [f"student.model.layers.{i}" for i in range(2)] + [f"teacher.model.layers.{i}" for i in range(3)] + ["teacher"]
     assert TransformerBlocks(extra=["Linear"])(torch.nn.Linear(2, 2), recurse=False, nonwrapped_numel=6)
 
 

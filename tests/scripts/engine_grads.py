@@ -94,7 +94,7 @@ def main(out: Path, name: str, devices: int, batch_size: int, accelerator: str) 
     }
     out.mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(out / "last.ckpt")  # a collective under FSDP/FSDP2
-    exported = whole(module.student)  # what the CLI exports: the student gathered whole (a collective)
+    exported = whole(module.student, root=trainer.strategy.model)  # what the CLI exports: the student gathered whole (a collective)
     initial = model(0, 16).state_dict()  # lr=0: the step leaves the weights as they were
     report["whole_student_matches"] = exported.state_dict().keys() == initial.keys() and all(
         torch.equal(v.cpu(), initial[k]) for k, v in exported.state_dict().items())
