@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +221,15 @@ def test_fsdp2_two_ranks_shard_both_models_and_step_with_the_single_process_grad
         assert r["teacher_optimizer_state"] == 0 and r["student_optimizer_state"] == 12
         assert r["teacher_training"] is False
         assert r["checkpoint_keys_match"] and r["whole_student_matches"]  # keys name the plain student
+
+
+def test_the_torchrun_and_srun_commands_in_the_docs_compose():
+    text = re.sub(r"\\\n\s*", " ", (REPO / "docs" / "scale.md").read_text())
+    commands = re.findall(r"^(?:torchrun|srun) .*-m lightning_distill (.*)$", text, flags=re.M)
+    assert len(commands) == 2
+    env = {"SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_ID": "7"}
+    for command in commands:
+        overrides = [re.sub(r"\$(\w+)", lambda m: env[m.group(1)], w) for w in shlex.split(command)]
+        cfg = _compose(*[o for o in overrides if not o.startswith("hydra.")])
+        assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (2, 8)
+        assert cfg.teacher.dtype == "bfloat16" and "FSDPStrategy" in cfg.trainer.strategy._target_
