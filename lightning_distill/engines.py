@@ -45,9 +45,14 @@ class TransformerBlocks:
 
     Args:
         extra: more block class names to wrap (a model without ``_no_split_modules``).
+
+    Raises:
+        TypeError: ``extra`` is not a list of class names.
     """
 
     def __init__(self, extra: list[str] | None = None) -> None:
+        if extra is not None and (isinstance(extra, str) or not all(isinstance(n, str) for n in extra)):
+            raise TypeError(f"extra must be a list of block class names, e.g. ['GPT2Block'], got {extra!r}.")
         self.names: set[str] = {str(n) for n in (extra or ())}
         self._frozen: set[int] = set()
         self._inside: set[int] = set()

@@ -131,6 +131,8 @@ def test_transformer_blocks_policy_wraps_student_and_teacher_blocks_only():
     walk(module, "")
     assert wrapped == [f"student.model.layers.{i}" for i in range(2)] + [f"teacher.model.layers.{i}" for i in range(3)] + ["teacher"]
     assert TransformerBlocks(extra=["Linear"])(torch.nn.Linear(2, 2), recurse=False, nonwrapped_numel=6)
+    with pytest.raises(TypeError, match=r"extra must be a list of block class names, e.g. \['GPT2Block'\], got 'GPT2Block'"):
+        TransformerBlocks(extra="GPT2Block")
 
 
 # ---------------------------------------------------------------- teacher in lower precision
