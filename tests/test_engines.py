@@ -235,3 +235,27 @@ def test_the_torchrun_and_srun_commands_in_the_docs_compose():
         cfg = _compose(*[o for o in overrides if not o.startswith("hydra.")])
         assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (2, 8)
         assert cfg.teacher.dtype == "bfloat16" and "FSDPStrategy" in cfg.trainer.strategy._target_
+
+
+@pytest.mark.slow
+def test_cli_fits_tests_and_exports_under_fsdp2_on_two_cpu_ranks(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("LIGHTNING_DISTILL_DEBUG", "HYDRA_FULL_ERROR")}
+    env.update(LIGHTNING_DISTILL_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "lightning_distill", "experiment=tiny", "trainer=model_parallel",
+                             "trainer.accelerator=cpu", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                             "trainer.limit_val_batches=1", "baseline=false", f"output_dir={run}"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    card = json.loads((run / "student" / "distillation_card.json").read_text())
+    exported = load_file(run / "student" / "model.safetensors")  # whole tensors, not one rank's shards
+    # described as the plain models (not FSDP's subclasses); the teacher fingerprinted before sharding
+    assert card["teacher"]["class"] == card["student"]["class"] == "transformers.models.llama.modeling_llama.LlamaForCausalLM"
+    assert card["teacher"]["weights_sha256"] and card["student"]["num_parameters"] == sum(
+        t.numel() for t in exported.values())
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(run / "student")
+    assert exported["model.embed_tokens.weight"].shape == (config.vocab_size, config.hidden_size)
+    assert all(torch.isfinite(t).all() for t in exported.values())
