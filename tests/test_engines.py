@@ -198,10 +198,12 @@ def test_bf16_teacher_logits_reach_the_losses_as_float32():
 # ---------------------------------------------------------------- FSDP2 on CPU (gloo)
 
 
-def _engine(tmp_path: Path, name: str, devices: int, batch: int) -> tuple[dict[str, torch.Tensor], dict]:
-    out = tmp_path / name
+def _engine(tmp_path: Path, name: str, devices: int, batch: int,
+            accumulate: int = 1) -> tuple[dict[str, torch.Tensor], dict]:
+    out = tmp_path / f"{name}-{accumulate}"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(SCRIPT), str(out), name, str(devices), str(batch)],
+    result = subprocess.run([sys.executable, str(SCRIPT), str(out), name, str(devices), str(batch), "cpu",
+                             str(accumulate)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return load_file(out / "grads.safetensors"), json.loads((out / "report.json").read_text())
@@ -211,10 +213,12 @@ def _engine(tmp_path: Path, name: str, devices: int, batch: int) -> tuple[dict[s
 def test_fsdp2_two_ranks_shard_both_models_and_step_with_the_single_process_gradient(tmp_path):
     single, single_report = _engine(tmp_path, "single", devices=1, batch=8)
     sharded, report = _engine(tmp_path, "fsdp2", devices=2, batch=4)
-    assert single.keys() == sharded.keys() and len(single) == 12
+    accumulated, _ = _engine(tmp_path, "fsdp2", devices=2, batch=2, accumulate=2)
+    assert single.keys() == sharded.keys() == accumulated.keys() and len(single) == 12
     assert any(g.abs().max() > 1e-4 for g in single.values())
-    for key in single:
+    for key in single:  # the step-wide token mean over ranks and micro-batches (StepMean on DTensor shards)
         torch.testing.assert_close(sharded[key], single[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(accumulated[key], single[key], rtol=1e-5, atol=1e-6)
     assert report["world_size"] == 2
     assert report["student_sharded"] == 12  # every student parameter a DTensor shard
     assert report["teacher_sharded"] == report["teacher_params"] == 12  # the teacher wrapped too, kept sharded

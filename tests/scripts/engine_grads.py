@@ -1,6 +1,6 @@
 """One optimizer step of DistillationModule under a sharded engine; saves the full gradients it stepped with.
 
-    python engine_grads.py OUT_DIR STRATEGY DEVICES BATCH_SIZE [ACCELERATOR]
+    python engine_grads.py OUT_DIR STRATEGY DEVICES BATCH_SIZE [ACCELERATOR] [ACCUMULATE]
 
 STRATEGY: ``single`` (one process), ``fsdp2`` (Lightning's ModelParallelStrategy + fully_shard: CPU with
 gloo, or CUDA), ``fsdp`` (Lightning's FSDPStrategy: CUDA only). Rank 0 writes ``grads.safetensors``
@@ -62,7 +62,7 @@ def strategy_for(name: str, devices: int):
     raise ValueError(f"unknown strategy {name!r}")
 
 
-def main(out: Path, name: str, devices: int, batch_size: int, accelerator: str) -> None:
+def main(out: Path, name: str, devices: int, batch_size: int, accelerator: str, accumulate: int = 1) -> None:
     torch.set_num_threads(1)
     teacher = model(1, 32)
     with torch.no_grad():
@@ -71,6 +71,7 @@ def main(out: Path, name: str, devices: int, batch_size: int, accelerator: str) 
                                 {"kd": LogitKD(temperature=2.0, weight=0.5), "task": TaskLoss(weight=0.5)},
                                 optimizer=functools.partial(RecordingSGD))
     trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy_for(name, devices), max_steps=1,
+                        accumulate_grad_batches=accumulate,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, DataLoader(items(), batch_size=batch_size, shuffle=False))
@@ -107,5 +108,5 @@ def main(out: Path, name: str, devices: int, batch_size: int, accelerator: str) 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
-         sys.argv[5] if len(sys.argv) > 5 else "cpu")
+         sys.argv[5] if len(sys.argv) > 5 else "cpu", int(sys.argv[6]) if len(sys.argv) > 6 else 1)
     end_process_group()
