@@ -141,6 +141,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     from lightning_distill.callbacks.teacher_cache import TeacherCache
     from lightning_distill.checkpoint import resolve_ckpt_path
+    from lightning_distill.engines import check_strategy_available
     from lightning_distill.losses.terms import check_terms
     from lightning_distill.models.hf import freeze
     from lightning_distill.paths import CACHE_ENV_VAR, cache_root, check_writable
@@ -152,6 +153,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_writable(cache_root(), CACHE_ENV_VAR, f"set {CACHE_ENV_VAR}=<a folder you can write> (tokenizers, "
                    "tokenized data and teacher targets are kept there), or fix its permissions.")
     losses = check_terms(_build_losses(cfg.loss))  # a bad loss value fails before data and models load
+    check_strategy_available(cfg.get("trainer"))  # e.g. trainer=deepspeed_zero3 without deepspeed
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = _instantiate(cfg.data)
@@ -311,6 +313,7 @@ def _write_report(report: dict[str, Any], stats: Mapping[str, Any], baseline_sta
 def _export(cfg: DictConfig, report: dict[str, Any], module: Any, datamodule: Any, trainer: Any,
             stats: Mapping[str, Any], coverage: Any, cache: Any, out_dir: Path) -> None:
     """Save the student (weights, tokenizer, ``distillation.json``, its card) to ``<run>/student``; log it to W&B."""
+    from lightning_distill.engines import whole
     from lightning_distill.export import distillation_card, export_student
     from lightning_distill.losses.feature_terms import export_modules
 
@@ -325,8 +328,9 @@ def _export(cfg: DictConfig, report: dict[str, Any], module: Any, datamodule: An
         record["generated_data"] = datamodule.generated_lineage
     if cache is not None:
         record["teacher_cache"] = cache.config()
-    card = _card(module, datamodule, trainer, stats, coverage, distillation_card, cache)
-    report["student_dir"] = str(export_student(module.student, out_dir / "student",
+    student = whole(module.student, root=trainer.strategy.model)  # FSDP/FSDP2: gathered whole, every rank
+    card = _card(module, datamodule, trainer, stats, coverage, distillation_card, cache, student=student)
+    report["student_dir"] = str(export_student(student, out_dir / "student",
                                                tokenizer=getattr(datamodule, "tokenizer", None),
                                                record=record, card=card, extras=export_modules(module.losses)))
     _log_wandb_artifact(trainer, Path(report["student_dir"]), card)
@@ -395,7 +399,7 @@ def _build_cache_only(cache: Any, module: Any, datamodule: Any, started: float) 
 
 
 def _card(module: Any, datamodule: Any, trainer: Any, stats: Mapping[str, Any], coverage: Any,
-          build: Any, cache: Any = None) -> dict[str, Any]:
+          build: Any, cache: Any = None, student: Any = None) -> dict[str, Any]:
     """The distillation card of this run (see ``export.distillation_card``)."""
     if coverage is not None:
         slices = coverage.last_rows
@@ -423,7 +427,7 @@ def _card(module: Any, datamodule: Any, trainer: Any, stats: Mapping[str, Any], 
             "data_fingerprint": getattr(datamodule, "data_fingerprint", None),
             "train_slices": getattr(datamodule, "train_slices", None)}
     teacher = module.teacher_identity or (cache.config().get("teacher") if cache is not None else None)
-    return build(student=module.student, teacher=teacher, data=data, slices=slices,
+    return build(student=module.student if student is None else student, teacher=teacher, data=data, slices=slices,
                  losses={n: t.config() for n, t in module.losses.items()}, schedule=schedules or None,
                  coverage=cov, cache=cache.config() if cache is not None else "live",
                  generated=getattr(datamodule, "generated_lineage", None))

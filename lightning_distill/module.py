@@ -38,6 +38,7 @@ from lightning_distill.checkpoint import (
     rng_states,
     wrapper_prefixes,
 )
+from lightning_distill.engines import reshard
 from lightning_distill.losses import functional as LF
 from lightning_distill.losses.cross_tokenizer import attach_tokenizers, cross_tokenizer_batch
 from lightning_distill.losses.terms import LogitKD, LossTerm, TaskLoss, check_terms, fused_pair
@@ -277,6 +278,7 @@ class DistillationModule(L.LightningModule):
             logits = logits_from_output(output, self.teacher_logits_fn, who="teacher", inputs=inputs)
             self._teacher_check.check(logits, batch, inputs, strict=any(t.no_neg_inf for t in self.losses.values()),
                                       step=self.trainer.global_step if self._trainer is not None else None)
+        reshard(self.teacher)  # FSDP2: the teacher's gathered root parameters are freed (no backward follows)
         if self.embedding_output:
             return TeacherTargets(embeddings=logits)
         if not request:
@@ -351,6 +353,8 @@ class DistillationModule(L.LightningModule):
         cross = cross_tokenizer_batch(batch, active)  # teacher logits in the teacher's own positions
         if teacher is not None and teacher.logits is not None and not cross:
             kd_logits, teacher_logits = match_vocab(student_logits, teacher.logits, self.vocab_mismatch)
+            if teacher_logits.dtype.itemsize < student_logits.dtype.itemsize and teacher_logits.is_floating_point():
+                teacher_logits = teacher_logits.to(student_logits.dtype)  # a bf16 teacher, an fp32 student
             teacher = dataclasses.replace(teacher, logits=teacher_logits)
         elif teacher is not None and teacher.sparse is not None:
             kd_logits = match_sparse_vocab(student_logits, teacher.sparse, self.vocab_mismatch)
@@ -533,6 +537,21 @@ class DistillationModule(L.LightningModule):
         return optimizers_config(params, self.optimizer_factory, self.lr_scheduler_factory,
                                  interval=self.hparams.lr_scheduler_interval,
                                  training_steps=lambda: self.trainer.estimated_stepping_batches)
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (FSDP2): shard the student and the frozen teacher
+        (:func:`lightning_distill.engines.shard_fsdp2`); other strategies wrap the models themselves."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        from lightning_distill.engines import shard_fsdp2
+
+        if not isinstance(self.student, FSDPModule):  # called again by a later fit/test: already sharded
+            _ = self.teacher_identity  # fingerprinted while whole (checkpoints, caches name the teacher)
+            shard_fsdp2({"student": self.student, "teacher": self.teacher}, self.device_mesh)
 
     def on_fit_start(self) -> None:
         """Check, before any step, what can be checked without a batch."""

@@ -496,6 +496,13 @@ CLI_ROWS = [
         r"callbacks=teacher_cache_sampled",
     ),
     (
+        "cli-deepspeed-missing",  # (where deepspeed is installed, the engine runs instead: not this row)
+        ["trainer=deepspeed_zero3"],
+        r"^MissingPackageError: trainer\.strategy='lightning\.pytorch\.strategies\.DeepSpeedStrategy' needs the "
+        r"'deepspeed' package, which is not installed; run `pip install deepspeed` \(on a CUDA machine\), or pick "
+        r"another engine \(trainer=fsdp, trainer=ddp\)\.$",
+    ),
+    (
         "cli-unwritable-output-dir",
         ["output_dir={tmp}/a_file/run"],
         r"^NotWritableError: output_dir='.*a_file/run' is not writable \(Not a directory\); pass "
