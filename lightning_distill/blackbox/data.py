@@ -12,7 +12,6 @@ of one prompt never straddle train/val/test.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_distill.blackbox.rationale import DEFAULT_ANSWER_PATTERN, find_answer
-from lightning_distill.blackbox.writer import SHARD_GLOB
+from lightning_distill.blackbox.writer import SHARD_GLOB, iter_jsonl
 from lightning_distill.data.encode import _encode
 from lightning_distill.data.sources import DEFAULT_SLICE, TextDocument, _as_list, _expand, plain
 from lightning_distill.data.splits import assign_by_content
@@ -62,22 +61,7 @@ def read_record_files(records: Any) -> list[tuple[dict[str, Any], str]]:
                 paths.extend(_expand([entry]))
             except FileNotFoundError as err:
                 raise FileNotFoundError(str(err).replace("data.files", "data.records")) from None
-    out = []
-    for path in dict.fromkeys(paths):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(
-                        f"{path}:{lineno} is not valid JSON ({err}); remove or repair that shard."
-                    ) from err
-                if not isinstance(rec, dict):
-                    raise ValueError(f"{path}:{lineno} is not a JSON object; it is not a record.")
-                out.append((rec, f"{path}:{lineno}"))
-    return out
+    return [(rec, f"{path}:{lineno}") for path in dict.fromkeys(paths) for rec, lineno in iter_jsonl(path)]
 
 
 class _RecordSource:

@@ -17,7 +17,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,24 +53,26 @@ def read_records(out_dir: str | Path) -> list[dict[str, Any]]:
     Raises:
         ValueError: a line that is not a JSON object (the shard is named).
     """
-    records = []
-    for path in shard_paths(out_dir):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(
-                        f"{path}:{lineno} is not valid JSON ({e}); remove or repair that shard."
-                    ) from e
-                if not isinstance(rec, dict):
-                    raise ValueError(
-                        f"{path}:{lineno} is not a JSON object; remove or repair that shard."
-                    )
-                records.append(rec)
-    return records
+    return [rec for path in shard_paths(out_dir) for rec, _ in iter_jsonl(path)]
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[dict[str, Any], int]]:
+    """The JSON objects of one records file with their line numbers (blank lines skipped).
+
+    Raises:
+        ValueError: a line that is not valid JSON or not a JSON object, named ``path:line``.
+    """
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno} is not valid JSON ({e}); remove or repair that shard.") from e
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno} is not a JSON object; remove or repair that shard.")
+            yield rec, lineno
 
 
 def _write_shard(path: Path, records: list[dict[str, Any]]) -> None:
