@@ -37,6 +37,7 @@ Both terms return sums over the groups with a head (and a label there that is no
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -186,41 +187,56 @@ def _log_probs(logits: Tensor, temperature: float) -> Tensor:
 
 
 def _sort_ascending(x: Tensor, order: bool) -> tuple[Tensor, Tensor | None]:
-    """The rows of ``x`` sorted in increasing order, and the sorting indices when ``order``.
+    """The rows of ``x`` (``(n, V)``, non-negative: probabilities) sorted in increasing order, and
+    the sorting indices when ``order``.
 
-    On the CPU numpy's vectorised sort (30x faster than ``torch.sort`` there for values only, 6x
-    with the indices); elsewhere ``torch.sort``.
+    On the CPU numpy's vectorised sorts: values alone with ``np.sort`` (30x faster than
+    ``torch.sort`` there); with the order, float32 rows as one int64 per entry, the value's bits
+    above its index (the bits of non-negative floats order as integers do), sorted with
+    ``np.sort`` (15x faster than ``torch.sort``, 4x faster than ``np.argsort``). Elsewhere
+    ``torch.sort``.
     """
     x = x.detach()
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 2:
         values, indices = x.sort(-1)
         return values, indices if order else None
-    array = x.numpy()
+    array = np.ascontiguousarray(x.numpy())
     if not order:
         return torch.from_numpy(np.sort(array, axis=-1)), None
-    indices = np.argsort(array, axis=-1)
-    return torch.from_numpy(np.take_along_axis(array, indices, -1)), torch.from_numpy(indices)
+    if array.dtype != np.float32 or sys.byteorder != "little":
+        indices = np.argsort(array, axis=-1)
+        return torch.from_numpy(np.take_along_axis(array, indices, -1)), torch.from_numpy(indices)
+    rows, width = array.shape
+    pairs = np.empty((rows, width, 2), dtype=np.int32)  # little-endian int64: bits << 32 | index
+    pairs[..., 0] = np.arange(width, dtype=np.int32)
+    pairs[..., 1] = array.view(np.int32)
+    pairs.view(np.int64).reshape(rows, width).sort(axis=-1)
+    values = np.ascontiguousarray(pairs[..., 1]).view(np.float32)
+    return torch.from_numpy(values), torch.from_numpy(pairs[..., 0].astype(np.int64))
 
 
 class _SortedL1(torch.autograd.Function):
     """:func:`_sorted_l1` with its gradient (into ``p`` only; ``q`` is a constant), sorting with
-    :func:`_sort_ascending`: increasing order with the zeros in front pairs the k-th largest
-    entries of the two rows, as decreasing order with the zeros at the end does."""
+    :func:`_sort_ascending`. In increasing order the k-th largest entries of the two rows pair
+    up from the end; the longer row's smallest entries meet the zero padding."""
 
     @staticmethod
     def forward(ctx, p, q):  # type: ignore[override]
-        width = max(p.shape[-1], q.shape[-1])
         ps, order = _sort_ascending(p, ctx.needs_input_grad[0])
         qs, _ = _sort_ascending(q, False)
-        diff = F.pad(ps, (width - ps.shape[-1], 0)) - F.pad(qs, (width - qs.shape[-1], 0))
+        lp, lq = ps.shape[-1], qs.shape[-1]
+        k = min(lp, lq)
+        diff = ps[..., lp - k:] - qs[..., lq - k:]
+        rows = diff.abs().sum(-1) + ps[..., :lp - k].abs().sum(-1) + qs[..., :lq - k].abs().sum(-1)
         if order is not None:
-            ctx.save_for_backward(diff[..., width - ps.shape[-1]:].sign(), order)
-        return diff.abs().sum(-1)
+            ctx.save_for_backward(torch.cat([ps[..., :lp - k].sign(), diff.sign()], -1), order)
+        return rows
 
     @staticmethod
     def backward(ctx, grad_rows):  # type: ignore[override]
         sign, order = ctx.saved_tensors
-        return torch.zeros_like(sign).scatter_(-1, order, sign * grad_rows.unsqueeze(-1)), None
+        # ``order`` is a permutation of each row: every entry is written.
+        return torch.empty_like(sign).scatter_(-1, order, sign * grad_rows.unsqueeze(-1)), None
 
 
 @dataclass
