@@ -12,10 +12,11 @@ Variants: ``LogitKD`` (forward KL, the student's logits against a teacher of the
 the same-tokenizer step this is compared with, and the baseline of every ratio), the direct
 formulation the library had before (``_reference_*``: log-softmax of every position, all head
 rows at once, ``torch.sort``), and the chunked one (``CrossTokenizerKD`` / ``ULDLoss``, auto
-chunk size and a small one).
+chunk size and ``chunk_size=4``).
 
 Time: process CPU time of forward + backward with one torch thread (so that other load on a
-shared machine counts little), best of ``--repeats``. Memory: each variant runs in a fresh
+shared machine counts little), all variants in one interpreter with the default allocator,
+interleaved round by round, best of ``--repeats`` rounds after an untimed one. Memory: each variant runs in a fresh
 interpreter, as in ``kd_loss_memory.py``: after a warm-up and once the inputs exist, the
 resident-set high-water mark is reset (``/proc/self/clear_refs``), the loss runs forward +
 backward, and the peak above the inputs is ``VmHWM - VmRSS`` (it includes the student-logits
@@ -47,7 +48,7 @@ VARIANTS = {
     "logit_kd": "LogitKD forward_kl (same shapes, one tokenizer)",
     "reference_hybrid": "hybrid, direct formulation (before)",
     "hybrid": "CrossTokenizerKD (chunked, auto)",
-    "hybrid_chunk16": "CrossTokenizerKD(chunk_size=16)",
+    "hybrid_chunk4": "CrossTokenizerKD(chunk_size=4)",
     "reference_uld": "ULD, direct formulation (before)",
     "uld": "ULDLoss (chunked, auto)",
 }
@@ -139,8 +140,8 @@ def loss_fn(variant: str, data, labels, vocab, temperature: float):
         return term_fn(LogitKD(temperature=temperature))
     if variant == "hybrid":
         return term_fn(CrossTokenizerKD(temperature=temperature))
-    if variant == "hybrid_chunk16":
-        return term_fn(CrossTokenizerKD(temperature=temperature, chunk_size=16))
+    if variant == "hybrid_chunk4":
+        return term_fn(CrossTokenizerKD(temperature=temperature, chunk_size=4))
     if variant == "uld":
         return term_fn(ULDLoss(temperature=temperature))
     if variant == "reference_hybrid":
@@ -176,51 +177,67 @@ def _reset_hwm() -> bool:
         return False
 
 
-def worker(args: argparse.Namespace) -> dict:
+def _once(fn, s, t, same) -> float:
+    s.grad = None
+    value = fn(s, t, same)
+    value.backward()
+    return float(value)
+
+
+def time_worker(args: argparse.Namespace) -> dict:
+    """CPU seconds per variant, the variants interleaved round by round (load that comes and goes
+    on a shared machine hits them alike), best round each; one untimed round first."""
+    import torch
+
+    torch.set_num_threads(1)
+    data, labels, vocab, student, teacher, same = make_inputs(args.case)
+    s = student.requires_grad_(True)
+    fns = {v: loss_fn(v, data, labels, vocab, args.temperature) for v in args.worker.split(",")}
+    times: dict[str, list[float]] = {v: [] for v in fns}
+    values = {}
+    for _ in range(args.repeats + 1):
+        for variant, fn in fns.items():
+            start = time.process_time()
+            values[variant] = _once(fn, s, teacher, same)
+            times[variant].append(time.process_time() - start)
+    return {v: {"seconds": min(times[v][1:]), "value": values[v]} for v in fns}
+
+
+def memory_worker(args: argparse.Namespace) -> dict:
+    """Peak working memory of one variant above its inputs (run in a fresh interpreter)."""
     import gc
 
     import torch
 
     torch.set_num_threads(1)
     data, labels, vocab, student, teacher, same = make_inputs(args.case)
-
-    def once(fn, s, t, same_t):
-        s.grad = None
-        value = fn(s, t, same_t)
-        value.backward()
-        return float(value)
-
     # Warm-up on the first sample only (library and allocator start-up is not counted).
     small = {k: v[:1] for k, v in data.items()}
     warm = loss_fn(args.worker, small, labels[:1], vocab, args.temperature)
-    once(warm, student[:1].clone().requires_grad_(True), teacher[:1], same[:1])
+    _once(warm, student[:1].clone().requires_grad_(True), teacher[:1], same[:1])
     fn = loss_fn(args.worker, data, labels, vocab, args.temperature)
     s = student.requires_grad_(True)
     gc.collect()
     before = _status_kib("VmRSS")
     exact = _reset_hwm()
-    value = once(fn, s, teacher, same)
+    _once(fn, s, teacher, same)
     peak = (_status_kib("VmHWM") - before) * 1024
-    times = []
-    for _ in range(args.repeats):
-        start = time.process_time()
-        once(fn, s, teacher, same)
-        times.append(time.process_time() - start)
     return {
-        "variant": args.worker,
-        "value": value,
         "peak_bytes": peak,
-        "seconds": min(times),
         "grad_bytes": s.numel() * 4,
         "method": "VmHWM after clear_refs" if exact else "VmHWM since start",
     }
 
 
-def _spawn(variant: str, case: str, args: argparse.Namespace) -> dict:
+def _spawn(variant: str, case: str, args: argparse.Namespace, measure: str) -> dict:
     env = dict(os.environ)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(128 * 1024))
-    env.setdefault("MALLOC_ARENA_MAX", "2")
+    if measure == "memory":
+        # Fixed glibc mmap threshold: every large buffer is its own mapping, returned when freed,
+        # so that RSS follows the live tensors. (Not for the times: it makes every large
+        # allocation a fresh mapping, which the default allocator avoids.)
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(128 * 1024))
+        env.setdefault("MALLOC_ARENA_MAX", "2")
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [
@@ -234,6 +251,8 @@ def _spawn(variant: str, case: str, args: argparse.Namespace) -> dict:
         str(args.temperature),
         "--repeats",
         str(args.repeats),
+        "--measure",
+        measure,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -254,14 +273,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--case", default="demo", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", default="memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
-        print(json.dumps(worker(args)))
+        print(json.dumps(time_worker(args) if args.measure == "time" else memory_worker(args)))
         return
     results = {}
     for case in args.cases:
         b, length, vs, vt, shared = CASES[case]
-        rows = {v: _spawn(v, case, args) for v in args.variants}
+        timed = _spawn(",".join(args.variants), case, args, "time")
+        rows = {v: {**_spawn(v, case, args, "memory"), **timed[v]} for v in args.variants}
         results[case] = rows
         base = rows.get("logit_kd")
         grad_mib = next(iter(rows.values()))["grad_bytes"] / MIB

@@ -49,7 +49,6 @@ from torch import Tensor
 
 from lightning_distill.crosstok.vocab import SharedVocab, shared_vocab
 from lightning_distill.losses import registry
-from lightning_distill.losses.chunking import _chunk_rows
 from lightning_distill.losses.terms import LogitKD, LossTerm
 from lightning_distill.types import LossInputs
 from lightning_distill.validation import check_int, check_number
@@ -61,6 +60,9 @@ __all__ = ["CROSS_BATCH_KEYS", "CrossTokenizerBatch", "CrossTokenizerKD", "ULDLo
 CROSS_BATCH_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels", "student_groups",
                     "teacher_groups")
 _LOG_FLOOR = torch.finfo(torch.float32).min  # log 0 without -inf (no NaN in sums or gradients)
+# Rows x vocabulary per chunk when chunk_size is auto: 2 MiB of float32 per temporary. A chunk of
+# the hybrid holds about a dozen; smaller chunks pay Python overhead, larger ones leave the caches.
+_CHUNK_ELEMENTS = 2**19
 
 
 @dataclass
@@ -303,6 +305,13 @@ def _plan(cross: CrossTokenizerBatch, labels: Tensor | None, ignore_index: int) 
                  inner(s_inner, cross.student_ids), inner(t_inner, cross.teacher_ids))
 
 
+def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
+    """Rows per chunk: ``chunk_size``, or auto (``_CHUNK_ELEMENTS`` per temporary, at least one row)."""
+    if chunk_size is not None:
+        return chunk_size
+    return max(1, min(n_rows, _CHUNK_ELEMENTS // max(vocab, 1)))
+
+
 def _chains(logits: Tensor, inner: tuple[Tensor, Tensor, Tensor], size: int, temperature: float,
             chunk_size: int | None) -> Tensor:
     """``(size,)`` per compared group, the chained log-probability of its inner tokens."""
@@ -438,7 +447,7 @@ def uld(student_logits: Tensor, teacher_logits: Tensor, cross: CrossTokenizerBat
         temperature: both distributions from ``logits / temperature``.
         labels: the student's aligned labels (groups with ``ignore_index`` at the head are skipped).
         ignore_index: the mask value.
-        chunk_size: group heads per chunk (default: auto, as ``LogitKD``'s).
+        chunk_size: group heads per chunk (default: auto, about 2 MiB per temporary).
 
     Returns:
         ``(sum over compared groups, number of compared groups)``.
@@ -481,7 +490,7 @@ def cross_tokenizer_kd(student_logits: Tensor, teacher_logits: Tensor, cross: Cr
         uld_weight: the weight of the ULD part over the unshared entries.
         labels: the student's aligned labels.
         ignore_index: the mask value.
-        chunk_size: groups per chunk (default: auto, as ``LogitKD``'s).
+        chunk_size: groups per chunk (default: auto, about 2 MiB per temporary).
 
     Returns:
         ``(divergence sum, ULD sum, number of compared groups)``.
@@ -704,8 +713,8 @@ class CrossTokenizerKD(LogitKD):
         scale_by_t2: multiply the divergence part by ``temperature**2``.
         beta: ``generalized_jsd``'s mixture weight.
         alpha: ``skew_*_kl``'s skew.
-        chunk_size: groups per chunk of the memory-bounded computation (default: auto, as
-            ``LogitKD``'s); the value and gradient do not depend on it.
+        chunk_size: groups per chunk of the memory-bounded computation (default: auto, about
+            2 MiB per temporary); the value and gradient do not depend on it.
         uld_weight: weight of the ULD part (entries of one vocabulary only), ``>= 0``.
         student_tokenizer: the student's tokenizer (object, or a name/path for ``AutoTokenizer``).
         teacher_tokenizer: the teacher's.
