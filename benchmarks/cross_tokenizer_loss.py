@@ -22,6 +22,10 @@ resident-set high-water mark is reset (``/proc/self/clear_refs``), the loss runs
 backward, and the peak above the inputs is ``VmHWM - VmRSS`` (it includes the student-logits
 gradient the loss leaves in ``.grad``); shown in MiB and as a multiple of that gradient's size.
 
+Last, a training step of the demo's models (``DistillationModule.training_step`` + backward,
+no optimizer, CPU time with one thread): the same student with one tokenizer and ``LogitKD``
+against two tokenizers (the teacher's vocabulary of 2,048) and the hybrid, before and chunked.
+
 Usage::
 
     python benchmarks/cross_tokenizer_loss.py                 # both cases (~2 minutes)
@@ -229,6 +233,93 @@ def memory_worker(args: argparse.Namespace) -> dict:
     }
 
 
+def step_table(args: argparse.Namespace) -> dict:
+    """A training step of the demo's models (``DistillationModule.training_step`` + backward, no
+    optimizer): one tokenizer with ``LogitKD`` against two with the hybrid, before and chunked."""
+    import warnings
+
+    import torch
+
+    from lightning_distill import DistillationModule
+    from lightning_distill.losses import CrossTokenizerKD, LogitKD, TaskLoss
+    from lightning_distill.losses import cross_tokenizer as ct
+    from lightning_distill.models import causal_lm_from_config
+
+    warnings.filterwarnings("ignore")  # training_step outside a Trainer: self.log warns
+    torch.set_num_threads(1)
+    data, labels, vocab, *_ = make_inputs("demo")
+    arch = {"num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": True}
+    teacher_arch = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, **arch}
+    student_arch = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, **arch}
+    t = args.temperature
+
+    class Before(CrossTokenizerKD):
+        def forward(self, inputs):
+            cross = ct.CrossTokenizerBatch.from_batch(inputs.batch)
+            div, rest, _ = ct._reference_cross_tokenizer_kd(
+                inputs.student_logits,
+                inputs.teacher.logits,
+                cross,
+                vocab,
+                temperature=t,
+                labels=inputs.labels,
+            )
+            return div * t**2 + rest
+
+    def module(teacher_vocab: int, kd) -> DistillationModule:
+        common = {"max_position_embeddings": 128}
+        teacher = causal_lm_from_config(
+            "llama", seed=1, vocab_size=teacher_vocab, **teacher_arch, **common
+        )
+        student = causal_lm_from_config("llama", seed=0, vocab_size=1024, **student_arch, **common)
+        kd._vocab = vocab
+        return DistillationModule(
+            student, teacher.eval().requires_grad_(False), {"kd": kd, "task": TaskLoss(0.5)}
+        )
+
+    mask = (data["student_groups"] >= 0).long()
+    step_labels = torch.where(mask > 0, data["input_ids"], -100)
+    same = {"input_ids": data["input_ids"], "attention_mask": mask, "labels": step_labels}
+    cross = {
+        **data,
+        "attention_mask": mask,
+        "labels": step_labels,
+        "teacher_attention_mask": (data["teacher_groups"] >= 0).long(),
+    }
+    variants = {
+        "one tokenizer, LogitKD (teacher V=1024)": (
+            module(1024, LogitKD(weight=0.5, temperature=t)),
+            same,
+        ),
+        "two tokenizers, hybrid before (teacher V=2048)": (
+            module(2048, Before(weight=0.5, temperature=t)),
+            cross,
+        ),
+        "two tokenizers, CrossTokenizerKD (teacher V=2048)": (
+            module(2048, CrossTokenizerKD(weight=0.5, temperature=t)),
+            cross,
+        ),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.repeats + 1):
+        for name, (m, batch) in variants.items():
+            m.student.zero_grad(set_to_none=True)
+            start = time.process_time()
+            out = m.training_step(batch, 0)
+            (out["loss"] if isinstance(out, dict) else out).backward()
+            times[name].append(time.process_time() - start)
+    best = {k: min(v[1:]) for k, v in times.items()}
+    base = next(iter(best.values()))
+    print(
+        "\nstep: the demo's models, batch 16 x 128 student tokens, training_step + backward (CPU, 1 thread)\n"
+    )
+    print("| configuration | ms / step | ÷ one-tokenizer step |")
+    print("|---|---:|---:|")
+    for name, seconds in best.items():
+        print(f"| {name} | {seconds * 1000:.1f} | {seconds / base:.2f} |")
+    return best
+
+
 def _spawn(variant: str, case: str, args: argparse.Namespace, measure: str) -> dict:
     env = dict(os.environ)
     if measure == "memory":
@@ -271,6 +362,9 @@ def main(argv: list[str] | None = None) -> None:
         "--repeats", type=int, default=5, help="timed runs per variant; the best is shown"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--no-step", dest="step", action="store_false", help="skip the training-step table"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--case", default="demo", help=argparse.SUPPRESS)
     parser.add_argument("--measure", default="memory", help=argparse.SUPPRESS)
@@ -314,6 +408,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"memory {rows[b_]['peak_bytes'] / max(rows[a]['peak_bytes'], 1):.2f}; values "
                     f"{rows[b_]['value']:.6g} vs {rows[a]['value']:.6g}"
                 )
+    if args.step:
+        results["step"] = step_table(args)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
 
