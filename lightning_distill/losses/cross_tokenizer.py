@@ -33,6 +33,12 @@ is zero.
 
 Both terms return sums over the groups with a head (and a label there that is not
 ``ignore_index``); the module divides by the student's label positions, as for every term.
+
+Both walk the compared groups in chunks (``chunk_size``): no log-softmax of every position and no
+``(groups, V)`` intermediate outlives its chunk; the student's gradient is written chunk by chunk
+into one buffer of its logits' size, as :mod:`~lightning_distill.losses.chunking` does for the
+same-vocabulary losses. ``_reference_cross_tokenizer_kd`` and ``_reference_uld`` keep the direct
+formulation the chunked one is tested and benchmarked against.
 """
 
 from __future__ import annotations
