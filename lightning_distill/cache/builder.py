@@ -77,6 +77,14 @@ class CacheBuilder:
     resumes) and keeps a :class:`~lightning_distill.cache.SplitReader` per split in
     :attr:`readers`. Jobs that build one local cache folder at once take turns (file locks).
 
+    A cross-tokenizer run (a term with ``cross_tokenizer = True``, or data whose items carry
+    ``teacher_input_ids``) is cached in the teacher's own tokens: the teacher reads
+    ``teacher_input_ids``/``teacher_attention_mask`` as it does live, each sample stores its
+    teacher positions (layout ``teacher_tokens``, hashed over its teacher ids), and the
+    fingerprint records ``space: teacher`` and the teacher tokenizer's fingerprint. Only
+    ``dense`` targets hold what those terms compare (the teacher's whole distribution);
+    ``topk``/``sampled`` are refused before anything is written.
+
     The module is used duck-typed: ``teacher``, ``student``, ``teacher_identity``,
     ``teacher_logits_fn``, ``shift_labels``, ``ignore_index`` and ``vocab_mismatch``, as a
     :class:`~lightning_distill.module.DistillationModule` has them; labels are aligned by
@@ -112,7 +120,7 @@ class CacheBuilder:
         max_shards_in_memory: loaded shards kept per split.
         sample_id_key: the batch key holding the stable sample ids.
         input_key: the batch key holding token ids (hashed per sample to catch changed data);
-            ``None`` skips that check.
+            ``None`` skips that check. A cross-tokenizer cache hashes ``teacher_input_ids``.
         progress: show a progress bar while building (rank 0).
         storage_options: passed to fsspec (credentials, endpoints).
         served: a :class:`~lightning_distill.blackbox.ServedTeacher`: build the cache from a teacher

@@ -73,6 +73,12 @@ class TeacherCache(CacheBuilder, Callback):
     the teacher and the per-batch :meth:`attach`. ``hidden_layers`` are stored and read back
     (``TeacherTargets.hidden_states``), feeding ``FeatureKD`` as a live teacher's would.
 
+    Cross-tokenizer runs (:class:`~lightning_distill.data.CrossTokenizerDataModule` batches,
+    ``CrossTokenizerKD``/``ULDLoss``) are cached in the teacher's own tokens: ``kind="dense"``
+    stores the teacher's logits at its positions (``teacher_input_ids``), read back shaped like
+    the batch's ``teacher_input_ids`` for the terms to align as they align a live teacher's;
+    ``topk``/``sampled`` are refused before anything is built (``docs/cross_tokenizer.md``).
+
     Args:
         those of :class:`~lightning_distill.cache.builder.CacheBuilder`, documented there:
         ``dirpath`` (``None``: a folder per fingerprint under the cache root), ``kind``, the
