@@ -386,7 +386,8 @@ def _build_cache_only(cache: Any, module: Any, datamodule: Any, started: float) 
 
         check_positions({"student": module.student, "teacher": module.teacher}, seq_len, f"data seq_len={seq_len}")
     splits = cache.build(module, cache.split_loaders(datamodule), tokenizer=getattr(datamodule, "tokenizer", None),
-                         data_fingerprint=getattr(datamodule, "data_fingerprint", None))  # one process: no barriers
+                         data_fingerprint=getattr(datamodule, "data_fingerprint", None),  # one process: no barriers
+                         teacher_tokenizer=getattr(datamodule, "teacher_tokenizer", None))
     report = {"teacher_cache": cache.config(), "seconds": round(time.perf_counter() - started, 1)}
     print(f"\nTeacher cache ({cache.kind}) at {cache.storage.url}:")
     print("| split | samples | built now | tokens | bytes/token | MiB |")

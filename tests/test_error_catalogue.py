@@ -370,7 +370,27 @@ PYTHON_ROWS = [
         r"^the teacher's logits contain NaN or \+inf \(or a row of only -inf\) at global step 0, for sample id\(s\) "
         r"\[101\]; training stopped before the student's weights turn NaN\.",
     ),
+    (
+        "cache-topk-for-a-cross-tokenizer-run",
+        lambda tmp: _cross_topk_cache(tmp),
+        ValueError,
+        r"^TeacherCache\(kind='topk'\) keeps a few of the teacher's ids per position, but the loss terms \['kd'\] "
+        r"compare the teacher's whole distribution over its own tokens \(the shared entries and the sorted rest for "
+        r"ULD\); use kind='dense' \(Hydra: callbacks=teacher_cache_dense\)\. Nothing was built\.$",
+    ),
 ]
+
+
+def _cross_topk_cache(tmp: Path) -> None:
+    """A top-k cache for a cross-tokenizer term: refused before the folder exists."""
+    from lightning_distill.cache import CacheBuilder
+    from lightning_distill.losses import CrossTokenizerKD
+
+    module = DistillationModule(lm(0), freeze(lm(1, vocab=80)), {"kd": CrossTokenizerKD()})
+    try:
+        CacheBuilder(str(tmp / "cache"), kind="topk").build(module, {})
+    finally:
+        assert not (tmp / "cache").exists()
 
 
 @pytest.mark.parametrize(

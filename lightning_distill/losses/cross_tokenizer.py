@@ -285,7 +285,7 @@ def _teacher_logits(inputs: LossInputs, who: str) -> Tensor:
     if teacher is None or teacher.logits is None:
         raise RuntimeError(
             f"{who} needs the teacher's logits over its own tokens, but this batch has none: pass teacher=... "
-            "to DistillationModule (a teacher cache of cross-tokenizer targets is not built yet)."
+            "to DistillationModule, or fill the batches from a dense TeacherCache built with this data."
         )
     return teacher.logits
 
