@@ -63,7 +63,10 @@ def check_fast(name: str, tokenizer: Any) -> Any:
     Raises:
         TypeError: a tokenizer without ``backend_tokenizer`` (a slow one), naming the fix.
     """
-    if not getattr(tokenizer, "is_fast", False) or getattr(tokenizer, "backend_tokenizer", None) is None:
+    if (
+        not getattr(tokenizer, "is_fast", False)
+        or getattr(tokenizer, "backend_tokenizer", None) is None
+    ):
         raise TypeError(
             f"{name} ({type(tokenizer).__name__}) gives no character offsets (not a fast tokenizer); "
             "cross-tokenizer alignment needs a fast Hugging Face tokenizer: load it with "
@@ -72,8 +75,9 @@ def check_fast(name: str, tokenizer: Any) -> Any:
     return tokenizer
 
 
-def document_groups(text: str, s_enc: Any, t_enc: Any, s_eos: int | None,
-                    t_eos: int | None) -> list[Group]:
+def document_groups(
+    text: str, s_enc: Any, t_enc: Any, s_eos: int | None, t_eos: int | None
+) -> list[Group]:
     """One document's aligned groups, then its end-of-text group (one byte) if both ``eos`` are set.
 
     Args:
@@ -91,15 +95,24 @@ def document_groups(text: str, s_enc: Any, t_enc: Any, s_eos: int | None,
         s_ids[g].append(token)
     for token, g in zip(t_enc.ids, alignment.teacher_groups, strict=True):
         t_ids[g].append(token)
-    groups = [(s, t, len(text[a:b].encode("utf-8")))
-              for s, t, (a, b) in zip(s_ids, t_ids, alignment.spans(), strict=True) if s and t]
+    groups = [
+        (s, t, len(text[a:b].encode("utf-8")))
+        for s, t, (a, b) in zip(s_ids, t_ids, alignment.spans(), strict=True)
+        if s and t
+    ]
     if s_eos is None or t_eos is None:
         return groups
     return [*groups, ([s_eos], [t_eos], 1)]
 
 
-def encode_aligned(texts: Sequence[str], student: Any, teacher: Any, s_eos: int | None,
-                   t_eos: int | None, progress: bool = False) -> list[list[Group]]:
+def encode_aligned(
+    texts: Sequence[str],
+    student: Any,
+    teacher: Any,
+    s_eos: int | None,
+    t_eos: int | None,
+    progress: bool = False,
+) -> list[list[Group]]:
     """:func:`document_groups` of each text, tokenized in chunks (one Rust call per chunk and side).
 
     Args:
@@ -114,20 +127,27 @@ def encode_aligned(texts: Sequence[str], student: Any, teacher: Any, s_eos: int 
 
     out: list[list[Group]] = []
     chunk = 1000
-    bar = tqdm(total=len(texts), desc="Tokenizing (both)", unit="doc", disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(texts), desc="Tokenizing (both)", unit="doc", disable=not progress, leave=False
+    )
     try:
         for start in range(0, len(texts), chunk):
-            part = list(texts[start:start + chunk])
+            part = list(texts[start : start + chunk])
             s_enc = student.backend_tokenizer.encode_batch(part, add_special_tokens=False)
             t_enc = teacher.backend_tokenizer.encode_batch(part, add_special_tokens=False)
-            out += [document_groups(text, s, t, s_eos, t_eos) for text, s, t in zip(part, s_enc, t_enc, strict=True)]
+            out += [
+                document_groups(text, s, t, s_eos, t_eos)
+                for text, s, t in zip(part, s_enc, t_enc, strict=True)
+            ]
             bar.update(len(part))
     finally:
         bar.close()
     return out
 
 
-def cut_blocks(groups: Sequence[Group], seq_len: int, teacher_seq_len: int) -> tuple[list[list[Group]], int]:
+def cut_blocks(
+    groups: Sequence[Group], seq_len: int, teacher_seq_len: int
+) -> tuple[list[list[Group]], int]:
     """Greedy blocks of whole groups within both length limits (at least two groups each).
 
     Args:
@@ -171,23 +191,26 @@ def fit_row(groups: Sequence[Group], seq_len: int, teacher_seq_len: int) -> list
     return list(groups)
 
 
-def stack_blocks(blocks: Sequence[Sequence[Group]], seq_len: int, teacher_seq_len: int, s_pad: int,
-                 t_pad: int) -> dict[str, Tensor]:
+def stack_blocks(
+    blocks: Sequence[Sequence[Group]], seq_len: int, teacher_seq_len: int, s_pad: int, t_pad: int
+) -> dict[str, Tensor]:
     """Blocks as fixed-width tensors: ``input_ids`` ``(N, seq_len)``, ``teacher_input_ids``
     ``(N, teacher_seq_len)``, ``student_groups``/``teacher_groups`` (``-1`` at padding) and ``bytes``
     ``(N,)`` (the bytes of every group but the first)."""
     n = len(blocks)
-    out = {"input_ids": torch.full((n, seq_len), s_pad, dtype=torch.long),
-           "teacher_input_ids": torch.full((n, teacher_seq_len), t_pad, dtype=torch.long),
-           "student_groups": torch.full((n, seq_len), -1, dtype=torch.long),
-           "teacher_groups": torch.full((n, teacher_seq_len), -1, dtype=torch.long),
-           "bytes": torch.zeros(n, dtype=torch.long)}
+    out = {
+        "input_ids": torch.full((n, seq_len), s_pad, dtype=torch.long),
+        "teacher_input_ids": torch.full((n, teacher_seq_len), t_pad, dtype=torch.long),
+        "student_groups": torch.full((n, seq_len), -1, dtype=torch.long),
+        "teacher_groups": torch.full((n, teacher_seq_len), -1, dtype=torch.long),
+        "bytes": torch.zeros(n, dtype=torch.long),
+    }
     for i, block in enumerate(blocks):
         s_ids, t_ids, s_groups, t_groups = _flat(block)
-        out["input_ids"][i, :len(s_ids)] = torch.tensor(s_ids)
-        out["teacher_input_ids"][i, :len(t_ids)] = torch.tensor(t_ids)
-        out["student_groups"][i, :len(s_ids)] = torch.tensor(s_groups)
-        out["teacher_groups"][i, :len(t_ids)] = torch.tensor(t_groups)
+        out["input_ids"][i, : len(s_ids)] = torch.tensor(s_ids)
+        out["teacher_input_ids"][i, : len(t_ids)] = torch.tensor(t_ids)
+        out["student_groups"][i, : len(s_ids)] = torch.tensor(s_groups)
+        out["teacher_groups"][i, : len(t_ids)] = torch.tensor(t_groups)
         out["bytes"][i] = sum(g[2] for g in block[1:])
     return out
 
@@ -204,10 +227,15 @@ def _flat(block: Sequence[Group]) -> tuple[list[int], list[int], list[int], list
 def block_content(block: Sequence[Group]) -> bytes:
     """The bytes a sample id hashes: both sides' token ids and where the groups end."""
     s_ids, t_ids, s_groups, t_groups = _flat(block)
-    return b"".join(np.asarray(x, dtype=np.int64).tobytes() for x in (s_ids, [-1], t_ids, [-1], s_groups, t_groups))
+    return b"".join(
+        np.asarray(x, dtype=np.int64).tobytes()
+        for x in (s_ids, [-1], t_ids, [-1], s_groups, t_groups)
+    )
 
 
-def flatten_aligned(samples: Sequence[tuple[Sequence[Group], int]], slices: Sequence[int]) -> dict[str, np.ndarray]:
+def flatten_aligned(
+    samples: Sequence[tuple[Sequence[Group], int]], slices: Sequence[int]
+) -> dict[str, np.ndarray]:
     """The arrays of an :class:`AlignedRowDataset` (as cached) from ``(groups, sample id)`` samples
     and their slice indices.
 
@@ -220,16 +248,27 @@ def flatten_aligned(samples: Sequence[tuple[Sequence[Group], int]], slices: Sequ
         raise RuntimeError("two samples got the same id; report this with the data that caused it.")
 
     def cat(k: int) -> np.ndarray:
-        return np.concatenate([np.asarray(f[k], dtype=np.int32) for f in flat]) if flat else np.zeros(0, np.int32)
+        return (
+            np.concatenate([np.asarray(f[k], dtype=np.int32) for f in flat])
+            if flat
+            else np.zeros(0, np.int32)
+        )
 
     def bounds(k: int) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum([len(f[k]) for f in flat], dtype=np.int64)]).astype(np.int64)
+        return np.concatenate([[0], np.cumsum([len(f[k]) for f in flat], dtype=np.int64)]).astype(
+            np.int64
+        )
 
     return {
-        "tokens": cat(0), "offsets": bounds(0), "teacher_tokens": cat(1), "teacher_offsets": bounds(1),
-        "student_groups": cat(2), "teacher_groups": cat(3),
+        "tokens": cat(0),
+        "offsets": bounds(0),
+        "teacher_tokens": cat(1),
+        "teacher_offsets": bounds(1),
+        "student_groups": cat(2),
+        "teacher_groups": cat(3),
         "bytes": np.array([sum(g[2] for g in groups[1:]) for groups, _ in samples], dtype=np.int64),
-        "slice_index": np.array(slices, dtype=np.int64), "sample_ids": sample_ids,
+        "slice_index": np.array(slices, dtype=np.int64),
+        "sample_ids": sample_ids,
     }
 
 
@@ -253,10 +292,19 @@ class AlignedRowDataset(Dataset):
         slice_names: the data's slice names.
     """
 
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, teacher_tokens: np.ndarray,
-                 teacher_offsets: np.ndarray, student_groups: np.ndarray, teacher_groups: np.ndarray,
-                 bytes: np.ndarray, slice_index: np.ndarray, sample_ids: np.ndarray,  # noqa: A002
-                 slice_names: list[str]) -> None:
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        offsets: np.ndarray,
+        teacher_tokens: np.ndarray,
+        teacher_offsets: np.ndarray,
+        student_groups: np.ndarray,
+        teacher_groups: np.ndarray,
+        bytes: np.ndarray,
+        slice_index: np.ndarray,
+        sample_ids: np.ndarray,  # noqa: A002
+        slice_names: list[str],
+    ) -> None:
         self.tokens, self.offsets = tokens, offsets
         self.teacher_tokens, self.teacher_offsets = teacher_tokens, teacher_offsets
         self.student_groups, self.teacher_groups = student_groups, teacher_groups
@@ -266,7 +314,9 @@ class AlignedRowDataset(Dataset):
         self.slice_names = list(slice_names)
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], slice_names: list[str]) -> AlignedRowDataset:
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], slice_names: list[str]
+    ) -> AlignedRowDataset:
         """The dataset of :func:`flatten_aligned`'s arrays (or those read back from the cache)."""
         return cls(*(arrays[k] for k in ALIGNED_ARRAYS), slice_names)
 
@@ -289,15 +339,25 @@ class AlignedRowDataset(Dataset):
 
         s_where, offsets = take(self.tokens, self.offsets)
         t_where, t_offsets = take(self.teacher_tokens, self.teacher_offsets)
-        return AlignedRowDataset(self.tokens[s_where], offsets, self.teacher_tokens[t_where], t_offsets,
-                                 self.student_groups[s_where], self.teacher_groups[t_where], self.bytes[idx],
-                                 self.slice_index[keep].numpy(), self.sample_ids[keep].numpy(), self.slice_names)
+        return AlignedRowDataset(
+            self.tokens[s_where],
+            offsets,
+            self.teacher_tokens[t_where],
+            t_offsets,
+            self.student_groups[s_where],
+            self.teacher_groups[t_where],
+            self.bytes[idx],
+            self.slice_index[keep].numpy(),
+            self.sample_ids[keep].numpy(),
+            self.slice_names,
+        )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for prefix, tokens, bounds, groups in (("", self.tokens, self.offsets, self.student_groups),
-                                                ("teacher_", self.teacher_tokens, self.teacher_offsets,
-                                                 self.teacher_groups)):
+        for prefix, tokens, bounds, groups in (
+            ("", self.tokens, self.offsets, self.student_groups),
+            ("teacher_", self.teacher_tokens, self.teacher_offsets, self.teacher_groups),
+        ):
             start, end = int(bounds[index]), int(bounds[index + 1])
             ids = torch.from_numpy(tokens[start:end].astype(np.int64))
             group = torch.from_numpy(groups[start:end].astype(np.int64))
@@ -327,8 +387,10 @@ class collate_aligned:  # noqa: N801 - used like a function; a class so workers 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {}
         n = len(items)
-        for prefix, groups, pad in (("", "student_groups", self.pad_id),
-                                    ("teacher_", "teacher_groups", self.teacher_pad_id)):
+        for prefix, groups, pad in (
+            ("", "student_groups", self.pad_id),
+            ("teacher_", "teacher_groups", self.teacher_pad_id),
+        ):
             width = max(len(item[f"{prefix}input_ids"]) for item in items)
             ids = torch.full((n, width), pad, dtype=torch.long)
             labels = torch.full((n, width), -100, dtype=torch.long)

@@ -762,9 +762,14 @@ class TextDataModule(SplitDataModule):
                 stacklevel=2,
             )
         if stats.get("rows_without_labels"):
+            why = (
+                "one aligned group only: its first group is never scored"
+                if self.aligned
+                else f"a prompt that fills seq_len={self.seq_len}"
+            )
             warnings.warn(
-                f"{stats['rows_without_labels']} samples had no token to train on (a prompt that "
-                f"fills seq_len={self.seq_len}) and were left out; raise data.seq_len.",
+                f"{stats['rows_without_labels']} samples had no token to train on ({why}) and were "
+                "left out; raise data.seq_len.",
                 stacklevel=2,
             )
 
