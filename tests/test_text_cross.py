@@ -192,6 +192,21 @@ def test_jsonl_and_text_files_with_a_slice_mapping_and_the_second_run_reads_the_
     )
 
 
+def test_a_saved_hugging_face_dataset_gives_the_same_samples_as_its_jsonl(toks, tmp_path):
+    import datasets
+
+    path = _jsonl(tmp_path / "a.jsonl", 30)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    from_files = _dm(toks, files=str(path), slice_field="kind")
+    from_dataset = _dm(toks, dataset=str(tmp_path / "saved"), slice_field="kind")
+    assert (
+        from_dataset.data_fingerprint == from_files.data_fingerprint
+    )  # same content, same samples
+    batch = next(iter(from_dataset.val_dataloader()))
+    assert set(batch) == KEYS and batch["bytes"].gt(0).all()
+
+
 def test_the_fingerprint_names_the_teacher_tokenizer_and_its_length(toks, tmp_path):
     files = str(_jsonl(tmp_path / "a.jsonl", 20))
     base = _dm(toks, files=files).data_fingerprint

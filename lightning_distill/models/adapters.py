@@ -309,5 +309,6 @@ def vocab_mismatch_message(student_vocab: int, teacher_vocab: int) -> str:
         f"vocab_mismatch='slice' to compare over the first {min(student_vocab, teacher_vocab)} entries; if the "
         "tokenizers differ, the logit losses cannot compare them: use the cross-tokenizer loss (loss=cross_tokenizer, "
         "or CrossTokenizerKD / ULDLoss in Python) with batches that carry both tokenizations (data=cross_tokenizer, "
-        "CrossTokenizerDataModule(teacher_tokenizer=...)); see docs/cross_tokenizer.md."
+        "CrossTokenizerDataModule(teacher_tokenizer=...); your files: data=files data.teacher_tokenizer=<the "
+        "teacher's tokenizer>, TextDataModule(teacher_tokenizer=...)); see docs/cross_tokenizer.md."
     )
