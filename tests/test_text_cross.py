@@ -347,6 +347,26 @@ def test_a_fit_on_your_files_reports_bits_per_byte(toks, tmp_path):
         assert row["teacher_metric"] == pytest.approx(s["teacher_nll"] / math.log(2) / s["bytes"])
 
 
+def test_a_teacher_seq_len_past_the_teacher_s_positions_is_refused_before_a_step(toks, tmp_path):
+    import lightning as L
+
+    from lightning_distill import DistillationModule
+    from lightning_distill.losses import ULDLoss
+    from lightning_distill.models import causal_lm_from_config
+
+    teacher = causal_lm_from_config("llama", vocab_size=500, hidden_size=16, intermediate_size=32,
+                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                    max_position_embeddings=16, seed=1)  # fmt: skip
+    module = DistillationModule(_llama(300, 0), teacher, {"kd": ULDLoss()})
+    dm = _dm(toks, files=str(_jsonl(tmp_path / "a.jsonl")))  # seq_len 32, teacher_seq_len 24
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"data teacher_seq_len=24 is longer than the teacher takes \(16 positions.*"
+                       r"\(data\.teacher_seq_len=16\)"):  # fmt: skip
+        trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 0
+
+
 # ---------------------------------------------------------------------------- the command line
 
 

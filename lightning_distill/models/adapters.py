@@ -176,13 +176,16 @@ def max_positions(model: nn.Module) -> int | None:
     return None
 
 
-def check_positions(models: Mapping[str, nn.Module | None], length: int, what: str) -> None:
+def check_positions(models: Mapping[str, nn.Module | None], length: int, what: str,
+                    setting: str = "data.seq_len") -> None:
     """Refuse sequences longer than a model takes, before any forward.
 
     Args:
         models: ``{"student": model, "teacher": model or None}``.
         length: the sequence length in question.
         what: where it comes from, for the message (``"data seq_len=64"``).
+        setting: the setting the message tells to lower (``data.teacher_seq_len`` for a teacher that
+            reads its own tokens).
 
     Raises:
         ValueError: ``length`` exceeds a model's maximum, naming the model, both numbers and the fix.
@@ -193,7 +196,7 @@ def check_positions(models: Mapping[str, nn.Module | None], length: int, what: s
             raise ValueError(
                 f"{what} is longer than the {name} takes ({limit} positions, config.max_position_embeddings); "
                 f"longer inputs would index past its position table or run where it was never trained. "
-                f"Lower the sequence length to {limit} (data.seq_len={limit}) or use a {name} with a longer context."
+                f"Lower the sequence length to {limit} ({setting}={limit}) or use a {name} with a longer context."
             )
 
 
