@@ -89,20 +89,39 @@ def document_groups(
     """
     alignment = align_offsets(s_enc.offsets, t_enc.offsets, len(text))
     count = alignment.num_groups
-    s_ids: list[list[int]] = [[] for _ in range(count)]
-    t_ids: list[list[int]] = [[] for _ in range(count)]
-    for token, g in zip(s_enc.ids, alignment.student_groups, strict=True):
-        s_ids[g].append(token)
-    for token, g in zip(t_enc.ids, alignment.teacher_groups, strict=True):
-        t_ids[g].append(token)
+    s_ids = _by_group(s_enc.ids, alignment.student_groups, count)
+    t_ids = _by_group(t_enc.ids, alignment.teacher_groups, count)
+    at = _utf8_offsets(text)
     groups = [
-        (s, t, len(text[a:b].encode("utf-8")))
+        (s, t, at[b] - at[a])
         for s, t, (a, b) in zip(s_ids, t_ids, alignment.spans(), strict=True)
         if s and t
     ]
     if s_eos is None or t_eos is None:
         return groups
     return [*groups, ([s_eos], [t_eos], 1)]
+
+
+def _by_group(ids: list[int], groups: list[int], count: int) -> list[list[int]]:
+    """The token ids of each of ``count`` groups, in token order."""
+    where = np.asarray(groups, dtype=np.int64)
+    if len(where) and not (where[1:] >= where[:-1]).all():  # offsets out of order: token by token
+        out: list[list[int]] = [[] for _ in range(count)]
+        for token, g in zip(ids, groups, strict=True):
+            out[g].append(token)
+        return out
+    bounds = np.searchsorted(where, np.arange(count + 1)).tolist()
+    ids = list(ids)
+    return [ids[bounds[g] : bounds[g + 1]] for g in range(count)]
+
+
+def _utf8_offsets(text: str) -> list[int]:
+    """The UTF-8 byte offset of each character position of ``text`` (``len(text) + 1`` values)."""
+    if text.isascii():
+        return list(range(len(text) + 1))
+    points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    sizes = 1 + (points >= 0x80).astype(np.int64) + (points >= 0x800) + (points >= 0x10000)
+    return np.concatenate([[0], np.cumsum(sizes)]).tolist()
 
 
 def encode_aligned(
