@@ -22,6 +22,10 @@ Batches are exactly those of :class:`~lightning_distill.data.SlicedTextDataModul
 so they name the same sample whatever the file order, a subset, the shuffle or the machine:
 cached teacher targets stay valid. The tokenized splits are cached on disk as safetensors + JSON
 under ``<cache_root>/data/text/<data_fingerprint>/``.
+
+With ``teacher_tokenizer`` (a teacher whose tokenizer differs from the student's), each sample
+holds both tokenizations of the same text, aligned (:mod:`lightning_distill.data.aligned`), and
+batches carry the keys of :class:`~lightning_distill.data.CrossTokenizerDataModule`.
 """
 
 from __future__ import annotations
@@ -123,11 +127,21 @@ class TextDataModule(SplitDataModule):
             them whatever ``train_slices`` says; with ``dedupe`` one that repeats a document
             (or an earlier record) is dropped. They are part of :attr:`data_fingerprint`;
             :attr:`generated_lineage` says where they came from.
+        teacher_tokenizer: the teacher's tokenizer (a folder or hub id, or a fast tokenizer
+            object) when it differs from the student's (``tokenizer``): samples then carry both
+            tokenizations, aligned by character offsets and cut between aligned groups, with
+            the batch keys of :class:`~lightning_distill.data.CrossTokenizerDataModule`
+            (``docs/cross_tokenizer.md``); plain text only. ``None``: one tokenizer.
+        teacher_seq_len: with ``teacher_tokenizer``, the most teacher tokens per sample
+            (``None``: ``seq_len``).
 
     Raises:
         ValueError: on a missing or doubled source, a field setting that cannot work, or an
             out-of-range setting; data problems (missing file or field, empty data, a row too
             long with ``truncation="error"``) are reported by :meth:`prepare_data` / :meth:`setup`.
+            ``teacher_tokenizer`` with instruction data or ``generated`` records.
+        TypeError: a ``teacher_tokenizer`` that is not a name/path or a fast tokenizer (a slow
+            student ``tokenizer`` with it: at :meth:`setup`).
     """
 
     def __init__(
