@@ -207,6 +207,42 @@ def test_a_saved_hugging_face_dataset_gives_the_same_samples_as_its_jsonl(toks, 
     assert set(batch) == KEYS and batch["bytes"].gt(0).all()
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_teacher_written_records_join_the_train_split_in_both_tokenizations(
+    toks, tmp_path, packing
+):
+    from lightning_distill.blackbox import FunctionTeacher, write_records
+
+    def teacher(prompts, *, n, seed):
+        return [[f" la réponse {j}: 東京 {p}" for j in range(n)] for p in prompts]
+
+    gen = tmp_path / "gen"
+    write_records(FunctionTeacher(teacher, name="echo"), [f"question {i}?" for i in range(8)], gen, n=2,
+                  seed=0, slices=["code"] * 8)  # fmt: skip
+    files = str(_jsonl(tmp_path / "a.jsonl"))
+    base = _dm(toks, files=files, slice_field="kind", packing=packing)
+    dm = _dm(toks, files=files, slice_field="kind", packing=packing, generated=str(gen))
+    for split in ("val", "test"):  # held-out data is the data's, unchanged
+        assert dm.dataset(split).sample_ids.tolist() == base.dataset(split).sample_ids.tolist()
+    real = base.dataset("train").sample_ids.tolist()
+    train = dm.dataset("train")
+    assert train.sample_ids.tolist()[: len(real)] == real and len(train) > len(real)
+    assert dm.stats["generated"]["records"] == 16 and dm.data_fingerprint != base.data_fingerprint
+    s_tok, t_tok = dm.tokenizer, dm.teacher_tokenizer
+    texts = []
+    for i in range(len(real), len(train)):  # the records' samples: the same text on both sides
+        item = train[i]
+        s_text = s_tok.decode(
+            item["input_ids"][item["student_groups"] > 0], skip_special_tokens=True
+        )
+        t_text = t_tok.decode(
+            item["teacher_input_ids"][item["teacher_groups"] > 0], skip_special_tokens=True
+        )
+        assert s_text == t_text
+        texts.append(s_tok.decode(item["input_ids"]))
+    assert "la réponse" in "".join(texts) and "question 3?" in "".join(texts)
+
+
 def test_the_fingerprint_names_the_teacher_tokenizer_and_its_length(toks, tmp_path):
     files = str(_jsonl(tmp_path / "a.jsonl", 20))
     base = _dm(toks, files=files).data_fingerprint
@@ -292,8 +328,6 @@ def test_bad_teacher_tokenizers_get_one_clear_error(toks, tmp_path):
         _dm(toks, files=files, teacher_tokenizer="/no/such/tokenizer").setup()
     with pytest.raises(ValueError, match="plain text only, not on prompt/response pairs"):
         _dm(toks, files=files, prompt_field="p", response_field="r")
-    with pytest.raises(ValueError, match="does not take generated= records yet"):
-        _dm(toks, files=files, generated=str(tmp_path))
 
 
 def test_a_tokenizer_without_eos_is_handled(toks, tmp_path):

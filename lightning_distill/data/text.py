@@ -139,7 +139,7 @@ class TextDataModule(SplitDataModule):
         ValueError: on a missing or doubled source, a field setting that cannot work, or an
             out-of-range setting; data problems (missing file or field, empty data, a row too
             long with ``truncation="error"``) are reported by :meth:`prepare_data` / :meth:`setup`.
-            ``teacher_tokenizer`` with instruction data or ``generated`` records.
+            ``teacher_tokenizer`` with instruction data.
         TypeError: a ``teacher_tokenizer`` that is not a name/path or a fast tokenizer (a slow
             student ``tokenizer`` with it: at :meth:`setup`).
     """
@@ -219,7 +219,7 @@ class TextDataModule(SplitDataModule):
         check_int("seq_len", seq_len, low=2)
         check_int("teacher_seq_len", teacher_seq_len, low=2, allow_none=True)
         if teacher_tokenizer is not None:
-            _check_teacher_tokenizer(teacher_tokenizer, prompt_field, generated)
+            _check_teacher_tokenizer(teacher_tokenizer, prompt_field)
         check_fractions(val_fraction, test_fraction)
         train_slices = self._serving(
             batch_size, eval_batch_size, num_workers, seed, train_slices, max_train_samples
@@ -595,7 +595,10 @@ class TextDataModule(SplitDataModule):
             repeats[doc.key] = k + 1
             gen_docs.append(doc)
             keys.append(hashlib.sha256(b"generated\0" + doc.key + str(k).encode()).digest())
-        ids, labels = self._tokenize(gen_docs) if gen_docs else ([], [])
+        if self.aligned:
+            ids, labels = (self._align(gen_docs) if gen_docs else []), []
+        else:
+            ids, labels = self._tokenize(gen_docs) if gen_docs else ([], [])
         rows: list[tuple[np.ndarray, np.ndarray, int]] = []
         row_slice: list[int] = []
         counts: dict[str, int] = {}
@@ -603,7 +606,11 @@ class TextDataModule(SplitDataModule):
             chosen = [i for i, d in enumerate(gen_docs) if d.slice == name]
             if not chosen:
                 continue
-            if self.packing:
+            if self.aligned:  # ids apart from the data's samples: a namespace of their own
+                made = self._aligned_samples(  # type: ignore[assignment]
+                    chosen, gen_docs, ids, name, stats, keys, b"generated-"  # type: ignore[arg-type]
+                )
+            elif self.packing:
                 made = pack_blocks(
                     [ids[i] for i in chosen],
                     [labels[i] for i in chosen],
@@ -710,8 +717,13 @@ class TextDataModule(SplitDataModule):
         groups: list[list[Group]],
         name: str,
         stats: dict[str, Any],
+        keys: list[bytes] | None = None,
+        prefix: bytes = b"",
     ) -> list[tuple[list[Group], int]]:
         """Blocks (``packing``) or rows of aligned groups, cut between groups within both limits.
+
+        Row ids hash ``keys[i]`` (default: each document's content key); ``prefix`` starts every
+        id's namespace (the teacher-written records' ``b"generated-"``).
 
         Raises:
             ValueError: a row longer than either limit with ``truncation="error"``.
@@ -725,7 +737,8 @@ class TextDataModule(SplitDataModule):
                 content = block_content(block)
                 k = seen.get(content, 0)  # a block repeated verbatim gets its own id
                 seen[content] = k + 1
-                out.append((block, sample_id(b"aligned-block", name.encode(), content, str(k).encode())))
+                sid = sample_id(prefix + b"aligned-block", name.encode(), content, str(k).encode())
+                out.append((block, sid))
             return out
         rows = []
         for i in chosen:
@@ -745,7 +758,8 @@ class TextDataModule(SplitDataModule):
             if len(kept) < 2:  # group 0 is never scored: nothing to train on
                 stats["rows_without_labels"] += 1
                 continue
-            rows.append((kept, sample_id(b"aligned-row", docs[i].key)))
+            key = docs[i].key if keys is None else keys[i]
+            rows.append((kept, sample_id(prefix + b"aligned-row", key)))
         return rows
 
     def _report(self, stats: dict[str, Any]) -> None:
@@ -801,12 +815,12 @@ def _pad_id(tok: Any) -> int:
     return int(pad)
 
 
-def _check_teacher_tokenizer(teacher_tokenizer: Any, prompt_field: str | None, generated: Any) -> None:
+def _check_teacher_tokenizer(teacher_tokenizer: Any, prompt_field: str | None) -> None:
     """Refuse a ``teacher_tokenizer`` of the wrong kind, or with data it cannot align.
 
     Raises:
         TypeError: neither a name/path nor a tokenizer object; a tokenizer without offsets.
-        ValueError: instruction data (``prompt_field``) or ``generated`` records.
+        ValueError: instruction data (``prompt_field``).
     """
     if not isinstance(teacher_tokenizer, str):
         if not callable(getattr(teacher_tokenizer, "convert_ids_to_tokens", None)):
@@ -822,11 +836,7 @@ def _check_teacher_tokenizer(teacher_tokenizer: Any, prompt_field: str | None, g
             "aligned. Put each conversation, rendered once, in one text field (data=files "
             "data.text_field=...), or distil instruction data with a teacher of the same tokenizer."
         )
-    if generated is not None:
-        raise ValueError(
-            "teacher_tokenizer (two tokenizations) does not take generated= records yet; add the "
-            "records to your files as plain text instead, or drop data.generated."
-        )
+
 
 
 def _order(doc: TextDocument) -> tuple[bytes, str, str]:
