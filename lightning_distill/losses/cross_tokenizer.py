@@ -88,7 +88,8 @@ class CrossTokenizerBatch:
         if missing:
             raise ValueError(
                 f"a cross-tokenizer loss needs the batch keys {list(keys)}, but {missing} are missing; use "
-                "CrossTokenizerDataModule (data=demo_cross_tokenizer, or teacher_tokenizer=... on your data), "
+                "CrossTokenizerDataModule (data=cross_tokenizer) or, on your files, TextDataModule(teacher_tokenizer=...) "
+                "(data=files data.teacher_tokenizer=...), "
                 "which tokenizes the text for both models and aligns the tokens."
             )
         return cls(batch["input_ids"], batch["teacher_input_ids"], batch["student_groups"],
@@ -406,7 +407,7 @@ class CrossTokenizerKD(LogitKD):
             raise RuntimeError(
                 "CrossTokenizerKD needs both tokenizers to know which entries the vocabularies share: pass "
                 "student_tokenizer=... and teacher_tokenizer=..., or train with a datamodule that has "
-                "tokenizer and teacher_tokenizer (CrossTokenizerDataModule)."
+                "tokenizer and teacher_tokenizer (CrossTokenizerDataModule, or TextDataModule(teacher_tokenizer=...))."
             )
         self._vocab = shared_vocab(student, teacher, student_size=student_size, teacher_size=teacher_size)
         return self._vocab
