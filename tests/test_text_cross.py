@@ -419,11 +419,13 @@ def _model(tok_dir: Path, where: Path, seed: int) -> Path:
 @pytest.mark.slow
 def test_cli_distils_between_two_saved_models_with_different_tokenizers(toks, tmp_path):
     """Two saved causal LMs (BPE 500 teacher, BPE 300 student), a JSONL file: loss=cross_tokenizer runs,
-    the report is in bits per byte, and the exported student carries the student's tokenizer."""
+    the report is in bits per byte, and the exported student carries the student's tokenizer. With the
+    dense teacher cache (teacher token space) a second run reads it and builds nothing."""
     teacher = _model(toks[1], tmp_path / "teacher", 1)
     student = _model(toks[0], tmp_path / "student", 0)
     data = _jsonl(tmp_path / "data.jsonl", 80)
     out = tmp_path / "run"
+    cached = ["callbacks=teacher_cache_dense", "callbacks.teacher_cache.progress=false"]
     cmd = [
         sys.executable, "-m", "lightning_distill",
         "teacher=hf_pretrained", f"teacher.path={teacher}", "student=hf_pretrained", f"student.path={student}",
@@ -431,7 +433,7 @@ def test_cli_distils_between_two_saved_models_with_different_tokenizers(toks, tm
         "data.seq_len=32", "data.teacher_seq_len=24", "data.batch_size=4", "data.progress=false",
         "data.val_fraction=0.15", "data.test_fraction=0.15",
         "loss=cross_tokenizer", "trainer=smoke", "trainer.max_steps=3", "logger=none", "baseline=false",
-        f"output_dir={out}",
+        *cached, f"output_dir={out}",
     ]  # fmt: skip
     env = {
         **os.environ, "LIGHTNING_DISTILL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
@@ -456,3 +458,13 @@ def test_cli_distils_between_two_saved_models_with_different_tokenizers(toks, tm
     assert (
         len(exported["model"]["vocab"]) == 300 and (out / "student" / "model.safetensors").is_file()
     )
+    built = [{name: s["built_now"] for name, s in record["teacher_cache"]["splits"].items()}]
+    assert record["teacher_cache"]["space"] == "teacher" and all(n > 0 for n in built[0].values())
+    again = tmp_path / "run2"
+    result = subprocess.run([*cmd[:-1], f"output_dir={again}"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    record = json.loads((again / "student" / "distillation.json").read_text())
+    assert {name: s["built_now"] for name, s in record["teacher_cache"]["splits"].items()} == {
+        "train": 0, "val": 0, "test": 0}  # fmt: skip
+    assert len(os.listdir(tmp_path / "cache" / "teacher_targets")) == 1
