@@ -63,6 +63,17 @@ if not OmegaConf.has_resolver("ld.vocab_size"):
     OmegaConf.register_new_resolver("ld.vocab_size", _vocab_size_resolver, use_cache=True)
 
 
+def _data_tokenizer_resolver(teacher_tokenizer: Any, student_path: Any, teacher_path: Any) -> Any:
+    """``${ld.data_tokenizer:<data.teacher_tokenizer>,<student.path>,<teacher.path>}``: the default
+    ``data.tokenizer``, the one the student reads: the teacher's (one tokenizer for both), or, with a
+    ``data.teacher_tokenizer`` (two tokenizers), the student's own."""
+    return teacher_path if teacher_tokenizer is None else student_path
+
+
+if not OmegaConf.has_resolver("ld.data_tokenizer"):
+    OmegaConf.register_new_resolver("ld.data_tokenizer", _data_tokenizer_resolver)
+
+
 def _accepts(target: str, name: str) -> bool:
     try:
         fn = hydra.utils.get_object(target)
@@ -386,7 +397,8 @@ def _build_cache_only(cache: Any, module: Any, datamodule: Any, started: float) 
 
         check_positions({"student": module.student, "teacher": module.teacher}, seq_len, f"data seq_len={seq_len}")
     splits = cache.build(module, cache.split_loaders(datamodule), tokenizer=getattr(datamodule, "tokenizer", None),
-                         data_fingerprint=getattr(datamodule, "data_fingerprint", None))  # one process: no barriers
+                         data_fingerprint=getattr(datamodule, "data_fingerprint", None),  # one process: no barriers
+                         teacher_tokenizer=getattr(datamodule, "teacher_tokenizer", None))
     report = {"teacher_cache": cache.config(), "seconds": round(time.perf_counter() - started, 1)}
     print(f"\nTeacher cache ({cache.kind}) at {cache.storage.url}:")
     print("| split | samples | built now | tokens | bytes/token | MiB |")

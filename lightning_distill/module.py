@@ -329,8 +329,14 @@ class DistillationModule(L.LightningModule):
     def _shared_step(self, batch: Any, stage: Stage) -> dict[str, Any]:
         inputs, labels = split_batch(batch)
         if not self._checked_batch and isinstance(inputs, Mapping) and isinstance(inputs.get("input_ids"), Tensor):
-            check_positions({"student": self.student, "teacher": self.teacher}, inputs["input_ids"].shape[-1],
+            t_ids = batch.get("teacher_input_ids") if isinstance(batch, Mapping) else None  # two tokenizers
+            same = {"student": self.student, **({"teacher": self.teacher} if t_ids is None else {})}
+            check_positions(same, inputs["input_ids"].shape[-1],
                             f"the first {stage} batch's input_ids (length {inputs['input_ids'].shape[-1]})")
+            if t_ids is not None:
+                check_positions({"teacher": self.teacher}, t_ids.shape[-1],
+                                f"the first {stage} batch's teacher_input_ids (length {t_ids.shape[-1]})",
+                                setting="data.teacher_seq_len")
         active = {n: t for n, t in self.losses.items() if t.weight > 0}
         request = FeatureRequest.of(active.values(), "student")  # hidden states, attentions, hooks
         with capture(self.student, request.paths) as hooked:
@@ -605,8 +611,14 @@ class DistillationModule(L.LightningModule):
             strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io)
         attach_tokenizers(self.losses.values(), getattr(self.trainer, "datamodule", None))
         seq_len = getattr(self.trainer.datamodule, "seq_len", None)  # before a teacher cache runs the teacher
+        t_len = getattr(self.trainer.datamodule, "teacher_seq_len", None)  # two tokenizers: the teacher's own
         if isinstance(seq_len, int):
-            check_positions({"student": self.student, "teacher": self.teacher}, seq_len, f"data seq_len={seq_len}")
+            if isinstance(t_len, int) and t_len != seq_len:
+                check_positions({"student": self.student}, seq_len, f"data seq_len={seq_len}")
+                check_positions({"teacher": self.teacher}, t_len, f"data teacher_seq_len={t_len}",
+                                setting="data.teacher_seq_len")
+            else:
+                check_positions({"student": self.student, "teacher": self.teacher}, seq_len, f"data seq_len={seq_len}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})

@@ -343,11 +343,13 @@ def test_cli_demo_cross_tokenizer_reports_bits_per_byte_and_the_baseline(tmp_pat
         report["slices"][report["coverage"]["slices"][0]["slice"]]["teacher_bits_per_byte"])
 
 
-def test_a_teacher_cache_refuses_cross_tokenizer_terms_before_building(tmp_path):
+def test_a_sparse_teacher_cache_refuses_cross_tokenizer_terms_before_building(tmp_path):
     from lightning_distill.cache import CacheBuilder
 
+    # Dense caches store cross-tokenizer targets (tests/test_cross_tokenizer_cache.py); the default
+    # kind (sampled) cannot, and says so before anything is written.
     module = DistillationModule(_llama(300, 0), _llama(420, 1), {"kd": CrossTokenizerKD()})
-    with pytest.raises(ValueError, match=r"\['kd'\].*another tokenizer.*callbacks=default"):
+    with pytest.raises(ValueError, match=r"kind='sampled'.*\['kd'\].*callbacks=teacher_cache_dense"):
         CacheBuilder(str(tmp_path / "cache")).build(module, {})
     assert not (tmp_path / "cache").exists()
 

@@ -155,6 +155,49 @@ def _empty_file(tmp_path: Path) -> None:
     data.prepare_data()
 
 
+def _two_tokenizer_data(tmp_path: Path, **kwargs) -> None:
+    """TextDataModule with a teacher_tokenizer on a one-row file, built (``setup``) if the arguments pass."""
+    from lightning_distill.data import TextDataModule, train_bpe_tokenizer
+
+    (tmp_path / "a.jsonl").write_text('{"text": "hello world, hello there"}\n' * 3)
+    args = {
+        "files": str(tmp_path / "a.jsonl"),
+        "tokenizer": train_bpe_tokenizer(["hello world"] * 4, 260),
+        "cache_dir": str(tmp_path / "data"),
+        "progress": False,
+        **kwargs,
+    }
+    TextDataModule(**args).setup()
+
+
+def _slow_tokenizer() -> object:
+    """A Python (slow) tokenizer of the 128 ASCII characters: no character offsets."""
+    from transformers import PreTrainedTokenizer
+
+    class CharTokenizer(PreTrainedTokenizer):
+        def __init__(self, **kwargs):
+            self._vocab = {chr(i): i for i in range(128)}
+            super().__init__(**kwargs)
+
+        @property
+        def vocab_size(self):
+            return 128
+
+        def get_vocab(self):
+            return dict(self._vocab)
+
+        def _tokenize(self, text):
+            return list(text)
+
+        def _convert_token_to_id(self, token):
+            return self._vocab.get(token, 0)
+
+        def _convert_id_to_token(self, index):
+            return chr(index)
+
+    return CharTokenizer()
+
+
 def _unwritable_cache(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("")
     cache = TeacherCache(
@@ -308,6 +351,30 @@ PYTHON_ROWS = [
         r"^files='.*empty\.jsonl' holds no documents; point data\.files / data\.dataset at data with text in it\.$",
     ),
     (
+        "teacher-tokenizer-not-fast",
+        lambda tmp: _two_tokenizer_data(tmp, teacher_tokenizer=_slow_tokenizer()),
+        TypeError,
+        r"^teacher_tokenizer \(CharTokenizer\) gives no character offsets \(not a fast tokenizer\); "
+        r"cross-tokenizer alignment needs a fast Hugging Face tokenizer: load it with "
+        r"AutoTokenizer\.from_pretrained\(\.\.\., use_fast=True\), or save a tokenizer\.json for it\.$",
+    ),
+    (
+        "teacher-tokenizer-not-found",
+        lambda tmp: _two_tokenizer_data(tmp, teacher_tokenizer="/no/such/tokenizer"),
+        ValueError,
+        r"^data\.teacher_tokenizer='/no/such/tokenizer' cannot be loaded \(.*\)\. Pass the teacher's "
+        r"tokenizer folder or hub id \(usually the teacher's path, data\.teacher_tokenizer=\$\{teacher\.path\}\); "
+        r"data\.trust_remote_code=true only for tokenizer code you have read\.$",
+    ),
+    (
+        "teacher-tokenizer-instruction-data",
+        lambda tmp: _two_tokenizer_data(
+            tmp, teacher_tokenizer="/any", prompt_field="prompt", response_field="response"
+        ),
+        ValueError,
+        r"^teacher_tokenizer \(two tokenizations\) works on plain text only, not on prompt/response pairs",
+    ),
+    (
         "missing-model-folder",
         lambda _: load_pretrained("/no/such/teacher"),
         FileNotFoundError,
@@ -370,7 +437,27 @@ PYTHON_ROWS = [
         r"^the teacher's logits contain NaN or \+inf \(or a row of only -inf\) at global step 0, for sample id\(s\) "
         r"\[101\]; training stopped before the student's weights turn NaN\.",
     ),
+    (
+        "cache-topk-for-a-cross-tokenizer-run",
+        lambda tmp: _cross_topk_cache(tmp),
+        ValueError,
+        r"^TeacherCache\(kind='topk'\) keeps a few of the teacher's ids per position, but the loss terms \['kd'\] "
+        r"compare the teacher's whole distribution over its own tokens \(the shared entries and the sorted rest for "
+        r"ULD\); use kind='dense' \(Hydra: callbacks=teacher_cache_dense\)\. Nothing was built\.$",
+    ),
 ]
+
+
+def _cross_topk_cache(tmp: Path) -> None:
+    """A top-k cache for a cross-tokenizer term: refused before the folder exists."""
+    from lightning_distill.cache import CacheBuilder
+    from lightning_distill.losses import CrossTokenizerKD
+
+    module = DistillationModule(lm(0), freeze(lm(1, vocab=80)), {"kd": CrossTokenizerKD()})
+    try:
+        CacheBuilder(str(tmp / "cache"), kind="topk").build(module, {})
+    finally:
+        assert not (tmp / "cache").exists()
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from lightning_distill.cache.fingerprint import (
     cache_fingerprint,
     check_fingerprint,
     fingerprint_key,
+    token_hash,
     tokenizer_fingerprint,
 )
 from lightning_distill.cache.format import KINDS, CacheSpec, encode_sample, encode_topk_logprobs
@@ -76,6 +77,14 @@ class CacheBuilder:
     resumes) and keeps a :class:`~lightning_distill.cache.SplitReader` per split in
     :attr:`readers`. Jobs that build one local cache folder at once take turns (file locks).
 
+    A cross-tokenizer run (a term with ``cross_tokenizer = True``, or data whose items carry
+    ``teacher_input_ids``) is cached in the teacher's own tokens: the teacher reads
+    ``teacher_input_ids``/``teacher_attention_mask`` as it does live, each sample stores its
+    teacher positions (layout ``teacher_tokens``, hashed over its teacher ids), and the
+    fingerprint records ``space: teacher`` and the teacher tokenizer's fingerprint. Only
+    ``dense`` targets hold what those terms compare (the teacher's whole distribution);
+    ``topk``/``sampled`` are refused before anything is written.
+
     The module is used duck-typed: ``teacher``, ``student``, ``teacher_identity``,
     ``teacher_logits_fn``, ``shift_labels``, ``ignore_index`` and ``vocab_mismatch``, as a
     :class:`~lightning_distill.module.DistillationModule` has them; labels are aligned by
@@ -111,7 +120,7 @@ class CacheBuilder:
         max_shards_in_memory: loaded shards kept per split.
         sample_id_key: the batch key holding the stable sample ids.
         input_key: the batch key holding token ids (hashed per sample to catch changed data);
-            ``None`` skips that check.
+            ``None`` skips that check. A cross-tokenizer cache hashes ``teacher_input_ids``.
         progress: show a progress bar while building (rank 0).
         storage_options: passed to fsspec (credentials, endpoints).
         served: a :class:`~lightning_distill.blackbox.ServedTeacher`: build the cache from a teacher
@@ -206,6 +215,9 @@ class CacheBuilder:
         self.built: dict[str, int] = {}  # samples this process's build wrote, per split
         self.layouts: dict[str, dict[str, str]] = {}  # per split: layout.json (positions, token hash scheme)
         self.restored_dirpath: str | None = None  # the folder a resumed checkpoint's run read
+        # "teacher": targets in the teacher's own tokens (a cross-tokenizer run), set by build.
+        self.space = "student"
+        self._teacher_tokenizer: str | None = None  # that tokenizer's fingerprint
 
     # ------------------------------------------------------------------ identity
     def config(self) -> dict[str, Any]:
@@ -215,6 +227,8 @@ class CacheBuilder:
                                "fingerprint": fingerprint_key(self.fingerprint) if self.fingerprint else None}
         if self.served is not None:
             out["teacher"] = self.served.identity()
+        if self.space == "teacher":  # targets over the teacher's own tokens (a cross-tokenizer run)
+            out["space"] = "teacher"
         out["splits"] = {name: {**reader.describe(), "built_now": self.built.get(name, 0)}
                          for name, reader in self.readers.items()}
         return out
@@ -230,22 +244,48 @@ class CacheBuilder:
 
     def _fingerprint(self, module: Any, tokenizer: Any, data_fingerprint: Any,
                      spec_params: dict[str, Any]) -> dict[str, Any]:
-        tok = None
-        if tokenizer is not None:
-            try:
-                tok = tokenizer_fingerprint(tokenizer)
-            except AttributeError:  # a slow tokenizer: its class and size stand in
-                tok = f"{type(tokenizer).__name__}:{len(tokenizer)}"
-        params = {**spec_params, "shift_labels": bool(getattr(module, "shift_labels", False)),
-                  "ignore_index": int(getattr(module, "ignore_index", -100))}
+        params = self._space_params({**spec_params, "shift_labels": bool(getattr(module, "shift_labels", False)),
+                                     "ignore_index": int(getattr(module, "ignore_index", -100))})
         teacher = self.served.identity() if self.served is not None else module.teacher_identity
-        return cache_fingerprint(teacher=teacher, tokenizer=tok, data=data_fingerprint,
+        return cache_fingerprint(teacher=teacher, tokenizer=_tokenizer_digest(tokenizer), data=data_fingerprint,
                                  kind=self.kind, params=params)
+
+    def _space_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``params`` with this cache's token space: a cache in the teacher's own tokens records
+        ``space: teacher`` and the teacher tokenizer's fingerprint (a student-space cache neither,
+        so the fingerprints of caches built before token spaces existed are unchanged)."""
+        out = {k: v for k, v in params.items() if k not in ("space", "teacher_tokenizer")}
+        if self.space == "teacher":
+            out["space"] = "teacher"
+            out["teacher_tokenizer"] = self._teacher_tokenizer
+        return out
+
+    def _space_of(self, module: Any, loaders: Mapping[str, DataLoader], teacher_tokenizer: Any) -> None:
+        """Set :attr:`space`: ``"teacher"`` when the module has a cross-tokenizer term or the data
+        carries the teacher's own tokens (``teacher_input_ids``), else ``"student"``.
+
+        Raises:
+            ValueError: a ``topk``/``sampled`` cache in the teacher's tokens (before anything is written).
+        """
+        losses = getattr(module, "losses", None) or {}
+        crossed = [n for n, t in losses.items() if getattr(t, "cross_tokenizer", False)]
+        self.space = "teacher" if crossed or _carries_teacher_tokens(loaders) else "student"
+        if self.space == "student":
+            return
+        if self.kind != "dense":
+            why = f"the loss terms {crossed}" if crossed else "the batches (teacher_input_ids)"
+            raise ValueError(
+                f"TeacherCache(kind={self.kind!r}) keeps a few of the teacher's ids per position, but {why} "
+                "compare the teacher's whole distribution over its own tokens (the shared entries and the sorted "
+                "rest for ULD); use kind='dense' (Hydra: callbacks=teacher_cache_dense). Nothing was built."
+            )
+        if teacher_tokenizer is not None:
+            self._teacher_tokenizer = _tokenizer_digest(teacher_tokenizer)
 
     # ------------------------------------------------------------------ opening and building
     def build(self, module: Any, loaders: Mapping[str, DataLoader], *, tokenizer: Any = None,
               data_fingerprint: Any = None, rank: int = 0, world_size: int = 1,
-              barrier: Barrier | None = None) -> dict[str, Any]:
+              barrier: Barrier | None = None, teacher_tokenizer: Any = None) -> dict[str, Any]:
         """Open the cache and, for each split of ``loaders``, build the samples it lacks.
 
         Every rank calls this with the same arguments (but its own ``rank``); they meet at
@@ -260,6 +300,9 @@ class CacheBuilder:
             rank: this process's rank.
             world_size: the number of processes.
             barrier: waits until every rank reached the point named by its argument.
+            teacher_tokenizer: the teacher's own tokenizer when it reads other tokens than the
+                student (a cross-tokenizer run: the targets are stored in the teacher's tokens and
+                this tokenizer's fingerprint is part of the cache's), or ``None``.
 
         Returns:
             ``{split: {"samples", "positions", "bytes", "bytes_per_token", "built"}}``.
@@ -267,19 +310,13 @@ class CacheBuilder:
         Raises:
             ValueError: teacher and student vocabularies that the module's ``vocab_mismatch``
                 does not allow; a ``dirpath`` that is a file or a folder of other files; a
-                missing cache and no teacher to build it.
+                missing cache and no teacher to build it; a ``topk``/``sampled`` cache for a
+                cross-tokenizer run (its terms need the teacher's whole distribution: ``dense``).
             CacheMismatchError: a cache built for another teacher/tokenizer/data/kind/params/format.
             TokenMismatchError: a served teacher (``served=``) whose tokens are not the student's.
             TeacherRequestError: a served teacher's request failed for good.
         """
-        losses = getattr(module, "losses", None) or {}
-        crossed = [n for n, t in losses.items() if getattr(t, "cross_tokenizer", False)]
-        if crossed:
-            raise ValueError(
-                f"the loss terms {crossed} compare a teacher with another tokenizer, whose targets a teacher cache "
-                "does not store yet (teacher token space plus the alignment); train without the teacher cache "
-                "(callbacks=default), the teacher then runs live on its own tokens."
-            )
+        self._space_of(module, loaders, teacher_tokenizer)  # before anything is written: kind refused here
         world = world_size
 
         def sync(name: str) -> None:
@@ -293,7 +330,7 @@ class CacheBuilder:
         else:
             vocab = output_vocab_size(teacher) if teacher is not None else None
         if vocab is None and teacher is not None:
-            vocab = _probe_vocab(module, next(iter(loaders.values())))
+            vocab = _probe_vocab(module, next(iter(loaders.values())), self.space)
         fold = self._fold_vocab(module, vocab)  # refuses a vocabulary mismatch before anything is built
         if self.storage is None:
             self._open(module, tokenizer, data_fingerprint, vocab, rank, sync, fold)
@@ -380,6 +417,8 @@ class CacheBuilder:
         sparse ones for a smaller student (ids past its vocabulary carry their mass into the tail
         bucket, or are left out of the draws).
         """
+        if self.space == "teacher":  # two tokenizers: the vocabularies differ by design
+            return None
         student = getattr(module, "student", None)
         student_vocab = output_vocab_size(student) if student is not None else None
         if vocab is None or student_vocab is None or student_vocab == vocab:
@@ -450,8 +489,11 @@ class CacheBuilder:
                 manifest, empty = None, True
         elif manifest is not None:
             stored = manifest["fingerprint"]
-            if stored.get("kind") != self.kind:
-                check_fingerprint(stored, {**stored, "kind": self.kind}, where=storage.url)
+            # Without a teacher only what this run knows is compared: the kind and the token space.
+            params = self._space_params(stored.get("params") or {})
+            if self.space == "teacher" and self._teacher_tokenizer is None:  # not known here: not compared
+                params["teacher_tokenizer"] = (stored.get("params") or {}).get("teacher_tokenizer")
+            check_fingerprint(stored, {**stored, "kind": self.kind, "params": params}, where=storage.url)
             warnings.warn(f"no teacher is attached, so the teacher cache at {storage.url} is trusted to be of "
                           f"teacher {stored.get('teacher')}.", stacklevel=2)
             fingerprint = stored
@@ -511,6 +553,7 @@ class CacheBuilder:
                        dynamic_ncols=True)
         layout = None
         seq2seq = is_seq2seq(teacher)
+        teacher_space = self.space == "teacher"
         try:
             for batch in subset:
                 if not isinstance(batch, Mapping) or self.sample_id_key not in batch:
@@ -521,25 +564,30 @@ class CacheBuilder:
                         + ". Add the id to each dataset item (or set sample_id_key)."
                     )
                 batch = _to_device(batch, device)
-                inputs, labels = split_batch(batch)
+                inputs, labels = _teacher_inputs(batch, self.space)
                 wants_hidden = bool(spec.hidden_layers)
                 output = call_model(teacher, inputs, **({"output_hidden_states": True} if wants_hidden else {}))
                 logits = logits_from_output(output, getattr(module, "teacher_logits_fn", None), who="teacher")
                 if logits.shape[-1] != spec.vocab_size:
                     raise ValueError(f"the teacher returned {logits.shape[-1]} logits per position but the cache was "
                                      f"started for {spec.vocab_size}; the teacher changed, rebuild the cache.")
-                aligned = (align_labels(labels, inputs, logits, shift_labels=module.shift_labels,
+                # The teacher's own labels (a cross-tokenizer batch: causal-LM text) shift as scoring's do.
+                shift = True if teacher_space else module.shift_labels
+                aligned = (align_labels(labels, inputs, logits, shift_labels=shift,
                                         ignore_index=module.ignore_index) if labels is not None else None)
                 sample_ids = torch.as_tensor(batch[self.sample_id_key]).reshape(-1)
                 n = sample_ids.numel()
-                if seq2seq:  # targets at the decoder's positions
+                if teacher_space:  # the teacher's positions, up to its own attention mask's length
+                    lay, lengths = "teacher_tokens", positions(inputs, logits, n)[1]
+                elif seq2seq:  # targets at the decoder's positions
                     lay, lengths = "decoder", decoder_lengths(batch, logits, n, module.ignore_index)
                 else:
                     lay, lengths = positions(batch, logits, n)
                 if layout is None:
                     # "tokens": the hash covers the stored positions' input ids (as it always did);
+                    # "teacher_tokens": those of the teacher's own tokens (teacher_input_ids);
                     # "sample"/"decoder": it covers the whole model input (and the decoder's labels).
-                    layout = {"layout": lay, **({"hash": "inputs"} if lay != "tokens" else {})}
+                    layout = {"layout": lay, **({"hash": "inputs"} if lay in ("sample", "decoder") else {})}
                     self.storage.write_json(layout, split, "layout.json")
                 flat = logits.reshape(n, -1, logits.shape[-1])
                 flat_labels = None if aligned is None else aligned.reshape(n, -1)
@@ -550,8 +598,12 @@ class CacheBuilder:
                         raise ValueError("hidden_layers were requested but the teacher returned no hidden_states; "
                                          "use a Hugging Face model or drop hidden_layers.")
                     hidden = [states[i].reshape(n, -1, states[i].shape[-1]) for i in spec.hidden_layers]
-                hashes = (sample_hashes(batch, self.input_key, layout, lengths)
-                          if self.input_key and self.input_key in batch else torch.zeros(n, dtype=torch.int64))
+                if teacher_space:
+                    hashes = (token_hash(inputs["input_ids"], lengths) if self.input_key
+                              else torch.zeros(n, dtype=torch.int64))
+                else:
+                    hashes = (sample_hashes(batch, self.input_key, layout, lengths)
+                              if self.input_key and self.input_key in batch else torch.zeros(n, dtype=torch.int64))
                 for b in range(n):
                     length = int(lengths[b])
                     tensors = encode_sample(
@@ -668,6 +720,48 @@ class CacheBuilder:
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _tokenizer_digest(tokenizer: Any) -> str | None:
+    """A tokenizer's fingerprint (part of a cache's); ``None`` for no tokenizer."""
+    if tokenizer is None:
+        return None
+    try:
+        return tokenizer_fingerprint(tokenizer)
+    except AttributeError:  # a slow tokenizer: its class and size stand in
+        return f"{type(tokenizer).__name__}:{len(tokenizer)}"
+
+
+def _carries_teacher_tokens(loaders: Mapping[str, DataLoader]) -> bool:
+    """Whether the data's items carry the teacher's own tokens (``teacher_input_ids``: a cross-tokenizer
+    data module); read from the first item of the first non-empty dataset."""
+    for loader in loaders.values():
+        try:
+            item = loader.dataset[0]
+        except (IndexError, KeyError, TypeError, NotImplementedError):
+            continue
+        return isinstance(item, Mapping) and "teacher_input_ids" in item
+    return False
+
+
+def _teacher_inputs(batch: Any, space: str) -> tuple[Any, Any]:
+    """What the teacher reads and its labels: the batch's model inputs and labels, or in the teacher's
+    token space ``teacher_input_ids``/``teacher_attention_mask`` and ``teacher_labels`` (as
+    :meth:`DistillationModule.teacher_targets <lightning_distill.module.DistillationModule.teacher_targets>`
+    runs it live).
+
+    Raises:
+        ValueError: a teacher-space cache and a batch without ``teacher_input_ids``.
+    """
+    if space != "teacher":
+        return split_batch(batch)
+    if not isinstance(batch, Mapping) or not isinstance(batch.get("teacher_input_ids"), Tensor):
+        raise ValueError("a cross-tokenizer term's teacher cache stores the teacher's targets over its own tokens, "
+                         "but the batch has no 'teacher_input_ids'; use CrossTokenizerDataModule "
+                         "(data=cross_tokenizer), which tokenizes the text for both models.")
+    mask = batch.get("teacher_attention_mask")
+    inputs = {"input_ids": batch["teacher_input_ids"], "attention_mask": mask}
+    return inputs, batch.get("teacher_labels")
+
+
 def _check_served(served: Any, kind: str, k: int, hidden_layers: tuple[int, ...]) -> None:
     """A served teacher gives top-k log-probabilities only: refuse what it cannot build."""
     for name in ("identity", "check_tokenizer", "many_logprobs"):
@@ -722,11 +816,11 @@ def _to_device(data: Any, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def _probe_vocab(module: Any, loader: DataLoader) -> int:
+def _probe_vocab(module: Any, loader: DataLoader, space: str) -> int:
     """The width of the teacher's logits, from one forward pass (a teacher without a config)."""
     batch = next(iter(loader))
     device = next((p.device for p in module.teacher.parameters()), torch.device("cpu"))
-    inputs, _ = split_batch(_to_device(batch, device))
+    inputs, _ = _teacher_inputs(_to_device(batch, device), space)
     logits = logits_from_output(call_model(module.teacher, inputs), getattr(module, "teacher_logits_fn", None),
                                 who="teacher")
     return int(logits.shape[-1])

@@ -6,7 +6,10 @@ Samples are found by their stable id (:func:`dataset_sample_ids`). A split's ``l
   the hash covers those positions' input ids;
 * ``sample`` (a classifier): one target per sample; the hash covers the whole model input;
 * ``decoder`` (an encoder-decoder): one target per decoder position up to the last scored
-  label; the hash covers the model input and the decoder's labels.
+  label; the hash covers the model input and the decoder's labels;
+* ``teacher_tokens`` (a cross-tokenizer run: the teacher reads its own ``teacher_input_ids``):
+  one target per teacher position up to ``teacher_attention_mask``'s length; the hash covers
+  those teacher ids (the builder and ``TeacherCache.attach`` handle this layout themselves).
 
 The builder uses these to write a batch, the callback to read one back with the same hashes.
 """

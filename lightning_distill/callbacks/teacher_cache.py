@@ -73,6 +73,12 @@ class TeacherCache(CacheBuilder, Callback):
     the teacher and the per-batch :meth:`attach`. ``hidden_layers`` are stored and read back
     (``TeacherTargets.hidden_states``), feeding ``FeatureKD`` as a live teacher's would.
 
+    Cross-tokenizer runs (:class:`~lightning_distill.data.CrossTokenizerDataModule` batches,
+    ``CrossTokenizerKD``/``ULDLoss``) are cached in the teacher's own tokens: ``kind="dense"``
+    stores the teacher's logits at its positions (``teacher_input_ids``), read back shaped like
+    the batch's ``teacher_input_ids`` for the terms to align as they align a live teacher's;
+    ``topk``/``sampled`` are refused before anything is built (``docs/cross_tokenizer.md``).
+
     Args:
         those of :class:`~lightning_distill.cache.builder.CacheBuilder`, documented there:
         ``dirpath`` (``None``: a folder per fingerprint under the cache root), ``kind``, the
@@ -121,7 +127,8 @@ class TeacherCache(CacheBuilder, Callback):
                           tokenizer=getattr(datamodule, "tokenizer", None),
                           data_fingerprint=getattr(datamodule, "data_fingerprint", None),
                           rank=trainer.global_rank if trainer is not None else 0, world_size=world,
-                          barrier=trainer.strategy.barrier if trainer is not None else None)
+                          barrier=trainer.strategy.barrier if trainer is not None else None,
+                          teacher_tokenizer=getattr(datamodule, "teacher_tokenizer", None))
 
     def split_loaders(self, datamodule: Any = None, *, trainer: L.Trainer | None = None,
                       splits: Sequence[str] | None = None,
@@ -178,6 +185,8 @@ class TeacherCache(CacheBuilder, Callback):
 
     def _check_vocab(self, pl_module: Any) -> None:
         assert self.spec is not None
+        if self.space == "teacher":  # the teacher's own tokens: its vocabulary is not the student's
+            return
         student_vocab = output_vocab_size(pl_module.student) if hasattr(pl_module, "student") else None
         if student_vocab is not None and hasattr(pl_module, "check_cached_vocab"):
             pl_module.check_cached_vocab(student_vocab, self.spec.target_vocab, sparse=self.kind != "dense")
@@ -241,8 +250,17 @@ class TeacherCache(CacheBuilder, Callback):
             raise ValueError(f"TeacherCache needs dict batches with {self.sample_id_key!r} to find cached targets; "
                              f"got {type(batch).__name__}.")
         ids = torch.as_tensor(batch[self.sample_id_key])
-        tokens = batch.get(self.input_key) if self.input_key else None
         layout = self.layouts.get(split, {"layout": "tokens"})
+        if layout["layout"] == "teacher_tokens":  # a cross-tokenizer run: the teacher's own positions
+            teacher_ids = batch.get("teacher_input_ids")
+            if not isinstance(teacher_ids, Tensor) or teacher_ids.dim() != 2:
+                raise ValueError(f"the teacher cache's {split!r} split holds the teacher's targets over its own "
+                                 "tokens, but this batch has no 'teacher_input_ids'; use the data module it was "
+                                 "built with (CrossTokenizerDataModule).")
+            batch["teacher_targets"] = reader.read(ids, tuple(teacher_ids.shape), pl_module.device,
+                                                   input_ids=teacher_ids if self.input_key else None)
+            return
+        tokens = batch.get(self.input_key) if self.input_key else None
         if layout["layout"] == "decoder":  # an encoder-decoder: one target per decoder position
             decoder = decoder_tokens(batch)
             shape = tuple(decoder.shape[:2]) if decoder is not None else (ids.numel(),)

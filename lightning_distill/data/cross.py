@@ -28,9 +28,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from lightning_distill.crosstok.align import align_offsets
 from lightning_distill.validation import check_int
 
+from .aligned import Group, cut_blocks, document_groups, stack_blocks
 from .base import SPLITS
 from .corpus import Document
 from .datamodule import SlicedTextDataModule
@@ -201,7 +201,7 @@ class CrossTokenizerDataModule(SlicedTextDataModule):
         s_eos, t_eos = self.tokenizer.eos_token_id, self.teacher_tokenizer.eos_token_id
         if t_eos is None:
             t_eos = self.teacher_tokenizer.pad_token_id if self.teacher_tokenizer.pad_token_id is not None else 0
-        per_doc = {doc.id: _doc_groups(doc.text, s, t, s_eos, t_eos)
+        per_doc = {doc.id: document_groups(doc.text, s, t, s_eos, t_eos)
                    for doc, s, t in zip(docs, s_enc, t_enc, strict=True)}
         self._splits = assign_splits(docs, self.val_fraction, self.test_fraction)
         self.dropped_groups = 0
@@ -220,63 +220,18 @@ class CrossTokenizerDataModule(SlicedTextDataModule):
                                                  torch.arange(len(blocks), dtype=torch.long), self.slices)
         self._serve(built)
 
-    def _cut(self, groups: list[tuple[list[int], list[int], int]]) -> list[list[tuple[list[int], list[int], int]]]:
+    def _cut(self, groups: list[Group]) -> list[list[Group]]:
         """Greedy blocks of whole groups within both length limits (at least two groups each)."""
-        blocks, current, ns, nt = [], [], 0, 0
-        for group in groups:
-            gs, gt = len(group[0]), len(group[1])
-            if gs > self.seq_len or gt > self.teacher_seq_len:
-                self.dropped_groups += 1  # longer than a block on its own: cannot be aligned in one
-                if len(current) >= 2:
-                    blocks.append(current)
-                current, ns, nt = [], 0, 0
-                continue
-            if ns + gs > self.seq_len or nt + gt > self.teacher_seq_len:
-                if len(current) >= 2:
-                    blocks.append(current)
-                current, ns, nt = [], 0, 0
-            current.append(group)
-            ns, nt = ns + gs, nt + gt
-        if len(current) >= 2:
-            blocks.append(current)
+        blocks, dropped = cut_blocks(groups, self.seq_len, self.teacher_seq_len)
+        self.dropped_groups += dropped
         return blocks
 
-    def _stack(self, blocks: list[list[tuple[list[int], list[int], int]]]) -> dict[str, Tensor]:
-        n = len(blocks)
-        s_pad = self.tokenizer.pad_token_id or 0
-        t_pad = self.teacher_tokenizer.pad_token_id or 0
-        out = {"input_ids": torch.full((n, self.seq_len), s_pad, dtype=torch.long),
-               "teacher_input_ids": torch.full((n, self.teacher_seq_len), t_pad, dtype=torch.long),
-               "student_groups": torch.full((n, self.seq_len), -1, dtype=torch.long),
-               "teacher_groups": torch.full((n, self.teacher_seq_len), -1, dtype=torch.long),
-               "bytes": torch.zeros(n, dtype=torch.long)}
-        for i, block in enumerate(blocks):
-            s_ids = [t for g in block for t in g[0]]
-            t_ids = [t for g in block for t in g[1]]
-            out["input_ids"][i, :len(s_ids)] = torch.tensor(s_ids)
-            out["teacher_input_ids"][i, :len(t_ids)] = torch.tensor(t_ids)
-            out["student_groups"][i, :len(s_ids)] = torch.tensor([k for k, g in enumerate(block) for _ in g[0]])
-            out["teacher_groups"][i, :len(t_ids)] = torch.tensor([k for k, g in enumerate(block) for _ in g[1]])
-            out["bytes"][i] = sum(g[2] for g in block[1:])
-        return out
+    def _stack(self, blocks: list[list[Group]]) -> dict[str, Tensor]:
+        return stack_blocks(blocks, self.seq_len, self.teacher_seq_len, self.tokenizer.pad_token_id or 0,
+                            self.teacher_tokenizer.pad_token_id or 0)
 
     def _data_settings(self) -> dict[str, Any]:
         return {**super()._data_settings(), "cross_format": CROSS_FORMAT_VERSION,
                 "teacher_tokenizer": tokenizer_fingerprint(self.teacher_tokenizer),
                 "teacher_seq_len": self.teacher_seq_len}
 
-
-def _doc_groups(text: str, s_enc: Any, t_enc: Any, s_eos: int, t_eos: int) -> list[tuple[list[int], list[int], int]]:
-    """One document's aligned groups ``(student ids, teacher ids, utf-8 bytes)``, then its end-of-text
-    group (one byte)."""
-    alignment = align_offsets(s_enc.offsets, t_enc.offsets, len(text))
-    count = alignment.num_groups
-    s_ids: list[list[int]] = [[] for _ in range(count)]
-    t_ids: list[list[int]] = [[] for _ in range(count)]
-    for token, g in zip(s_enc.ids, alignment.student_groups, strict=True):
-        s_ids[g].append(token)
-    for token, g in zip(t_enc.ids, alignment.teacher_groups, strict=True):
-        t_ids[g].append(token)
-    groups = [(s, t, len(text[a:b].encode("utf-8")))
-              for s, t, (a, b) in zip(s_ids, t_ids, alignment.spans(), strict=True) if s and t]
-    return [*groups, ([s_eos], [t_eos], 1)]

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .aligned import AlignedRowDataset
 from .base import SPLITS
 from .blocks import TextRowDataset
 
@@ -48,13 +49,17 @@ def write_splits(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_splits(folder: Path) -> tuple[dict[str, Any], dict[str, TextRowDataset]]:
-    """``meta.json`` and each split's dataset from a folder :func:`write_splits` made."""
+def read_splits(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``meta.json`` and each split's dataset from a folder :func:`write_splits` made: a
+    :class:`TextRowDataset`, or an :class:`AlignedRowDataset` where ``meta["aligned"]``."""
     from safetensors.numpy import load_file
 
     meta = json.loads((folder / "meta.json").read_text())
-    loaded = {}
+    loaded: dict[str, Any] = {}
     for split in SPLITS:
         arrays = load_file(str(folder / f"{split}.safetensors"))
-        loaded[split] = TextRowDataset(*(arrays[k] for k in ARRAYS), meta["slices"])
+        if meta.get("aligned"):  # two tokenizations (TextDataModule's teacher_tokenizer)
+            loaded[split] = AlignedRowDataset.from_arrays(arrays, meta["slices"])
+        else:
+            loaded[split] = TextRowDataset(*(arrays[k] for k in ARRAYS), meta["slices"])
     return meta, loaded

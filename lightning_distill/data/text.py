@@ -22,6 +22,10 @@ Batches are exactly those of :class:`~lightning_distill.data.SlicedTextDataModul
 so they name the same sample whatever the file order, a subset, the shuffle or the machine:
 cached teacher targets stay valid. The tokenized splits are cached on disk as safetensors + JSON
 under ``<cache_root>/data/text/<data_fingerprint>/``.
+
+With ``teacher_tokenizer`` (a teacher whose tokenizer differs from the student's), each sample
+holds both tokenizations of the same text, aligned (:mod:`lightning_distill.data.aligned`), and
+batches carry the keys of :class:`~lightning_distill.data.CrossTokenizerDataModule`.
 """
 
 from __future__ import annotations
@@ -38,9 +42,20 @@ from typing import Any
 
 import numpy as np
 
+from lightning_distill.cache.fingerprint import tokenizer_fingerprint
 from lightning_distill.paths import cache_root
 
 from ..validation import check_int
+from .aligned import (
+    Group,
+    block_content,
+    check_fast,
+    collate_aligned,
+    cut_blocks,
+    encode_aligned,
+    fit_row,
+    flatten_aligned,
+)
 from .base import SPLITS, SplitDataModule, check_fractions, check_generated, check_slice_names
 from .blocks import TextRowDataset, collate_rows, flatten_rows, pack_blocks, rows_per_document
 from .encode import load_tokenizer, text_tokenizer_fingerprint, tokenize_documents, vocab_size_of
@@ -54,6 +69,8 @@ log = logging.getLogger(__name__)
 
 #: Bump when tokenization, splitting or the cache layout changes; part of the fingerprint.
 TEXT_FORMAT_VERSION = 1
+#: Bump when the samples of two tokenizations change (``teacher_tokenizer``); in their fingerprint.
+ALIGNED_FORMAT_VERSION = 1
 
 
 class TextDataModule(SplitDataModule):
@@ -110,11 +127,21 @@ class TextDataModule(SplitDataModule):
             them whatever ``train_slices`` says; with ``dedupe`` one that repeats a document
             (or an earlier record) is dropped. They are part of :attr:`data_fingerprint`;
             :attr:`generated_lineage` says where they came from.
+        teacher_tokenizer: the teacher's tokenizer (a folder or hub id, or a fast tokenizer
+            object) when it differs from the student's (``tokenizer``): samples then carry both
+            tokenizations, aligned by character offsets and cut between aligned groups, with
+            the batch keys of :class:`~lightning_distill.data.CrossTokenizerDataModule`
+            (``docs/cross_tokenizer.md``); plain text only. ``None``: one tokenizer.
+        teacher_seq_len: with ``teacher_tokenizer``, the most teacher tokens per sample
+            (``None``: ``seq_len``).
 
     Raises:
         ValueError: on a missing or doubled source, a field setting that cannot work, or an
             out-of-range setting; data problems (missing file or field, empty data, a row too
             long with ``truncation="error"``) are reported by :meth:`prepare_data` / :meth:`setup`.
+            ``teacher_tokenizer`` with instruction data.
+        TypeError: a ``teacher_tokenizer`` that is not a name/path or a fast tokenizer (a slow
+            student ``tokenizer`` with it: at :meth:`setup`).
     """
 
     def __init__(
@@ -151,6 +178,8 @@ class TextDataModule(SplitDataModule):
         revision: str | None = None,
         trust_remote_code: bool = False,
         generated: str | Sequence[str] | None = None,
+        teacher_tokenizer: Any = None,
+        teacher_seq_len: int | None = None,
     ) -> None:
         super().__init__()
         # Plain values only (no DictConfig, no Path): they go into checkpoints as hyperparameters.
@@ -158,6 +187,8 @@ class TextDataModule(SplitDataModule):
         generated = check_generated(plain(generated) if generated is not None else None)
         splits = plain(splits) if splits is not None else None
         tokenizer = str(tokenizer) if isinstance(tokenizer, os.PathLike) else tokenizer
+        if isinstance(teacher_tokenizer, os.PathLike):
+            teacher_tokenizer = str(teacher_tokenizer)
         cache_dir = str(cache_dir) if cache_dir is not None else None
         if (files is None) == (dataset is None):
             raise ValueError(
@@ -186,13 +217,20 @@ class TextDataModule(SplitDataModule):
         if truncation not in ("truncate", "error"):
             raise ValueError(f"truncation={truncation!r}; use 'truncate' or 'error'.")
         check_int("seq_len", seq_len, low=2)
+        check_int("teacher_seq_len", teacher_seq_len, low=2, allow_none=True)
+        if teacher_tokenizer is not None:
+            _check_teacher_tokenizer(teacher_tokenizer, prompt_field)
         check_fractions(val_fraction, test_fraction)
         train_slices = self._serving(
             batch_size, eval_batch_size, num_workers, seed, train_slices, max_train_samples
         )
 
         self.save_hyperparameters(
-            ignore=[] if tokenizer is None or isinstance(tokenizer, str) else ["tokenizer"]
+            ignore=[
+                name
+                for name, value in (("tokenizer", tokenizer), ("teacher_tokenizer", teacher_tokenizer))
+                if value is not None and not isinstance(value, str)
+            ]
         )
         self.files = files
         self.dataset_name = dataset
@@ -211,6 +249,9 @@ class TextDataModule(SplitDataModule):
         self.revision, self.trust_remote_code = revision, trust_remote_code
         self.generated = generated
         self._generated: tuple[list[tuple[str, str, str]], str] | None = None
+        self._teacher_tokenizer_arg = teacher_tokenizer
+        self.teacher_seq_len = teacher_seq_len or seq_len
+        self._teacher_tokenizer: Any = None
 
         self._tokenizer: Any = None
         self._docs: list[TextDocument] | None = None
@@ -228,6 +269,11 @@ class TextDataModule(SplitDataModule):
     def instruct(self) -> bool:
         """Whether documents are prompt/response pairs."""
         return self.prompt_field is not None
+
+    @property
+    def aligned(self) -> bool:
+        """Whether samples carry two tokenizations (``teacher_tokenizer`` is set)."""
+        return self._teacher_tokenizer_arg is not None
 
     @property
     def cache_dir(self) -> Path:
@@ -274,8 +320,31 @@ class TextDataModule(SplitDataModule):
                     "the model may not handle rows that long (lower data.seq_len).",
                     stacklevel=2,
                 )
+            if self.aligned:
+                check_fast("tokenizer (the student's)", tok)
             self._tokenizer = tok
         return self._tokenizer
+
+    @property
+    def teacher_tokenizer(self) -> Any:
+        """The teacher's tokenizer (loaded on first access), or ``None`` without ``teacher_tokenizer``.
+
+        Raises:
+            ValueError: it cannot be loaded (a missing folder, an unknown name, code to trust).
+            TypeError: it is not a fast tokenizer (no character offsets).
+        """
+        if self._teacher_tokenizer is None and self.aligned:
+            arg = self._teacher_tokenizer_arg
+            try:
+                tok = load_tokenizer(arg, self.revision, self.trust_remote_code)
+            except (OSError, ValueError) as err:
+                raise ValueError(
+                    f"data.teacher_tokenizer={arg!r} cannot be loaded ({err}). Pass the teacher's "
+                    "tokenizer folder or hub id (usually the teacher's path, data.teacher_tokenizer="
+                    "${teacher.path}); data.trust_remote_code=true only for tokenizer code you have read."
+                ) from err
+            self._teacher_tokenizer = check_fast("data.teacher_tokenizer", tok)
+        return self._teacher_tokenizer
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -377,6 +446,7 @@ class TextDataModule(SplitDataModule):
             "split_seed": self.split_seed,
             "own_splits": self.splits is not None,
             **({"generated": self._generated_records()[1]} if self.generated is not None else {}),
+            **(self._aligned_settings() if self.aligned else {}),
         }
         return self._settings
 
@@ -393,7 +463,12 @@ class TextDataModule(SplitDataModule):
                     unique[doc.key] = doc
             docs = list(unique.values())
         assignment = self._assign(docs)
-        ids, labels = self._tokenize(docs)
+        if self.aligned:  # each document as aligned groups of both tokenizations; no labels apart
+            ids, labels = self._align(docs), []
+            tokens_in = sum(len(g[0]) for groups in ids for g in groups)
+        else:
+            ids, labels = self._tokenize(docs)
+            tokens_in = sum(len(x) for x in ids)
         slices = self.slices
         arrays: dict[str, dict[str, np.ndarray]] = {}
         stats: dict[str, Any] = {
@@ -404,8 +479,9 @@ class TextDataModule(SplitDataModule):
             "truncated_tokens": 0,
             "rows_without_labels": 0,
             "tail_tokens_dropped": 0,
-            "tokens_in": int(sum(len(x) for x in ids)),
+            "tokens_in": int(tokens_in),
             "empty_slices": [],
+            **({"dropped_groups": 0} if self.aligned else {}),
         }
         groups: dict[tuple[str, str], list[int]] = {}
         for i, doc in enumerate(docs):
@@ -423,13 +499,14 @@ class TextDataModule(SplitDataModule):
                 made, made_slice = self._generated_samples(docs, stats)
                 rows.extend(made)
                 row_slice.extend(made_slice)
-            arrays[split] = flatten_rows(rows, row_slice)
+            arrays[split] = (flatten_aligned if self.aligned else flatten_rows)(rows, row_slice)
         stats["seconds"] = round(time.perf_counter() - started, 3)
         stats["documents_per_split"] = {
             s: sum(1 for i in range(len(docs)) if assignment[i] == s) for s in SPLITS
         }
         meta = {
             "format": TEXT_FORMAT_VERSION,
+            **({"aligned": True} if self.aligned else {}),
             "slices": slices,
             "stats": stats,
             "settings": self._data_settings(),
@@ -518,7 +595,10 @@ class TextDataModule(SplitDataModule):
             repeats[doc.key] = k + 1
             gen_docs.append(doc)
             keys.append(hashlib.sha256(b"generated\0" + doc.key + str(k).encode()).digest())
-        ids, labels = self._tokenize(gen_docs) if gen_docs else ([], [])
+        if self.aligned:
+            ids, labels = (self._align(gen_docs) if gen_docs else []), []
+        else:
+            ids, labels = self._tokenize(gen_docs) if gen_docs else ([], [])
         rows: list[tuple[np.ndarray, np.ndarray, int]] = []
         row_slice: list[int] = []
         counts: dict[str, int] = {}
@@ -526,7 +606,11 @@ class TextDataModule(SplitDataModule):
             chosen = [i for i, d in enumerate(gen_docs) if d.slice == name]
             if not chosen:
                 continue
-            if self.packing:
+            if self.aligned:  # ids apart from the data's samples: a namespace of their own
+                made = self._aligned_samples(  # type: ignore[assignment]
+                    chosen, gen_docs, ids, name, stats, keys, b"generated-"  # type: ignore[arg-type]
+                )
+            elif self.packing:
                 made = pack_blocks(
                     [ids[i] for i in chosen],
                     [labels[i] for i in chosen],
@@ -570,6 +654,8 @@ class TextDataModule(SplitDataModule):
         stats: dict[str, Any],
     ) -> list[tuple[np.ndarray, np.ndarray, int]]:
         """The samples of the documents ``chosen`` (of one split and slice): blocks or rows."""
+        if self.aligned:
+            return self._aligned_samples(chosen, docs, ids, name, stats)  # type: ignore[arg-type,return-value]
         x = [ids[i] for i in chosen]
         y = [labels[i] for i in chosen]
         if self.packing:
@@ -585,14 +671,115 @@ class TextDataModule(SplitDataModule):
             drop_unlabelled=self.instruct,
         )
 
+    # ------------------------------------------------------------------ two tokenizations
+
+    def _aligned_settings(self) -> dict[str, Any]:
+        """What the second tokenization adds to :attr:`data_fingerprint`."""
+        return {
+            "aligned_format": ALIGNED_FORMAT_VERSION,
+            "teacher_tokenizer": tokenizer_fingerprint(self.teacher_tokenizer),
+            "teacher_seq_len": self.teacher_seq_len,
+        }
+
+    def _eos_pair(self) -> tuple[int | None, int | None]:
+        """Both tokenizers' ``eos`` ids (with ``add_eos``), or ``(None, None)`` if either has none."""
+        if not self.add_eos:
+            return None, None
+        s_eos = getattr(self.tokenizer, "eos_token_id", None)
+        t_eos = getattr(self.teacher_tokenizer, "eos_token_id", None)
+        if s_eos is None or t_eos is None:
+            who = "student's (data.tokenizer)" if s_eos is None else "teacher's (data.teacher_tokenizer)"
+            warnings.warn(
+                f"the {who} tokenizer has no eos token, so documents end without an end-of-text "
+                "token on either side (both must have one to align it); set data.add_eos=false "
+                "to silence this, or give that tokenizer an eos_token.",
+                stacklevel=3,
+            )
+            return None, None
+        return int(s_eos), int(t_eos)
+
+    def _align(self, docs: list[TextDocument]) -> list[list[Group]]:
+        """Each document's aligned groups of both tokenizations (then an end-of-text group)."""
+        s_eos, t_eos = self._eos_pair()
+        return encode_aligned(
+            [d.text or "" for d in docs],
+            self.tokenizer,
+            self.teacher_tokenizer,
+            s_eos,
+            t_eos,
+            self.progress,
+        )
+
+    def _aligned_samples(
+        self,
+        chosen: list[int],
+        docs: list[TextDocument],
+        groups: list[list[Group]],
+        name: str,
+        stats: dict[str, Any],
+        keys: list[bytes] | None = None,
+        prefix: bytes = b"",
+    ) -> list[tuple[list[Group], int]]:
+        """Blocks (``packing``) or rows of aligned groups, cut between groups within both limits.
+
+        Row ids hash ``keys[i]`` (default: each document's content key); ``prefix`` starts every
+        id's namespace (the teacher-written records' ``b"generated-"``).
+
+        Raises:
+            ValueError: a row longer than either limit with ``truncation="error"``.
+        """
+        if self.packing:
+            stream = [g for i in chosen for g in groups[i]]
+            blocks, dropped = cut_blocks(stream, self.seq_len, self.teacher_seq_len)
+            stats["dropped_groups"] += dropped
+            out, seen = [], {}
+            for block in blocks:
+                content = block_content(block)
+                k = seen.get(content, 0)  # a block repeated verbatim gets its own id
+                seen[content] = k + 1
+                sid = sample_id(prefix + b"aligned-block", name.encode(), content, str(k).encode())
+                out.append((block, sid))
+            return out
+        rows = []
+        for i in chosen:
+            kept = fit_row(groups[i], self.seq_len, self.teacher_seq_len)
+            if len(kept) < len(groups[i]):
+                n_s = sum(len(g[0]) for g in groups[i])
+                n_t = sum(len(g[1]) for g in groups[i])
+                if self.truncation == "error":
+                    raise ValueError(
+                        f"{docs[i].source} has {n_s} student / {n_t} teacher tokens, more than "
+                        f"seq_len={self.seq_len} / teacher_seq_len={self.teacher_seq_len}; raise "
+                        "data.seq_len / data.teacher_seq_len, shorten the row, or set "
+                        "data.truncation=truncate (rows are cut and counted) or data.packing=true."
+                    )
+                stats["truncated_rows"] += 1
+                stats["truncated_tokens"] += n_s - sum(len(g[0]) for g in kept)
+            if len(kept) < 2:  # group 0 is never scored: nothing to train on
+                stats["rows_without_labels"] += 1
+                continue
+            key = docs[i].key if keys is None else keys[i]
+            rows.append((kept, sample_id(prefix + b"aligned-row", key)))
+        return rows
+
     def _report(self, stats: dict[str, Any]) -> None:
         if stats.get("duplicates_dropped"):
             log.info("Dropped %d duplicate documents (dedupe=true).", stats["duplicates_dropped"])
+        limit = f"seq_len={self.seq_len}"
+        if self.aligned:
+            limit += f" (or teacher_seq_len={self.teacher_seq_len} teacher tokens)"
         if stats.get("truncated_rows"):
             warnings.warn(
                 f"{stats['truncated_rows']} of {stats['documents']} rows were longer than "
-                f"seq_len={self.seq_len} and were truncated ({stats['truncated_tokens']} tokens cut); "
+                f"{limit} and were truncated ({stats['truncated_tokens']} tokens cut); "
                 "raise data.seq_len, use data.packing=true, or data.truncation=error to refuse them.",
+                stacklevel=2,
+            )
+        if stats.get("dropped_groups"):
+            warnings.warn(
+                f"{stats['dropped_groups']} aligned groups (text the two tokenizers only split at "
+                f"the same place after more than {limit}) were left out; raise data.seq_len / "
+                "data.teacher_seq_len.",
                 stacklevel=2,
             )
         if stats.get("empty_slices"):
@@ -603,19 +790,53 @@ class TextDataModule(SplitDataModule):
                 stacklevel=2,
             )
         if stats.get("rows_without_labels"):
+            why = (
+                "one aligned group only: its first group is never scored"
+                if self.aligned
+                else f"a prompt that fills seq_len={self.seq_len}"
+            )
             warnings.warn(
-                f"{stats['rows_without_labels']} samples had no token to train on (a prompt that "
-                f"fills seq_len={self.seq_len}) and were left out; raise data.seq_len.",
+                f"{stats['rows_without_labels']} samples had no token to train on ({why}) and were "
+                "left out; raise data.seq_len.",
                 stacklevel=2,
             )
 
-    def _collate_fn(self) -> collate_rows:
+    def _collate_fn(self) -> collate_rows | collate_aligned:
         """Right-pad rows with the tokenizer's pad (else ``eos``, else 0) id."""
-        tok = self.tokenizer
-        pad = getattr(tok, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(tok, "eos_token_id", None) or 0
-        return collate_rows(int(pad))
+        if self.aligned:
+            return collate_aligned(_pad_id(self.tokenizer), _pad_id(self.teacher_tokenizer))
+        return collate_rows(_pad_id(self.tokenizer))
+
+
+def _pad_id(tok: Any) -> int:
+    pad = getattr(tok, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tok, "eos_token_id", None) or 0
+    return int(pad)
+
+
+def _check_teacher_tokenizer(teacher_tokenizer: Any, prompt_field: str | None) -> None:
+    """Refuse a ``teacher_tokenizer`` of the wrong kind, or with data it cannot align.
+
+    Raises:
+        TypeError: neither a name/path nor a tokenizer object; a tokenizer without offsets.
+        ValueError: instruction data (``prompt_field``).
+    """
+    if not isinstance(teacher_tokenizer, str):
+        if not callable(getattr(teacher_tokenizer, "convert_ids_to_tokens", None)):
+            raise TypeError(
+                "teacher_tokenizer must be a tokenizer folder or hub id, or a Hugging Face tokenizer "
+                f"object, got {type(teacher_tokenizer).__name__}."
+            )
+        check_fast("teacher_tokenizer", teacher_tokenizer)
+    if prompt_field is not None:
+        raise ValueError(
+            "teacher_tokenizer (two tokenizations) works on plain text only, not on prompt/response "
+            "pairs: each tokenizer's chat template renders a different text, which cannot be "
+            "aligned. Put each conversation, rendered once, in one text field (data=files "
+            "data.text_field=...), or distil instruction data with a teacher of the same tokenizer."
+        )
+
 
 
 def _order(doc: TextDocument) -> tuple[bytes, str, str]:

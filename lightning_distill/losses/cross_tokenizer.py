@@ -99,7 +99,8 @@ class CrossTokenizerBatch:
         if missing:
             raise ValueError(
                 f"a cross-tokenizer loss needs the batch keys {list(keys)}, but {missing} are missing; use "
-                "CrossTokenizerDataModule (data=demo_cross_tokenizer, or teacher_tokenizer=... on your data), "
+                "CrossTokenizerDataModule (data=cross_tokenizer) or, on your files, TextDataModule(teacher_tokenizer=...) "
+                "(data=files data.teacher_tokenizer=...), "
                 "which tokenizes the text for both models and aligns the tokens."
             )
         return cls(batch["input_ids"], batch["teacher_input_ids"], batch["student_groups"],
@@ -648,7 +649,7 @@ def _teacher_logits(inputs: LossInputs, who: str) -> Tensor:
     if teacher is None or teacher.logits is None:
         raise RuntimeError(
             f"{who} needs the teacher's logits over its own tokens, but this batch has none: pass teacher=... "
-            "to DistillationModule (a teacher cache of cross-tokenizer targets is not built yet)."
+            "to DistillationModule, or fill the batches from a dense TeacherCache built with this data."
         )
     return teacher.logits
 
@@ -772,7 +773,7 @@ class CrossTokenizerKD(LogitKD):
             raise RuntimeError(
                 "CrossTokenizerKD needs both tokenizers to know which entries the vocabularies share: pass "
                 "student_tokenizer=... and teacher_tokenizer=..., or train with a datamodule that has "
-                "tokenizer and teacher_tokenizer (CrossTokenizerDataModule)."
+                "tokenizer and teacher_tokenizer (CrossTokenizerDataModule, or TextDataModule(teacher_tokenizer=...))."
             )
         self._vocab = shared_vocab(student, teacher, student_size=student_size, teacher_size=teacher_size)
         return self._vocab

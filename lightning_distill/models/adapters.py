@@ -176,13 +176,16 @@ def max_positions(model: nn.Module) -> int | None:
     return None
 
 
-def check_positions(models: Mapping[str, nn.Module | None], length: int, what: str) -> None:
+def check_positions(models: Mapping[str, nn.Module | None], length: int, what: str,
+                    setting: str = "data.seq_len") -> None:
     """Refuse sequences longer than a model takes, before any forward.
 
     Args:
         models: ``{"student": model, "teacher": model or None}``.
         length: the sequence length in question.
         what: where it comes from, for the message (``"data seq_len=64"``).
+        setting: the setting the message tells to lower (``data.teacher_seq_len`` for a teacher that
+            reads its own tokens).
 
     Raises:
         ValueError: ``length`` exceeds a model's maximum, naming the model, both numbers and the fix.
@@ -193,7 +196,7 @@ def check_positions(models: Mapping[str, nn.Module | None], length: int, what: s
             raise ValueError(
                 f"{what} is longer than the {name} takes ({limit} positions, config.max_position_embeddings); "
                 f"longer inputs would index past its position table or run where it was never trained. "
-                f"Lower the sequence length to {limit} (data.seq_len={limit}) or use a {name} with a longer context."
+                f"Lower the sequence length to {limit} ({setting}={limit}) or use a {name} with a longer context."
             )
 
 
@@ -309,5 +312,6 @@ def vocab_mismatch_message(student_vocab: int, teacher_vocab: int) -> str:
         f"vocab_mismatch='slice' to compare over the first {min(student_vocab, teacher_vocab)} entries; if the "
         "tokenizers differ, the logit losses cannot compare them: use the cross-tokenizer loss (loss=cross_tokenizer, "
         "or CrossTokenizerKD / ULDLoss in Python) with batches that carry both tokenizations (data=cross_tokenizer, "
-        "CrossTokenizerDataModule(teacher_tokenizer=...)); see docs/cross_tokenizer.md."
+        "CrossTokenizerDataModule(teacher_tokenizer=...); your files: data=files data.teacher_tokenizer=<the "
+        "teacher's tokenizer>, TextDataModule(teacher_tokenizer=...)); see docs/cross_tokenizer.md."
     )
