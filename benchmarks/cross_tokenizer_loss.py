@@ -28,7 +28,7 @@ against two tokenizers (the teacher's vocabulary of 2,048) and the hybrid, befor
 
 Usage::
 
-    python benchmarks/cross_tokenizer_loss.py                 # both cases (~2 minutes)
+    python benchmarks/cross_tokenizer_loss.py                 # both cases and the step table (about 6 minutes)
     python benchmarks/cross_tokenizer_loss.py --cases demo
 """
 
