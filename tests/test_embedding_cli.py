@@ -313,3 +313,95 @@ def test_rkd_from_the_command_line_in_process(tmp_path, monkeypatch):
         ]
         == "mean"
     )
+
+
+TINY_DEMO = ["experiment=demo_embedding", "data.max_per_slice=80", "data.code_bytes=20000", "data.vocab_size=300",
+             "data.seq_len=32", "data.batch_size=16", "data.val_fraction=0.2", "data.test_fraction=0.2",
+             "teacher.steps=3", "teacher.batch_size=16", "teacher.model.hidden_size=16",
+             "teacher.model.intermediate_size=32", "teacher.model.num_hidden_layers=1",
+             "teacher.model.num_attention_heads=2", "student.hidden_size=8", "student.intermediate_size=16",
+             "student.num_hidden_layers=1", "trainer=smoke", "trainer.max_steps=4", "logger=none"]  # fmt: skip
+
+
+def test_the_embedding_demo_composes_to_encoders_sentences_and_similarity():
+    cfg = _compose("experiment=demo_embedding")
+    assert cfg.data._target_ == "lightning_distill.data.SentenceDataModule"
+    assert cfg.teacher._target_ == "lightning_distill.demo_embedding.demo_encoder_teacher"
+    assert cfg.student._target_ == "lightning_distill.models.encoder_from_config"
+    assert cfg.pooling.mode == "mean" and cfg.teacher.pooling == "mean"
+    assert cfg.callbacks.coverage.metric == "similarity" and not cfg.baseline
+    assert set(cfg.loss) == {"embedding", "rkd_distance", "sp"}
+    assert (cfg.loss.embedding.student_dim, cfg.loss.embedding.teacher_dim) == (32, 64)
+    assert _compose("experiment=demo_embedding", "pooling=cls").teacher.pooling == "cls"
+
+
+def test_sentences_are_cut_from_the_demo_corpus_one_sample_each(tmp_path):
+    from lightning_distill.data import SentenceDataModule, sentence_pools
+
+    pools = sentence_pools(code_bytes=20_000)
+    assert pools["prose"] and all(40 <= len(s) <= 240 for s in pools["prose"])
+    assert all(25 <= len(s) <= 120 and s == s.strip() for s in pools["code"])
+    data = SentenceDataModule(
+        vocab_size=300,
+        seq_len=32,
+        max_per_slice=40,
+        code_bytes=20_000,
+        batch_size=8,
+        val_fraction=0.2,
+        test_fraction=0.2,
+        cache_dir=str(tmp_path),
+        progress=False,
+    )
+    data.prepare_data()
+    data.setup("fit")
+    assert data.slices == ["code", "prose"] and len(data.tokenizer) == 300
+    total = sum(
+        c.samples for split in ("train", "val", "test") for c in data.slice_counts(split).values()
+    )
+    assert total == 80  # 40 items per slice, one sample each
+    batch = next(iter(data.train_dataloader()))
+    assert (
+        batch["input_ids"].shape[0] == 8
+        and batch["attention_mask"].shape == batch["input_ids"].shape
+    )
+    texts = {
+        r["text"]
+        for r in map(json.loads, next(tmp_path.glob("sentences-*.jsonl")).read_text().splitlines())
+    }
+    first = data.tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+    assert any(
+        t.startswith(first) for t in texts
+    )  # one sentence from its start (cut at seq_len), nothing packed
+
+
+@pytest.mark.slow
+def test_the_embedding_demo_runs_from_the_command_line(tmp_path, monkeypatch):
+    """experiment=demo_embedding, tiny: the contrastive teacher is trained once and cached, the student
+    distilled, the report per slice by similarity agreement, the pooling in the exported card."""
+    from lightning_distill.cli import run
+
+    monkeypatch.setenv("LIGHTNING_DISTILL_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+    report = run(_compose(*TINY_DEMO, out=str(tmp_path / "run")))
+    teachers = list((tmp_path / "cache" / "teachers").glob("*/config.json"))
+    assert (
+        len(teachers) == 1
+        and json.loads((teachers[0].parent / "training.json").read_text())["training"]["objective"]
+        == "contrastive"
+    )
+    rows = {r["slice"]: r for r in report["coverage"]["slices"]}
+    assert set(rows) == {"code", "prose"} and all(r["pairs"] > 0 for r in rows.values())
+    assert "baseline" not in report  # baseline=false in the experiment
+    card = (Path(report["student_dir"]) / "distillation_card.md").read_text()
+    assert "Pooling(mode='mean', normalize=False)" in card and "similarity agreement" in card
+    again = run(
+        _compose(*TINY_DEMO, out=str(tmp_path / "run2"))
+    )  # the cached teacher, not a new one
+
+    def teacher_of(r):
+        return json.loads((Path(r["student_dir"]) / "distillation.json").read_text())["teacher"][
+            "weights_sha256"
+        ]
+
+    assert teacher_of(again) == teacher_of(report)
+    assert len(list((tmp_path / "cache" / "teachers").glob("*/config.json"))) == 1
