@@ -294,25 +294,27 @@ def test_the_command_distils_a_saved_encoder_on_jsonl_sentences(tmp_path):
 
 
 @pytest.mark.slow
-def test_rkd_from_the_command_line_in_process(tmp_path, monkeypatch):
+def test_rkd_from_the_command_line_with_a_saved_student_in_process(tmp_path, monkeypatch):
+    """loss=rkd with both encoders from folders (student=hf_encoder_pretrained), as docs/relation.md shows."""
     from lightning_distill.cli import run
 
     teacher, data = _encoder_and_sentences(tmp_path)
+    vocab = json.loads((teacher / "config.json").read_text())["vocab_size"]
+    encoder_from_config(
+        "bert", **{**SMALL, "vocab_size": vocab, "hidden_size": 8}, seed=5
+    ).save_pretrained(tmp_path / "student")
     monkeypatch.setenv("LIGHTNING_DISTILL_CACHE", str(tmp_path / "cache"))
-    report = run(
-        _compose(
-            "loss=rkd", *_overrides(teacher, data, tmp_path / "run"), out=str(tmp_path / "run")
-        )
-    )
+    overrides = [
+        o for o in _overrides(teacher, data, tmp_path / "run") if not o.startswith("student")
+    ]
+    cfg = _compose("loss=rkd", *overrides, "student=hf_encoder_pretrained", f"student.path={tmp_path / 'student'}",
+                   out=str(tmp_path / "run"))  # fmt: skip
+    report = run(cfg)
     assert report["coverage"]["metric"] == "similarity"
     assert {r["slice"] for r in report["coverage"]["slices"]} == {"prose", "code"}
     assert "similarity agreement (Spearman)" in (tmp_path / "run" / "report.md").read_text()
-    assert (
-        json.loads((Path(report["student_dir"]) / "distillation.json").read_text())["pooling"][
-            "mode"
-        ]
-        == "mean"
-    )
+    record = json.loads((Path(report["student_dir"]) / "distillation.json").read_text())
+    assert record["pooling"]["mode"] == "mean" and record["student"]["class"].endswith("BertModel")
 
 
 TINY_DEMO = ["experiment=demo_embedding", "data.max_per_slice=80", "data.code_bytes=20000", "data.vocab_size=300",
