@@ -82,8 +82,17 @@ def train_contrastive(
     seed: int,
     temperature: float = 0.05,
 ) -> nn.Module:
-    """``steps`` AdamW steps of :func:`contrastive_loss`; ``batches()`` is called for each epoch. Returns
-    the model in eval mode."""
+    """``steps`` AdamW steps of :func:`contrastive_loss`; returns the model in eval mode.
+
+    Args:
+        model: the encoder to train.
+        pool: its output function (e.g. ``Pooling("mean")``).
+        batches: called once per epoch, returns that epoch's batches (``input_ids``, ``attention_mask``).
+        steps: optimizer steps in all.
+        lr: AdamW's learning rate.
+        seed: seeds the crops.
+        temperature: the softmax temperature of the cosine similarities.
+    """
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
