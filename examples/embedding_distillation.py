@@ -27,7 +27,6 @@ import argparse
 import hashlib
 import json
 import random
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,6 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
@@ -43,8 +41,9 @@ from torch.utils.data import DataLoader
 from lightning_distill import DistillationModule
 from lightning_distill.callbacks import CoverageSlices
 from lightning_distill.cli import CONFIG_DIR
-from lightning_distill.data.corpus import demo_corpus
+from lightning_distill.data.sentences import sentence_pools
 from lightning_distill.data.tokenizer import train_bpe_tokenizer
+from lightning_distill.demo_embedding import train_contrastive as contrastive
 from lightning_distill.paths import cache_root
 from lightning_distill.reporting import markdown_table
 
@@ -56,17 +55,11 @@ TEACHER_LR, TEACHER_BATCH = 1e-3, 64
 # ---------------------------------------------------------------------- data
 def sentences(per_slice_train: int, per_slice_eval: int, seed: int = 0) -> tuple[list, list]:
     """``(train, eval)`` lists of ``(text, slice)``: prose sentences and code lines, deduplicated."""
-    pools: dict[str, set[str]] = {name: set() for name in SLICES}
-    for doc in demo_corpus(code_bytes=300_000):
-        if doc.slice == "prose":
-            parts = re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", doc.text))
-            pools["prose"].update(p for p in parts if 40 <= len(p) <= 240 and sum(c.isalpha() for c in p) > 0.7 * len(p))
-        else:
-            pools["code"].update(s for line in doc.text.splitlines() if 25 <= len(s := line.strip()) <= 120)
+    pools = sentence_pools(code_bytes=300_000)  # the library's cut (data=demo_sentences uses it too)
     rng = random.Random(seed)
     train, held_out = [], []
     for name in SLICES:
-        pool = sorted(pools[name])
+        pool = pools[name]
         rng.shuffle(pool)
         held_out += [(t, name) for t in pool[:per_slice_eval]]
         train += [(t, name) for t in pool[per_slice_eval:per_slice_eval + per_slice_train]]
@@ -86,45 +79,12 @@ def loader(rows: list, tokenizer, batch_size: int, shuffle: bool = False) -> Dat
 
 
 # ---------------------------------------------------------------------- the teacher's own objective
-def random_crops(ids: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random contiguous span of at least half of each sentence's tokens (left-aligned, re-padded)."""
-    lengths = mask.sum(1)
-    out_ids, out_mask = torch.zeros_like(ids), torch.zeros_like(mask)
-    for i, n in enumerate(lengths.tolist()):
-        keep = max(1, int(n * (0.5 + 0.5 * torch.rand((), generator=g).item())))
-        start = int(torch.randint(0, n - keep + 1, (), generator=g))
-        out_ids[i, :keep] = ids[i, start:start + keep]
-        out_mask[i, :keep] = 1
-    return out_ids, out_mask
-
-
-def contrastive_loss(model, pool, batch, g: torch.Generator, temperature: float = 0.05) -> torch.Tensor:
-    """InfoNCE between two crops of each sentence (the other sentences of the batch are negatives)."""
-    views = []
-    for _ in range(2):
-        ids, mask = random_crops(batch["input_ids"], batch["attention_mask"], g)
-        views.append(F.normalize(pool(model(input_ids=ids, attention_mask=mask), {"attention_mask": mask}), dim=-1))
-    logits = views[0] @ views[1].T / temperature
-    target = torch.arange(logits.shape[0])
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-
-
 def train_contrastive(model, pool, rows, tokenizer, *, steps: int, lr: float, batch_size: int, seed: int):
+    """InfoNCE over two random crops of each sentence (``lightning_distill.demo_embedding``, which trains
+    the teacher of ``experiment=demo_embedding`` the same way)."""
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    step = 0
-    while step < steps:
-        for batch in loader(rows, tokenizer, batch_size, shuffle=True):
-            loss = contrastive_loss(model, pool, batch, g)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            if step >= steps:
-                break
-    return model.eval()
+    return contrastive(model, pool, lambda: loader(rows, tokenizer, batch_size, shuffle=True), steps=steps, lr=lr,
+                       seed=seed)
 
 
 def cached_teacher(cfg, pool, rows, tokenizer, steps: int):
@@ -174,7 +134,7 @@ def main() -> None:
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="distill", overrides=[
-            "student=hf_encoder", "teacher=hf_encoder", "loss=embedding", "+pooling=mean",
+            "student=hf_encoder", "teacher=hf_encoder", "loss=embedding", "pooling=mean",
             f"data.seq_len={MAX_TOKENS}", "output_dir=unused"])
         sp = compose(config_name="distill", overrides=["loss=similarity_preserving", "output_dir=unused"]).loss
     train_rows, eval_rows = sentences(per_slice_train=args.train_per_slice, per_slice_eval=args.eval_per_slice)

@@ -152,6 +152,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     from lightning_distill.callbacks.teacher_cache import TeacherCache
     from lightning_distill.checkpoint import resolve_ckpt_path
+    from lightning_distill.embedding_cli import check_embedding_models, embedding_settings
     from lightning_distill.engines import check_strategy_available
     from lightning_distill.losses.terms import check_terms
     from lightning_distill.models.hf import freeze
@@ -164,6 +165,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_writable(cache_root(), CACHE_ENV_VAR, f"set {CACHE_ENV_VAR}=<a folder you can write> (tokenizers, "
                    "tokenized data and teacher targets are kept there), or fix its permissions.")
     losses = check_terms(_build_losses(cfg.loss))  # a bad loss value fails before data and models load
+    pooling = embedding_settings(cfg, losses)  # embedding terms: pooling set, coverage by similarity
     check_strategy_available(cfg.get("trainer"))  # e.g. trainer=deepspeed_zero3 without deepspeed
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -176,7 +178,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     student = _instantiate(cfg.student, teacher=teacher)  # student=from_teacher is cut from the teacher
     if isinstance(teacher, nn.Module):
         freeze(teacher)  # the configured teacher is frozen by design: no "handed over trainable" warning
-    module = _build_module(cfg, student, teacher, losses, cached=served is not None)
+    if pooling is not None:
+        check_embedding_models(student, teacher)
+    module = _build_module(cfg, student, teacher, losses, cached=served is not None, pooling=pooling)
     trainer = _make_trainer(cfg, out_dir)
     cache = next((c for c in trainer.callbacks if isinstance(c, TeacherCache)), None)
     if served is not None:
@@ -214,9 +218,10 @@ def _served_teacher(teacher: Any) -> Any:
 
 
 def _build_module(cfg: DictConfig, student: Any, teacher: Any, losses: dict[str, Any], *,
-                  cached: bool = False) -> Any:
+                  cached: bool = False, pooling: Any = None) -> Any:
     """The ``DistillationModule`` of ``cfg`` (optimizer, scheduler, ``module:`` settings) for these models;
-    ``cached``: no teacher here, its targets come from a teacher cache (``teacher=served``)."""
+    ``cached``: no teacher here, its targets come from a teacher cache (``teacher=served``); ``pooling``:
+    both models' output function (embedding runs, ``pooling=mean``)."""
     from lightning_distill.module import DistillationModule
 
     if teacher is None and not cached:
@@ -227,6 +232,7 @@ def _build_module(cfg: DictConfig, student: Any, teacher: Any, losses: dict[str,
         student, teacher, losses,
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         lr_scheduler=hydra.utils.instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+        **({"student_logits_fn": pooling, "teacher_logits_fn": pooling} if pooling is not None else {}),
         **OmegaConf.to_container(cfg.get("module") or {}, resolve=True),
     )
 
@@ -290,12 +296,19 @@ def _test(trainer: Any, module: Any, datamodule: Any, cache: Any,
     return stats_from_sums(coverage.last_sums), coverage, gap_error
 
 
-def _baseline(cfg: DictConfig, module: Any, datamodule: Any, out_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
-    """Train the same student without the teacher, same seed and steps, and score it per slice."""
+def _baseline(cfg: DictConfig, module: Any, datamodule: Any, out_dir: Path,
+              report: dict[str, Any]) -> dict[str, Any] | None:
+    """Train the same student without the teacher, same seed and steps, and score it per slice
+    (``None``: skipped, for embedding terms)."""
     import lightning as L
 
+    from lightning_distill.embedding_cli import BASELINE_SKIPPED
     from lightning_distill.evaluation import evaluate_slices
 
+    if module.embedding_output:  # no teacher-free embedding objective to train the student on
+        print(BASELINE_SKIPPED)
+        report["baseline"] = {"skipped": BASELINE_SKIPPED}
+        return None
     log.info("Training the same student without the teacher (baseline) for comparison")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     base_module = _build_module(cfg, _baseline_student(cfg.student, module.student, cfg.seed), None,
@@ -313,8 +326,13 @@ def _write_report(report: dict[str, Any], stats: Mapping[str, Any], baseline_sta
     from lightning_distill.evaluation import format_slice_table
 
     coverage_rows = {r["slice"]: r for r in coverage.last_rows} if coverage is not None else None
-    table = format_slice_table(stats, baseline_stats, coverage_rows)
-    report["slices"] = {k: v.to_dict() for k, v in stats.items()}
+    if coverage is not None and coverage.metric == "similarity":  # embedding models: agreement, no perplexity
+        from lightning_distill.reporting import format_coverage_table
+
+        table, report["slices"] = format_coverage_table(coverage.last_rows, "similarity"), coverage_rows
+    else:
+        table = format_slice_table(stats, baseline_stats, coverage_rows)
+        report["slices"] = {k: v.to_dict() for k, v in stats.items()}
     report["seconds"] = round(time.perf_counter() - started, 1)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(table + "\n")
@@ -324,6 +342,7 @@ def _write_report(report: dict[str, Any], stats: Mapping[str, Any], baseline_sta
 def _export(cfg: DictConfig, report: dict[str, Any], module: Any, datamodule: Any, trainer: Any,
             stats: Mapping[str, Any], coverage: Any, cache: Any, out_dir: Path) -> None:
     """Save the student (weights, tokenizer, ``distillation.json``, its card) to ``<run>/student``; log it to W&B."""
+    from lightning_distill.embedding_cli import pooling_record
     from lightning_distill.engines import whole
     from lightning_distill.export import distillation_card, export_student
     from lightning_distill.losses.feature_terms import export_modules
@@ -341,6 +360,8 @@ def _export(cfg: DictConfig, report: dict[str, Any], module: Any, datamodule: An
         record["teacher_cache"] = cache.config()
     student = whole(module.student, root=trainer.strategy.model)  # FSDP/FSDP2: gathered whole, every rank
     card = _card(module, datamodule, trainer, stats, coverage, distillation_card, cache, student=student)
+    if pooling_record(module) is not None:  # how to embed with the student
+        record["pooling"] = card["pooling"] = pooling_record(module)
     report["student_dir"] = str(export_student(student, out_dir / "student",
                                                tokenizer=getattr(datamodule, "tokenizer", None),
                                                record=record, card=card, extras=export_modules(module.losses)))

@@ -191,16 +191,23 @@ def card_markdown(card: dict[str, Any]) -> str:
              "- losses: " + ", ".join(f"{n} ({', '.join(f'{k}={v}' for k, v in c.items())})"
                                        for n, c in (card.get("losses") or {}).items()),
              *_projector_lines(card.get("losses") or {}),
+             *([f"- embeddings: `Pooling(mode={card['pooling'].get('mode')!r}, normalize="
+                f"{card['pooling'].get('normalize')})` over the student's token states"] if card.get("pooling") else []),
              f"- schedule: {json.dumps(card.get('schedule')) if card.get('schedule') else 'none'}",
              f"- teacher targets: {_cache_line(card.get('cache'))}",
              *[_generated_line(g) for g in card.get("generated_data") or []],
              "- versions: " + ", ".join(f"{k} {v}" for k, v in (card.get("versions") or {}).items()),
-             "", "## Slices: coverage and retention", "",
-             "| slice | train tokens | teacher | student | retention | gap |", "|---|---|---|---|---|---|"]
-    for r in data.get("slices") or []:
-        lines.append(f"| {r.get('slice')} | {fmt(r.get('train_tokens'))} | {fmt(r.get('teacher_metric'), '.3f')} "
-                     f"| {fmt(r.get('student_metric'), '.3f')} | {fmt(r.get('retention'), '.3f')} "
-                     f"| {'GAP' if r.get('gap') else ''} |")
+             "", "## Slices: coverage and retention", ""]
+    rows = data.get("slices") or []
+    if coverage and coverage.get("metric") == "similarity":  # embedding models: no per-token metric
+        lines += ["| slice | train samples | pairs | similarity agreement (Spearman) | gap |", "|---|---|---|---|---|"]
+        lines += [f"| {r.get('slice')} | {fmt(r.get('train_samples'))} | {fmt(r.get('pairs'))} "
+                  f"| {fmt(r.get('retention'), '.3f')} | {'GAP' if r.get('gap') else ''} |" for r in rows]
+    else:
+        lines += ["| slice | train tokens | teacher | student | retention | gap |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r.get('slice')} | {fmt(r.get('train_tokens'))} | {fmt(r.get('teacher_metric'), '.3f')} "
+                  f"| {fmt(r.get('student_metric'), '.3f')} | {fmt(r.get('retention'), '.3f')} "
+                  f"| {'GAP' if r.get('gap') else ''} |" for r in rows]
     if coverage:
         gaps = coverage.get("gaps") or []
         lines += ["", f"Metric: {coverage.get('metric')}; thresholds: {coverage.get('thresholds')}. "

@@ -155,6 +155,7 @@ def test_teacher_cache_is_one_definition():
 INJECTED = {
     ("lightning_distill.models.student_from_teacher", "teacher"),  # the CLI passes the teacher
     ("lightning_distill.demo.demo_teacher", "datamodule"),  # the CLI passes the prepared datamodule
+    ("lightning_distill.demo_embedding.demo_encoder_teacher", "datamodule"),  # the same
     ("lightning_distill.callbacks.CoverageSlices", "slice_fn"),  # a Python callable
 }
 CHECKED = ("lightning_distill.", "lightning.pytorch.callbacks.")
@@ -190,6 +191,6 @@ def test_the_module_block_has_every_setting_of_the_module():
     from lightning_distill.module import DistillationModule
 
     built = {"student", "teacher", "losses", "optimizer", "lr_scheduler",  # from the other groups
-             "student_logits_fn", "teacher_logits_fn"}  # Python callables
+             "student_logits_fn", "teacher_logits_fn"}  # the pooling group (embedding runs)
     params = set(inspect.signature(DistillationModule).parameters) - built
     assert params == set(yaml.safe_load((CONFIG_DIR / "distill.yaml").read_text())["module"])

@@ -474,6 +474,34 @@ def test_python_row(tmp_path, call, error, message):
 #  the printed message "Type: message" as a regex).
 CLI_ROWS = [
     (
+        "cli-embedding-loss-without-pooling",
+        ["loss=embedding"],
+        r"^ValueError: the loss terms \['embedding', 'rkd_distance'\] compare one embedding per sample, but no "
+        r"pooling is set; add pooling=mean \(or pooling=cls\) to pool the encoders' token states \(docs/relation\.md\)\.$",
+    ),
+    (
+        "cli-pooling-with-a-logit-loss",
+        ["pooling=mean"],
+        r"^ValueError: pooling=mean makes one embedding per sample, but the loss terms \['kd', 'task'\] read logits; "
+        r"use an embedding loss \(loss=embedding, loss=rkd or loss=similarity_preserving\), or drop the pooling "
+        r"\(pooling=null\)\.$",
+    ),
+    (
+        "cli-embedding-loss-with-a-causal-lm",
+        ["loss=rkd", "pooling=mean"],
+        r"^ValueError: the teacher is a causal language model \(lightning_distill\.models\.causal_lm_from_config\), "
+        r"whose output has logits but no token states to pool for embedding distillation; use an encoder without a "
+        r"head: teacher=hf_encoder_pretrained teacher\.path=<model folder> \(transformers' AutoModel\), or "
+        r"teacher=hf_encoder to build one from a config\.$",
+    ),
+    (
+        "cli-embedding-loss-without-coverage",
+        ["teacher=hf_encoder", "student=hf_encoder", "loss=rkd", "pooling=mean", "callbacks=none"],
+        r"^ValueError: the loss terms \['rkd_distance', 'rkd_angle'\] train an embedding model, which the command "
+        r"scores per slice by similarity agreement through the CoverageSlices callback, and these callbacks have "
+        r"none; use callbacks=coverage_similarity \(or keep callbacks\.coverage\)\.$",
+    ),
+    (
         "cli-temperature-not-positive",
         ["loss.kd.temperature=0"],
         r"^ValueError: temperature must be a finite number > 0, got 0\.0\. \(config: loss\.kd\)$",

@@ -37,11 +37,11 @@ def test_config_dir_has_every_group():
 @pytest.mark.parametrize("group,name", [(g, n) for g in GROUPS for n in _options(g)])
 def test_every_config_composes_and_resolves(group, name):
     overrides = [f"{group}={name}"]
-    if group in ("teacher", "student") and name == "hf_pretrained":
+    if group in ("teacher", "student") and name in ("hf_pretrained", "hf_encoder_pretrained"):
         overrides.append(f"{group}.path=/nonexistent/model")
     if group == "teacher" and name == "served":  # a server: its URL and model name are the user's
         overrides += ["teacher.base_url=http://127.0.0.1:8000/v1", "teacher.model=m"]
-    if group == "data" and name not in ("demo", "cross_tokenizer"):  # user data: a source, and a size, no tokenizer
+    if group == "data" and name not in ("demo", "cross_tokenizer", "demo_sentences"):  # user data: a source, and a size, no tokenizer
         source = {"hf_dataset": "dataset", "teacher_text": "records"}.get(name, "files")
         overrides += [f"data.{source}=/x", "data.tokenizer=/x", "data.vocab_size=320"]
     cfg = _compose(*overrides)

@@ -129,8 +129,8 @@ def test_embedding_kd_values_and_projector_checks():
     assert float(EmbeddingKD("mse")(_inputs(s, t))) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="student_dim=3, teacher_dim=4"):
         EmbeddingKD()(_inputs(torch.randn(5, 3), t))
-    with pytest.raises(ValueError, match="give both"):
-        EmbeddingKD(student_dim=3)
+    with pytest.raises(ValueError, match="give both"):  # the missing width is read from a model, if it can be
+        EmbeddingKD(student_dim=3).bind(torch.nn.Linear(2, 3), torch.nn.Linear(2, 4))
     with pytest.raises(ValueError, match="projector"):
         EmbeddingKD(student_dim=3, teacher_dim=4, projector_export="keep")
     with pytest.raises(TypeError, match="student_dim"):

@@ -51,6 +51,7 @@ from .blocks import TokenBlockDataset
 from .corpus import Document, corpus_fingerprint, demo_corpus
 from .cross import CrossTokenizerDataModule
 from .datamodule import SlicedTextDataModule
+from .sentences import SentenceDataModule, sentence_pools
 from .splits import assign_splits
 from .text import TextDataModule
 from .tokenizer import EOS_TOKEN, tokenizer_fingerprint, train_bpe_tokenizer
@@ -59,6 +60,7 @@ __all__ = [
     "EOS_TOKEN",
     "CrossTokenizerDataModule",
     "Document",
+    "SentenceDataModule",
     "SliceCount",
     "SlicedTextDataModule",
     "TextDataModule",
@@ -67,6 +69,7 @@ __all__ = [
     "cache_root",
     "corpus_fingerprint",
     "demo_corpus",
+    "sentence_pools",
     "tokenizer_fingerprint",
     "train_bpe_tokenizer",
 ]

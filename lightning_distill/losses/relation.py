@@ -255,12 +255,14 @@ class EmbeddingKD(LossTerm):
         loss: ``"mse"`` or ``"cosine"``.
         weight: multiplier in the total loss.
         student_dim: the student's embedding width; with ``teacher_dim``, a projector is built when
-            they differ. Both ``None``: the widths must be equal.
-        teacher_dim: the teacher's embedding width.
+            they differ. ``None``: read from the student's config (``hidden_size``) when the module
+            binds the term; no width known at all: the widths must be equal.
+        teacher_dim: the teacher's embedding width (``None``: likewise from the teacher).
         projector_export: ``"drop"`` or ``"save"``: what export does with the projector.
 
     Raises:
-        ValueError: an unknown ``loss`` or ``projector``, a width < 1, or one width without the other.
+        ValueError: an unknown ``loss`` or ``projector``, a width < 1; at bind, one width known and the
+            other not readable from its model.
         TypeError: a width that is not an int.
 
     Example:
@@ -278,12 +280,36 @@ class EmbeddingKD(LossTerm):
         self.student_dim = check_int("student_dim", student_dim, low=1, allow_none=True)
         self.teacher_dim = check_int("teacher_dim", teacher_dim, low=1, allow_none=True)
         self.projector_export = check_choice("projector_export", projector_export, _PROJECTOR_EXPORT)
-        if (student_dim is None) != (teacher_dim is None):
-            raise ValueError(f"EmbeddingKD got student_dim={student_dim} and teacher_dim={teacher_dim}; give both "
-                             "widths (a projector is built when they differ) or neither (equal widths).")
         self.projector_layer: nn.Linear | None = None
-        if student_dim is not None and student_dim != teacher_dim:
-            self.projector_layer = nn.Linear(student_dim, teacher_dim, bias=False)
+        self._make_projector()
+
+    def _make_projector(self) -> None:
+        if self.student_dim is not None and self.teacher_dim is not None and self.student_dim != self.teacher_dim:
+            shape = (self.student_dim, self.teacher_dim)
+            if self.projector_layer is None or (self.projector_layer.in_features,
+                                                self.projector_layer.out_features) != shape:
+                self.projector_layer = nn.Linear(*shape, bias=False)
+
+    def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """A width left out is read from its Hugging Face model's config (``hidden_size``: the width of
+        mean/CLS-pooled token states); the projector is built when the widths then differ.
+
+        Raises:
+            ValueError: one width is known and the other cannot be read from its model.
+        """
+        from lightning_distill.models.features import hidden_width
+
+        ds = self.student_dim if self.student_dim is not None else hidden_width(student)
+        dt = self.teacher_dim if self.teacher_dim is not None else (
+            hidden_width(teacher) if teacher is not None else None)
+        if (self.student_dim, self.teacher_dim) == (None, None) and (ds is None or dt is None):
+            return  # no width known: the embeddings must be equally wide (checked per step)
+        if ds is None or dt is None:
+            raise ValueError(f"EmbeddingKD got student_dim={ds} and teacher_dim={dt}, and the missing width "
+                             "cannot be read from its model (no Hugging Face hidden_size); give both widths (a "
+                             "projector is built when they differ), or neither (equal widths).")
+        self.student_dim, self.teacher_dim = ds, dt
+        self._make_projector()
 
     def forward(self, inputs: LossInputs) -> Tensor:
         student, teacher = embedding_pair(inputs, "EmbeddingKD")

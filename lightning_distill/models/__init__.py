@@ -12,7 +12,12 @@ from lightning_distill.models.from_teacher import (
     select_layers,
     student_from_teacher,
 )
-from lightning_distill.models.hf import causal_lm_from_config, freeze, load_pretrained
+from lightning_distill.models.hf import (
+    causal_lm_from_config,
+    freeze,
+    load_pretrained,
+    load_pretrained_encoder,
+)
 from lightning_distill.models.identity import describe_model, weights_fingerprint
 from lightning_distill.models.pooling import Pooling, encoder_from_config
 
@@ -25,6 +30,7 @@ __all__ = [
     "is_causal_lm",
     "is_hf_model",
     "load_pretrained",
+    "load_pretrained_encoder",
     "logits_from_output",
     "output_vocab_size",
     "Pooling",

@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_distill.validation import check_bool
 
-__all__ = ["causal_lm_from_config", "freeze", "load_pretrained"]
+__all__ = ["causal_lm_from_config", "freeze", "load_pretrained", "load_pretrained_encoder"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -92,6 +92,43 @@ def load_pretrained(path: str | os.PathLike, *, revision: str | None = None, dty
     """
     from transformers import AutoModelForCausalLM
 
+    return _from_pretrained(AutoModelForCausalLM, path, revision=revision, dtype=dtype,
+                            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                            local_files_only=local_files_only, **kwargs)
+
+
+def load_pretrained_encoder(path: str | os.PathLike, *, revision: str | None = None,
+                            dtype: str | torch.dtype | None = None, attn_implementation: str | None = None,
+                            trust_remote_code: bool = False, local_files_only: bool = False,
+                            **kwargs: Any) -> nn.Module:
+    """``AutoModel.from_pretrained`` (token states, no head) with the safe defaults of :func:`load_pretrained`:
+    the encoder teacher or student of embedding distillation (``teacher=hf_encoder_pretrained``,
+    docs/relation.md). A folder of a model with a head (``*ForMaskedLM``, ``*ForCausalLM``) loads its
+    base model.
+
+    Args:
+        path: a local folder written by ``save_pretrained`` or a hub id (``org/name``).
+        revision: a hub branch, tag or commit (hub ids only).
+        dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``); ``None`` keeps the checkpoint's.
+        attn_implementation: ``eager``, ``sdpa``, ...; ``None`` lets transformers choose.
+        trust_remote_code: run the checkpoint's own modelling code (off by default).
+        local_files_only: never reach the network.
+        **kwargs: passed to ``from_pretrained``.
+
+    Raises:
+        FileNotFoundError: a local-looking ``path`` that does not exist, or a folder without config.json.
+        ValueError: an unknown ``dtype``; pickled weights that hold more than tensors; unreadable safetensors.
+        TypeError: ``trust_remote_code`` or ``local_files_only`` is not a bool.
+    """
+    from transformers import AutoModel
+
+    return _from_pretrained(AutoModel, path, revision=revision, dtype=dtype, attn_implementation=attn_implementation,
+                            trust_remote_code=trust_remote_code, local_files_only=local_files_only, **kwargs)
+
+
+def _from_pretrained(auto_class: Any, path: str | os.PathLike, *, revision: str | None, dtype: Any,
+                     attn_implementation: str | None, trust_remote_code: bool, local_files_only: bool,
+                     **kwargs: Any) -> nn.Module:
     for name, flag in (("trust_remote_code", trust_remote_code), ("local_files_only", local_files_only)):
         check_bool(name, flag)
     torch_dtype = _dtype(dtype)
@@ -114,7 +151,7 @@ def load_pretrained(path: str | os.PathLike, *, revision: str | None = None, dty
     from safetensors import SafetensorError
 
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        return auto_class.from_pretrained(
             path, revision=revision, trust_remote_code=trust_remote_code,
             local_files_only=local_files_only, use_safetensors=None, **extra, **kwargs,
         )
