@@ -164,6 +164,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_writable(out_dir, "output_dir", "pass output_dir=<a folder you can write>, or fix its permissions.")
     check_writable(cache_root(), CACHE_ENV_VAR, f"set {CACHE_ENV_VAR}=<a folder you can write> (tokenizers, "
                    "tokenized data and teacher targets are kept there), or fix its permissions.")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # terms may draw (a projector's initial weights)
     losses = check_terms(_build_losses(cfg.loss))  # a bad loss value fails before data and models load
     pooling = embedding_settings(cfg, losses)  # embedding terms: pooling set, coverage by similarity
     check_strategy_available(cfg.get("trainer"))  # e.g. trainer=deepspeed_zero3 without deepspeed
