@@ -194,3 +194,24 @@ def test_the_module_block_has_every_setting_of_the_module():
              "student_logits_fn", "teacher_logits_fn"}  # the pooling group (embedding runs)
     params = set(inspect.signature(DistillationModule).parameters) - built
     assert params == set(yaml.safe_load((CONFIG_DIR / "distill.yaml").read_text())["module"])
+
+
+def test_every_option_of_the_main_groups_is_in_the_readme_table():
+    """Each file of the `lightning-distill` config groups is named in README's group table (its row)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows: dict[str, str] = {}
+    for line in readme.splitlines():
+        found = re.match(r"\| `(\w+)` \| (.*?) \|", line)
+        if found:
+            # `name_{a,b}` in a cell names name_a and name_b
+            cell = re.sub(r"`(\w*)\{([\w,]+)\}`", lambda m: " ".join(f"`{m.group(1)}{o}`" for o in
+                                                                     m.group(2).split(",")), found.group(2))
+            rows[found.group(1)] = rows.get(found.group(1), "") + cell
+    missing = []
+    for group in ("data", "teacher", "student", "loss", "trainer", "callbacks", "logger", "pooling", "experiment"):
+        for option in sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")):
+            if option in ("lr_monitor", "model_checkpoint", "coverage_slices", "temperature", "teacher_cache"):
+                continue  # the named callbacks the options compose (listed under "what it builds")
+            if not re.search(rf"`[^`]*\b{re.escape(option)}\b[^`]*`", rows.get(group, "")):
+                missing.append(f"{group}={option}")
+    assert not missing, f"README's config-group table does not name {missing}"
