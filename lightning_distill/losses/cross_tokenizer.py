@@ -111,7 +111,8 @@ class CrossTokenizerBatch:
 @dataclass
 class _Heads:
     """Per side, per group (flattened over the batch): head position, first token, chain log-prob,
-    and the id that spells the whole group (``-1``: none besides the first token; ``None``: not known)."""
+    and the id that spells the whole group (``-1``: none besides the first token; ``None``: none in
+    the batch, or the spellings are not known)."""
 
     position: Tensor
     first: Tensor
@@ -211,13 +212,15 @@ def _whole_ids(groups: Tensor, ids: Tensor, spelling: Spelling, b: Tensor, g: Te
 
 def _both_whole(cross: CrossTokenizerBatch, vocab: SharedVocab | None, b: Tensor, g: Tensor, s_first: Tensor,
                 t_first: Tensor, num_groups: int) -> tuple[Tensor | None, Tensor | None]:
-    """``(student, teacher)`` :func:`_whole_ids` (``None`` for a side whose spellings are not known)."""
+    """``(student, teacher)`` :func:`_whole_ids`, ``None`` for a side whose spellings are not known or
+    where no compared group has such an id (the merge as without, at no cost)."""
     spellings = vocab.spellings if vocab is not None else (None, None)
-    return tuple(  # type: ignore[return-value]
-        None if spelling is None else _whole_ids(groups, ids, spelling, b, g, first, num_groups)
-        for spelling, groups, ids, first in zip(
-            spellings, (cross.student_groups, cross.teacher_groups), (cross.student_ids, cross.teacher_ids),
-            (s_first, t_first), strict=True))
+    out = []
+    for spelling, groups, ids, first in zip(spellings, (cross.student_groups, cross.teacher_groups),
+                                            (cross.student_ids, cross.teacher_ids), (s_first, t_first), strict=True):
+        whole = None if spelling is None else _whole_ids(groups, ids, spelling, b, g, first, num_groups)
+        out.append(None if whole is None or not bool((whole >= 0).any()) else whole)
+    return out[0], out[1]
 
 
 def _log1mexp(x: Tensor) -> Tensor:
@@ -379,8 +382,7 @@ def _plan(cross: CrossTokenizerBatch, labels: Tensor | None, ignore_index: int,
         return (ib * ids.shape[1] + ij - 1)[keep], ids[ib, ij][keep], k[keep]
 
     ts, tt = cross.student_ids.shape[1], cross.teacher_ids.shape[1]
-    wholes = _both_whole(cross, vocab, b, g, s_first[b, g], t_first[b, g], num_groups)
-    s_whole, t_whole = (None if w is None or not bool((w >= 0).any()) else w for w in wholes)
+    s_whole, t_whole = _both_whole(cross, vocab, b, g, s_first[b, g], t_first[b, g], num_groups)
     return _Plan(b * ts + s_pos[b, g], b * tt + t_pos[b, g], s_first[b, g], t_first[b, g],
                  inner(s_inner, cross.student_ids), inner(t_inner, cross.teacher_ids), s_whole, t_whole)
 
