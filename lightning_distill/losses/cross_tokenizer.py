@@ -19,17 +19,23 @@ Two terms:
   other tokens", of probability ``p(first) * prod p(next token | ...)`` (the chained token
   probabilities along the side's own tokens). That mass moves from the first token's entry to a
   *group* entry both sides share; the first token's entry keeps ``p(first) * (1 - chain)``
-  (it started like the group but went on otherwise). The entries whose token strings exist in
+  (it started like the group but went on otherwise). An entry of the side's vocabulary that
+  spells the group's whole text by itself ("ab" where the side read "a" + "b", or another id of
+  a one-token group's bytes) is the same event by another path: its mass joins the group entry
+  and its entry becomes 0, on each side, so that no shared string holds 0 on one side (moved to
+  the group) and its probability on the other (a log-0 term for a KL). The id comes from the
+  batch's tokens and the vocabularies' spellings (:attr:`SharedVocab.spellings`, filled by
+  :func:`~lightning_distill.crosstok.vocab.shared_vocab`). The entries whose token strings exist in
   both vocabularies (:func:`~lightning_distill.crosstok.vocab.shared_vocab`) plus the group
   entry are renormalised and compared with a registry divergence at the term's temperature
   (times T², as :class:`~lightning_distill.losses.LogitKD`); the entries of one vocabulary only
   are compared by ULD (sorted, unnormalised, ``uld_weight``).
 
 With identical tokenizers every group is one token on each side, every entry is shared and the
-chain is 1, so the hybrid equals :class:`~lightning_distill.losses.LogitKD` with the same
-divergence and temperature exactly (the group entry is the first token's probability moved to
-another index; its old index holds 0 on both sides, which no divergence counts), and the ULD part
-is zero.
+chain is 1 and no other id spells the token, so the hybrid equals
+:class:`~lightning_distill.losses.LogitKD` with the same divergence and temperature exactly (the
+group entry is the first token's probability moved to another index; its old index holds 0 on
+both sides, which no divergence counts), and the ULD part is zero.
 
 Both terms return sums over the groups with a head (and a label there that is not
 ``ignore_index``); the module divides by the student's label positions, as for every term.
