@@ -142,16 +142,15 @@ def test_no_term_is_infinite_on_random_tokenizations(divergence, params):
         plan = ct._plan(cross, labels, -100, vocab)
         found[0] += 0 if plan.s_whole is None else int((plan.s_whole >= 0).sum())
         found[1] += 0 if plan.t_whole is None else int((plan.t_whole >= 0).sum())
-        for temperature in (1.0, 2.0):
-            s = student.clone().requires_grad_(True)
-            term = CrossTokenizerKD(divergence, temperature=temperature, **params)
-            term._vocab = vocab
-            value = term(LossInputs(student_logits=s, labels=labels, teacher=TeacherTargets(logits=teacher),
-                                    batch=batch))
-            (grad,) = torch.autograd.grad(value, s)
-            # A few nats per group at most (random logits); a log-0 floor term would be ~1e38.
-            assert torch.isfinite(value) and 0 < value.item() < 20 * plan.size, (seed, temperature)
-            assert torch.isfinite(grad).all() and grad.abs().max() < 100
+        temperature = (1.0, 2.0)[seed % 2]
+        s = student.clone().requires_grad_(True)
+        term = CrossTokenizerKD(divergence, temperature=temperature, **params)
+        term._vocab = vocab
+        value = term(LossInputs(student_logits=s, labels=labels, teacher=TeacherTargets(logits=teacher), batch=batch))
+        (grad,) = torch.autograd.grad(value, s)
+        # A few nats per group at most (random logits); a log-0 floor term would be ~1e38.
+        assert torch.isfinite(value) and 0 < value.item() < 20 * plan.size, (seed, temperature)
+        assert torch.isfinite(grad).all() and grad.abs().max() < 100
     assert found[0] >= 5 and found[1] >= 5  # groups spelled by one entry of the side that split them
 
 
