@@ -2,7 +2,8 @@
 
 Forward + backward of each loss on random logits and a synthetic alignment (student groups of
 1-3 tokens, teacher groups of 1-2, as two BPEs of the same text give; about 15% of the student's
-vocabulary is its own), in two cases:
+vocabulary is its own; each id spells its own string, so the loss looks up every multi-token
+group's text, and none is one entry, as on the demo's BPE pair), in two cases:
 
 * ``demo``: the demo's shapes, batch 16 x 128 student tokens, vocabularies 1,024 (student) and
   2,048 (teacher);
@@ -66,9 +67,17 @@ def make_inputs(case: str, seed: int = 0):
 
     batch, length, vs, vt, shared = CASES[case]
     g = torch.Generator().manual_seed(seed)
-    vocab = SharedVocab(
-        torch.randperm(vs, generator=g)[:shared], torch.randperm(vt, generator=g)[:shared], vs, vt
+    s_shared, t_shared = (
+        torch.randperm(vs, generator=g)[:shared],
+        torch.randperm(vt, generator=g)[:shared],
     )
+    # Spellings (what each id stands for), so that the loss looks up each multi-token group's text
+    # as with real tokenizers; no group's text is one entry here (none was on the demo's BPE pair).
+    s_keys = [f"s{i}|".encode() for i in range(vs)]
+    t_keys = [f"t{i}|".encode() for i in range(vt)]
+    for k, (i, j) in enumerate(zip(s_shared.tolist(), t_shared.tolist(), strict=True)):
+        s_keys[i] = t_keys[j] = f"k{k}|".encode()
+    vocab = SharedVocab(s_shared, t_shared, vs, vt, tuple(s_keys), tuple(t_keys))
     s_groups = torch.full((batch, length), -1)
     s_ids = torch.randint(0, vs, (batch, length), generator=g)
     t_rows: list[tuple[list[int], list[int]]] = []

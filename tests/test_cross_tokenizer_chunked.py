@@ -1,13 +1,15 @@
 """The chunked cross-tokenizer losses against their direct formulation: values and gradients for
 any chunk size (1, a few, auto, more than the groups), with padding, ignored groups, groups of
-several tokens on both sides and teacher entries at probability 0; the numpy sort against
-``torch.sort``; the gradient when the two parts are weighted apart, and a second backward.
+several tokens on both sides, groups spelled by one entry of the side that split them (random
+tokenizations of two small vocabularies) and teacher entries at probability 0; the numpy sort
+against ``torch.sort``; the gradient when the two parts are weighted apart, and a second backward.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from crosstok_fixtures import random_pair_batch
 
 from lightning_distill.crosstok import SharedVocab
 from lightning_distill.losses import CrossTokenizerKD, ULDLoss
@@ -72,10 +74,19 @@ def _grad(value: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
     return grad
 
 
+def _spelled_batch():
+    """Random tokenizations with groups spelled by one entry of the side that split them."""
+    batch, labels, vocab, student, teacher = random_pair_batch(8, samples=4)
+    plan = ct._plan(ct.CrossTokenizerBatch.from_batch(batch), labels, -100, vocab)
+    assert (plan.s_whole >= 0).sum() >= 2 and (plan.t_whole >= 0).sum() >= 2
+    return batch, labels, vocab, student, teacher
+
+
 @pytest.mark.parametrize("chunk_size", CHUNKS)
 @pytest.mark.parametrize(("divergence", "params"), [("forward_kl", {}), ("generalized_jsd", {"beta": 0.3})])
-def test_chunked_hybrid_equals_the_direct_formulation(chunk_size, divergence, params):
-    batch, labels, vocab, student, teacher = _batch()
+@pytest.mark.parametrize("make", [_batch, _spelled_batch])
+def test_chunked_hybrid_equals_the_direct_formulation(chunk_size, divergence, params, make):
+    batch, labels, vocab, student, teacher = make()
     cross = ct.CrossTokenizerBatch.from_batch(batch)
     s = student.clone().requires_grad_(True)
     kw = {"divergence": divergence, "temperature": 2.0, "params": params, "uld_weight": 0.7, "labels": labels}

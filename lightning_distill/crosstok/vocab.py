@@ -10,14 +10,14 @@ their content is equal. :func:`shared_vocab` builds the mapping once, from the t
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["SharedVocab", "shared_vocab", "token_bytes"]
+__all__ = ["SharedVocab", "Spelling", "shared_vocab", "token_bytes"]
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -61,6 +61,32 @@ def token_bytes(token: str, *, byte_level: bool) -> bytes:
 
 
 @dataclass(frozen=True)
+class Spelling:
+    """What each id of one vocabulary spells, to find the id that spells a given text.
+
+    Attributes:
+        keys: per id, the bytes it stands for, ``("special", content)`` for a special token, or
+            ``None`` (an id past the tokenizer's entries).
+        lookup: key -> the lowest id with that key (the id the shared map pairs).
+        canon: ``(V,)`` per id, the lowest id with the same key (the id itself when it has none).
+    """
+
+    keys: tuple[Any, ...]
+    lookup: dict[Any, int]
+    canon: Tensor
+
+    @classmethod
+    def from_keys(cls, keys: tuple[Any, ...]) -> Spelling:
+        """The lookup tables of ``keys`` (one per id)."""
+        lookup: dict[Any, int] = {}
+        canon = list(range(len(keys)))
+        for index, key in enumerate(keys):
+            if key is not None:
+                canon[index] = lookup.setdefault(key, index)
+        return cls(keys, lookup, torch.tensor(canon, dtype=torch.long))
+
+
+@dataclass(frozen=True)
 class SharedVocab:
     """Pairs of ids, one per side, of the entries both vocabularies share.
 
@@ -69,16 +95,36 @@ class SharedVocab:
         teacher_ids: ``(K,)`` the teacher's ids of the same entries, in the same order.
         student_size: the student's output size.
         teacher_size: the teacher's output size.
+        student_keys: per student id (``student_size`` of them), what it spells: bytes,
+            ``("special", content)`` or ``None``; :func:`shared_vocab` fills it. ``None``: not
+            known (then no id is taken for another spelling of a group's text, see
+            :mod:`lightning_distill.losses.cross_tokenizer`).
+        teacher_keys: the same for the teacher's ids.
     """
 
     student_ids: Tensor
     teacher_ids: Tensor
     student_size: int
     teacher_size: int
+    student_keys: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
+    teacher_keys: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for who, keys, size in (("student", self.student_keys, self.student_size),
+                                ("teacher", self.teacher_keys, self.teacher_size)):
+            if keys is not None and len(keys) != size:
+                raise ValueError(f"{who}_keys has {len(keys)} entries but the {who} size is {size}; give one "
+                                 "key per id (None for an id without one).")
 
     @property
     def size(self) -> int:
         return int(self.student_ids.numel())
+
+    @cached_property
+    def spellings(self) -> tuple[Spelling | None, Spelling | None]:
+        """``(student, teacher)`` :class:`Spelling` tables (``None`` where the keys are not known), built once."""
+        return tuple(None if keys is None else Spelling.from_keys(tuple(keys))  # type: ignore[return-value]
+                     for keys in (self.student_keys, self.teacher_keys))
 
     def unshared(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """``(student ids, teacher ids)`` of the entries only one vocabulary has."""
@@ -95,16 +141,17 @@ class SharedVocab:
         return cls(ids, ids.clone(), vocab_size, vocab_size)
 
 
-def _keys(tokenizer: Any) -> dict[Any, int]:
+def _id_keys(tokenizer: Any, size: int) -> tuple[Any, ...]:
+    """Per id below ``size``, what it spells: its bytes, ``("special", content)``, or ``None``."""
     byte_level = _is_byte_level(tokenizer)
     special = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
     added = getattr(tokenizer, "get_added_vocab", dict)()
     special |= set(added)
-    keys: dict[Any, int] = {}
-    for token, index in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
-        key: Any = ("special", token) if token in special else token_bytes(token, byte_level=byte_level)
-        keys.setdefault(key, int(index))  # two spellings of the same bytes: the lowest id is the shared one
-    return keys
+    keys: list[Any] = [None] * size
+    for token, index in tokenizer.get_vocab().items():
+        if 0 <= int(index) < size:
+            keys[int(index)] = ("special", token) if token in special else token_bytes(token, byte_level=byte_level)
+    return tuple(keys)
 
 
 def shared_vocab(student_tokenizer: Any, teacher_tokenizer: Any, *, student_size: int | None = None,
@@ -127,8 +174,10 @@ def shared_vocab(student_tokenizer: Any, teacher_tokenizer: Any, *, student_size
                             "Hugging Face tokenizer.")
     vs = int(student_size if student_size is not None else len(student_tokenizer))
     vt = int(teacher_size if teacher_size is not None else len(teacher_tokenizer))
-    student, teacher = _keys(student_tokenizer), _keys(teacher_tokenizer)
-    pairs = sorted((i, teacher[k]) for k, i in student.items() if k in teacher and i < vs and teacher[k] < vt)
+    s_keys, t_keys = _id_keys(student_tokenizer, vs), _id_keys(teacher_tokenizer, vt)
+    # Two spellings of the same bytes: the lowest id is the shared one.
+    student, teacher = Spelling.from_keys(s_keys).lookup, Spelling.from_keys(t_keys).lookup
+    pairs = sorted((i, teacher[k]) for k, i in student.items() if k in teacher)
     s_ids = torch.tensor([p[0] for p in pairs], dtype=torch.long)
     t_ids = torch.tensor([p[1] for p in pairs], dtype=torch.long)
-    return SharedVocab(s_ids, t_ids, vs, vt)
+    return SharedVocab(s_ids, t_ids, vs, vt, s_keys, t_keys)

@@ -19,17 +19,23 @@ Two terms:
   other tokens", of probability ``p(first) * prod p(next token | ...)`` (the chained token
   probabilities along the side's own tokens). That mass moves from the first token's entry to a
   *group* entry both sides share; the first token's entry keeps ``p(first) * (1 - chain)``
-  (it started like the group but went on otherwise). The entries whose token strings exist in
+  (it started like the group but went on otherwise). An entry of the side's vocabulary that
+  spells the group's whole text by itself ("ab" where the side read "a" + "b", or another id of
+  a one-token group's bytes) is the same event by another path: its mass joins the group entry
+  and its entry becomes 0, on each side, so that no shared string holds 0 on one side (moved to
+  the group) and its probability on the other (a log-0 term for a KL). The id comes from the
+  batch's tokens and the vocabularies' spellings (:attr:`SharedVocab.spellings`, filled by
+  :func:`~lightning_distill.crosstok.vocab.shared_vocab`). The entries whose token strings exist in
   both vocabularies (:func:`~lightning_distill.crosstok.vocab.shared_vocab`) plus the group
   entry are renormalised and compared with a registry divergence at the term's temperature
   (times T², as :class:`~lightning_distill.losses.LogitKD`); the entries of one vocabulary only
   are compared by ULD (sorted, unnormalised, ``uld_weight``).
 
 With identical tokenizers every group is one token on each side, every entry is shared and the
-chain is 1, so the hybrid equals :class:`~lightning_distill.losses.LogitKD` with the same
-divergence and temperature exactly (the group entry is the first token's probability moved to
-another index; its old index holds 0 on both sides, which no divergence counts), and the ULD part
-is zero.
+chain is 1 and no other id spells the token, so the hybrid equals
+:class:`~lightning_distill.losses.LogitKD` with the same divergence and temperature exactly (the
+group entry is the first token's probability moved to another index; its old index holds 0 on
+both sides, which no divergence counts), and the ULD part is zero.
 
 Both terms return sums over the groups with a head (and a label there that is not
 ``ignore_index``); the module divides by the student's label positions, as for every term.
@@ -46,6 +52,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 import numpy as np
@@ -53,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_distill.crosstok.vocab import SharedVocab, shared_vocab
+from lightning_distill.crosstok.vocab import SharedVocab, Spelling, shared_vocab
 from lightning_distill.losses import registry
 from lightning_distill.losses.terms import LogitKD, LossTerm
 from lightning_distill.types import LossInputs
@@ -109,11 +116,14 @@ class CrossTokenizerBatch:
 
 @dataclass
 class _Heads:
-    """Per side, per group (flattened over the batch): head position, first token, chain log-prob."""
+    """Per side, per group (flattened over the batch): head position, first token, chain log-prob,
+    and the id that spells the whole group (``-1``: none besides the first token; ``None``: none in
+    the batch, or the spellings are not known)."""
 
     position: Tensor
     first: Tensor
     chain: Tensor
+    whole: Tensor | None = None
 
 
 def _side(groups: Tensor, ids: Tensor, logp: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -141,7 +151,8 @@ def _side(groups: Tensor, ids: Tensor, logp: Tensor, num_groups: int) -> tuple[T
 
 
 def group_heads(cross: CrossTokenizerBatch, student_logp: Tensor, teacher_logp: Tensor,
-                labels: Tensor | None = None, ignore_index: int = -100) -> tuple[Tensor, _Heads, _Heads]:
+                labels: Tensor | None = None, ignore_index: int = -100,
+                vocab: SharedVocab | None = None) -> tuple[Tensor, _Heads, _Heads]:
     """The groups both sides can be compared at, with each side's head and chained probability.
 
     Args:
@@ -151,6 +162,8 @@ def group_heads(cross: CrossTokenizerBatch, student_logp: Tensor, teacher_logp: 
         labels: the student's aligned labels ``(B, Ts)``: a group whose head has ``ignore_index``
             there is skipped; ``None``: none skipped.
         ignore_index: the mask value in ``labels``.
+        vocab: with the two vocabularies' spellings (:func:`shared_vocab`), each side's heads also
+            carry the id that spells the whole group (:func:`_whole_ids`).
 
     Returns:
         ``(batch_index, student_heads, teacher_heads)`` over the ``N`` compared groups.
@@ -162,7 +175,58 @@ def group_heads(cross: CrossTokenizerBatch, student_logp: Tensor, teacher_logp: 
     if labels is not None:
         valid &= labels.gather(1, s_pos) != ignore_index
     b, g = valid.nonzero(as_tuple=True)
-    return b, _Heads(s_pos[b, g], s_first[b, g], s_chain[b, g]), _Heads(t_pos[b, g], t_first[b, g], t_chain[b, g])
+    s_whole, t_whole = _both_whole(cross, vocab, b, g, s_first[b, g], t_first[b, g], num_groups)
+    return (b, _Heads(s_pos[b, g], s_first[b, g], s_chain[b, g], s_whole),
+            _Heads(t_pos[b, g], t_first[b, g], t_chain[b, g], t_whole))
+
+
+def _whole_ids(groups: Tensor, ids: Tensor, spelling: Spelling, b: Tensor, g: Tensor, first: Tensor,
+               num_groups: int) -> Tensor:
+    """Per compared group ``(b, g)``, the id of this side's vocabulary that spells the group's whole
+    text (its tokens' bytes joined), or ``-1`` when that is the group's first token or no id does.
+
+    A one-token group is spelled by its token, so only another id of the same bytes counts (the
+    lowest one, as the shared map pairs); a longer group's bytes are looked up once per group
+    (the batch's groups of several tokens, in Python; no loop over the vocabulary). A group with
+    a special token or an id without bytes has no spelling.
+    """
+    device = ids.device
+    whole = spelling.canon.to(device)[first]
+    n = b.numel()
+    if n:
+        slot = torch.full((groups.shape[0], num_groups), -1, dtype=torch.long, device=device)
+        slot[b, g] = torch.arange(n, device=device)
+        rb, rj = (groups >= 0).nonzero(as_tuple=True)
+        k = slot[rb, groups[rb, rj]]
+        keep = k >= 0
+        k, tokens = k[keep], ids[rb, rj][keep]
+        multi = torch.bincount(k, minlength=n)[k] > 1
+        k, tokens = k[multi], tokens[multi]  # row-major: each group's tokens together, in order
+        if k.numel():
+            keys, lookup = spelling.keys, spelling.lookup
+            slots, found = [], []
+            for index, run in groupby(zip(k.tolist(), tokens.tolist(), strict=True), key=lambda kt: kt[0]):
+                try:
+                    text = b"".join(keys[t] for _, t in run)
+                except TypeError:  # a special token or an id without bytes
+                    text = None
+                slots.append(index)
+                found.append(lookup.get(text, -1))
+            whole[torch.tensor(slots, device=device)] = torch.tensor(found, dtype=torch.long, device=device)
+    return torch.where(whole == first, -1, whole)
+
+
+def _both_whole(cross: CrossTokenizerBatch, vocab: SharedVocab | None, b: Tensor, g: Tensor, s_first: Tensor,
+                t_first: Tensor, num_groups: int) -> tuple[Tensor | None, Tensor | None]:
+    """``(student, teacher)`` :func:`_whole_ids`, ``None`` for a side whose spellings are not known or
+    where no compared group has such an id (the merge as without, at no cost)."""
+    spellings = vocab.spellings if vocab is not None else (None, None)
+    out = []
+    for spelling, groups, ids, first in zip(spellings, (cross.student_groups, cross.teacher_groups),
+                                            (cross.student_ids, cross.teacher_ids), (s_first, t_first), strict=True):
+        whole = None if spelling is None else _whole_ids(groups, ids, spelling, b, g, first, num_groups)
+        out.append(None if whole is None or not bool((whole >= 0).any()) else whole)
+    return out[0], out[1]
 
 
 def _log1mexp(x: Tensor) -> Tensor:
@@ -173,12 +237,22 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.where(zero, torch.full_like(x, _LOG_FLOOR), value)
 
 
-def _merge(head: Tensor, first: Tensor, chain: Tensor) -> tuple[Tensor, Tensor]:
+def _merge(head: Tensor, first: Tensor, chain: Tensor, whole: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The head distribution with the group's mass moved out of the first token's entry:
-    ``(entries with p(first) * (1 - chain) at first, log p(group) = log p(first) + chain)``."""
+    ``(entries with p(first) * (1 - chain) at first, log p(group) = log p(first) + chain)``.
+
+    With ``whole`` (per row an id that spells the whole group, ``-1``: none), that id's mass is
+    the same event by another path: it is added to the group entry and its entry becomes 0."""
     lp_first = head.gather(-1, first.unsqueeze(-1)).squeeze(-1)
     tail = lp_first + _log1mexp(chain)
-    return head.scatter(-1, first.unsqueeze(-1), tail.unsqueeze(-1)), lp_first + chain
+    merged, group = head.scatter(-1, first.unsqueeze(-1), tail.unsqueeze(-1)), lp_first + chain
+    if whole is None:
+        return merged, group
+    has = whole >= 0
+    at = whole.clamp(min=0).unsqueeze(-1)
+    group = torch.where(has, torch.logaddexp(group, head.gather(-1, at).squeeze(-1)), group)
+    kept = merged.gather(-1, at).squeeze(-1)  # rows without one write their entry back unchanged
+    return merged.scatter(-1, at, torch.where(has, _LOG_FLOOR, kept).unsqueeze(-1)), group
 
 
 def _sorted_l1(p: Tensor, q: Tensor) -> Tensor:
@@ -257,6 +331,8 @@ class _Plan:
         s_first, t_first: ``(N,)`` each side's first token of the group.
         s_inner, t_inner: ``(rows, token ids, group slot)`` of the tokens chained into a compared
             group (the row that predicts the token, the token, the group's index in ``0..N-1``).
+        s_whole, t_whole: ``(N,)`` each side's id that spells the whole group, ``-1`` for none
+            (:func:`_whole_ids`); ``None`` when no compared group of the batch has one.
     """
 
     s_rows: Tensor
@@ -265,6 +341,8 @@ class _Plan:
     t_first: Tensor
     s_inner: tuple[Tensor, Tensor, Tensor]
     t_inner: tuple[Tensor, Tensor, Tensor]
+    s_whole: Tensor | None = None
+    t_whole: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -289,8 +367,10 @@ def _side_plan(groups: Tensor, ids: Tensor, num_groups: int):
     return has, position, first, (b, j, groups[b, j])
 
 
-def _plan(cross: CrossTokenizerBatch, labels: Tensor | None, ignore_index: int) -> _Plan:
-    """The groups :func:`group_heads` compares, as flat rows (no logits needed)."""
+def _plan(cross: CrossTokenizerBatch, labels: Tensor | None, ignore_index: int,
+          vocab: SharedVocab | None = None) -> _Plan:
+    """The groups :func:`group_heads` compares, as flat rows (no logits needed), with the ids
+    that spell whole groups when ``vocab`` knows the spellings."""
     num_groups = int(max(int(cross.student_groups.max()), int(cross.teacher_groups.max()), 0)) + 1
     s_has, s_pos, s_first, s_inner = _side_plan(cross.student_groups, cross.student_ids, num_groups)
     t_has, t_pos, t_first, t_inner = _side_plan(cross.teacher_groups, cross.teacher_ids, num_groups)
@@ -308,8 +388,9 @@ def _plan(cross: CrossTokenizerBatch, labels: Tensor | None, ignore_index: int) 
         return (ib * ids.shape[1] + ij - 1)[keep], ids[ib, ij][keep], k[keep]
 
     ts, tt = cross.student_ids.shape[1], cross.teacher_ids.shape[1]
+    s_whole, t_whole = _both_whole(cross, vocab, b, g, s_first[b, g], t_first[b, g], num_groups)
     return _Plan(b * ts + s_pos[b, g], b * tt + t_pos[b, g], s_first[b, g], t_first[b, g],
-                 inner(s_inner, cross.student_ids), inner(t_inner, cross.teacher_ids))
+                 inner(s_inner, cross.student_ids), inner(t_inner, cross.teacher_ids), s_whole, t_whole)
 
 
 def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
@@ -336,8 +417,8 @@ def _chains(logits: Tensor, inner: tuple[Tensor, Tensor, Tensor], size: int, tem
 class _Job:
     """One chunked cross-tokenizer loss: the plan, the per-chunk terms and how to walk them.
 
-    ``piece(ls, lt, s_first, s_chain, t_first, t_chain) -> (divergence sum, ULD sum)`` over one
-    chunk of head rows (log-probabilities at the temperature). ``weights``: the gradient that
+    ``piece(ls, lt, s_first, s_chain, t_first, t_chain, s_whole, t_whole) -> (divergence sum,
+    ULD sum)`` over one chunk of head rows (log-probabilities at the temperature). ``weights``: the gradient that
     forward computes is that of ``weights[0] * divergence + weights[1] * ULD`` (how the caller
     combines the two; backward recomputes when the incoming gradients are not in this ratio).
     """
@@ -368,14 +449,16 @@ class _Job:
             zs = s2.index_select(0, plan.s_rows[start:end]).float()
             lt = _log_probs(t2.index_select(0, plan.t_rows[start:end]), temperature)
             firsts = plan.s_first[start:end], plan.t_first[start:end]
+            wholes = tuple(None if w is None else w[start:end] for w in (plan.s_whole, plan.t_whole))
             if grad is None:
                 d, r = self.piece(_log_probs(zs, temperature), lt, firsts[0], s_chain[start:end], firsts[1],
-                                  t_chain[start:end])
+                                  t_chain[start:end], *wholes)
             else:
                 zs.requires_grad_(True)
                 cs = s_chain[start:end].clone().requires_grad_(self.chained)
                 with torch.enable_grad():
-                    d, r = self.piece(_log_probs(zs, temperature), lt, firsts[0], cs, firsts[1], t_chain[start:end])
+                    d, r = self.piece(_log_probs(zs, temperature), lt, firsts[0], cs, firsts[1], t_chain[start:end],
+                                      *wholes)
                     wanted = d * weights[0] + r * weights[1]
                     leaves = [zs, cs] if self.chained else [zs]
                     found = torch.autograd.grad(wanted, leaves, allow_unused=True)
@@ -465,7 +548,7 @@ def uld(student_logits: Tensor, teacher_logits: Tensor, cross: CrossTokenizerBat
     chunk_size = check_int("chunk_size", chunk_size, low=1, allow_none=True)
     plan = _plan(cross, labels, ignore_index)
 
-    def piece(ls, lt, s_first, s_chain, t_first, t_chain):
+    def piece(ls, lt, s_first, s_chain, t_first, t_chain, s_whole, t_whole):
         return ls.new_zeros(()), _SortedL1.apply(ls.exp(), lt.exp()).sum()
 
     job = _Job(plan, piece, float(temperature), chunk_size, chained=False, weights=(0.0, 1.0))
@@ -528,9 +611,9 @@ def _hybrid(student_logits: Tensor, teacher_logits: Tensor, cross: CrossTokenize
     s_ids, t_ids = vocab.student_ids.to(device), vocab.teacher_ids.to(device)
     s_only, t_only = vocab.unshared(device) if uld_weight > 0 else (None, None)
 
-    def piece(ls, lt, s_first, s_chain, t_first, t_chain):
-        ms, gs = _merge(ls, s_first, s_chain)
-        mt, gt = _merge(lt, t_first, t_chain)
+    def piece(ls, lt, s_first, s_chain, t_first, t_chain, s_whole, t_whole):
+        ms, gs = _merge(ls, s_first, s_chain, s_whole)
+        mt, gt = _merge(lt, t_first, t_chain, t_whole)
         # index_select (backward: one index_add) rather than advanced indexing (accumulating index_put).
         xs = torch.cat([ms.index_select(-1, s_ids), gs.unsqueeze(-1)], -1)
         xt = torch.cat([mt.index_select(-1, t_ids), gt.unsqueeze(-1)], -1)
@@ -539,7 +622,7 @@ def _hybrid(student_logits: Tensor, teacher_logits: Tensor, cross: CrossTokenize
             return div, ms.new_zeros(())
         return div, _SortedL1.apply(ms.index_select(-1, s_only).exp(), mt.index_select(-1, t_only).exp()).sum()
 
-    plan = _plan(cross, labels, ignore_index)
+    plan = _plan(cross, labels, ignore_index, vocab)
     job = _Job(plan, piece, float(temperature), chunk_size, chained=True,
                weights=(float(div_weight), float(uld_weight) if s_only is not None else 0.0))
     div, rest = _walk(job, student_logits, teacher_logits)
@@ -597,9 +680,9 @@ def _reference_cross_tokenizer_kd(student_logits: Tensor, teacher_logits: Tensor
         )
     rows_fn = registry.get(divergence).row_fn(dict(params or {}))
     ls, lt = _log_probs(student_logits, temperature), _log_probs(teacher_logits.detach(), temperature)
-    b, s, t = group_heads(cross, ls, lt, labels, ignore_index)
-    ms, gs = _merge(ls[b, s.position], s.first, s.chain)
-    mt, gt = _merge(lt[b, t.position], t.first, t.chain)
+    b, s, t = group_heads(cross, ls, lt, labels, ignore_index, vocab)
+    ms, gs = _merge(ls[b, s.position], s.first, s.chain, s.whole)
+    mt, gt = _merge(lt[b, t.position], t.first, t.chain, t.whole)
     device = ms.device
     s_ids, t_ids = vocab.student_ids.to(device), vocab.teacher_ids.to(device)
     # index_select (backward: one index_add) rather than advanced indexing (accumulating index_put).
