@@ -88,7 +88,8 @@ def main(argv: list[str]) -> int:
         return 0
     if command == "demo":
         return subprocess.run([str(BIN / "lightning-distill"), *rest], env=env).returncode
-    return subprocess.run([str(PY), "-m", "pytest", *_workers(rest), *rest], cwd=ROOT, env=env).returncode
+    pytest = [str(PY), "-m", "pytest", *_workers(rest), *rest]
+    return subprocess.run(pytest, cwd=ROOT, env=env).returncode
 
 
 def _workers(args: list[str]) -> list[str]:
@@ -97,10 +98,14 @@ def _workers(args: list[str]) -> list[str]:
     Nothing when the arguments choose for themselves (``-n``, ``--dist``, ``-p no:xdist``) or on one core.
     Whole files per worker keep each file's module-scoped fixtures built once.
     """
-    if any(a.startswith(("-n", "--numprocesses", "--dist")) or a.endswith("no:xdist") for a in args):
+    chosen = ("-n", "--numprocesses", "--dist")
+    if any(a.startswith(chosen) or a.endswith("no:xdist") for a in args):
         return []
-    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    cores = min(len(usable), 4)
+    # The cores this process may use (a container may allow fewer than the machine has).
+    if hasattr(os, "sched_getaffinity"):
+        cores = min(len(os.sched_getaffinity(0)), 4)
+    else:
+        cores = min(os.cpu_count() or 1, 4)
     return ["-n", str(cores), "--dist", "loadfile"] if cores > 1 else []
 
 
