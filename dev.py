@@ -2,7 +2,7 @@
 """Set up and run lightning-distill from a fresh checkout, with nothing but Python.
 
     python3 dev.py demo [hydra overrides...]   # the demo: distil a teacher, print the table
-    python3 dev.py test [pytest args...]       # the test suite (what CI runs)
+    python3 dev.py test [pytest args...]       # the test suite (what CI runs), one pytest-xdist worker per core
 
 The first call creates ``.venv/`` and installs the project into it (CPU build of PyTorch
 unless a GPU is visible, then the package with its dev extra); later calls reuse it and only
@@ -88,7 +88,25 @@ def main(argv: list[str]) -> int:
         return 0
     if command == "demo":
         return subprocess.run([str(BIN / "lightning-distill"), *rest], env=env).returncode
-    return subprocess.run([str(PY), "-m", "pytest", *rest], cwd=ROOT, env=env).returncode
+    pytest = [str(PY), "-m", "pytest", *_workers(rest), *rest]
+    return subprocess.run(pytest, cwd=ROOT, env=env).returncode
+
+
+def _workers(args: list[str]) -> list[str]:
+    """pytest-xdist options: one worker per CPU core (at most 4), each taking whole test files.
+
+    Nothing when the arguments choose for themselves (``-n``, ``--dist``, ``-p no:xdist``) or on one core.
+    Whole files per worker keep each file's module-scoped fixtures built once.
+    """
+    chosen = ("-n", "--numprocesses", "--dist")
+    if any(a.startswith(chosen) or a.endswith("no:xdist") for a in args):
+        return []
+    # The cores this process may use (a container may allow fewer than the machine has).
+    if hasattr(os, "sched_getaffinity"):
+        cores = min(len(os.sched_getaffinity(0)), 4)
+    else:
+        cores = min(os.cpu_count() or 1, 4)
+    return ["-n", str(cores), "--dist", "loadfile"] if cores > 1 else []
 
 
 if __name__ == "__main__":

@@ -198,31 +198,34 @@ def test_bf16_teacher_logits_reach_the_losses_as_float32():
 # ---------------------------------------------------------------- FSDP2 on CPU (gloo)
 
 
-def _engine(tmp_path: Path, name: str, devices: int, batch: int,
-            accumulate: int = 1) -> tuple[dict[str, torch.Tensor], dict]:
-    out = tmp_path / f"{name}-{accumulate}"
+def _fsdp2(tmp_path: Path, *pairs: tuple[int, int]) -> list[tuple[dict[str, torch.Tensor], dict]]:
+    """FSDP2 on two CPU ranks, one launch: a fit per (batch size, accumulation) pair."""
+    out = tmp_path / "fsdp2"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(SCRIPT), str(out), name, str(devices), str(batch), "cpu",
-                             str(accumulate)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(SCRIPT), str(out), "fsdp2", "2", *(f"{b}:{a}" for b, a in pairs),
+                             "cpu"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    return load_file(out / "grads.safetensors"), json.loads((out / "report.json").read_text())
+    folders = [out / f"b{b}-a{a}" for b, a in pairs]
+    return [(load_file(f / "grads.safetensors"), json.loads((f / "report.json").read_text())) for f in folders]
 
 
 @pytest.mark.slow
-def test_fsdp2_two_ranks_shard_both_models_and_step_with_the_single_process_gradient(tmp_path):
-    single, single_report = _engine(tmp_path, "single", devices=1, batch=8)
-    sharded, report = _engine(tmp_path, "fsdp2", devices=2, batch=4)
-    accumulated, _ = _engine(tmp_path, "fsdp2", devices=2, batch=2, accumulate=2)
+def test_fsdp2_two_ranks_shard_both_models_and_step_with_the_single_process_gradient(tmp_path, load_script):
+    load_script("engine_grads").main(tmp_path / "single", "single", 1, 8, "cpu")  # the reference, in this process
+    single = load_file(tmp_path / "single" / "grads.safetensors")
+    single_report = json.loads((tmp_path / "single" / "report.json").read_text())
+    (sharded, report), (accumulated, accumulated_report) = _fsdp2(tmp_path, (4, 1), (2, 2))
     assert single.keys() == sharded.keys() == accumulated.keys() and len(single) == 12
     assert any(g.abs().max() > 1e-4 for g in single.values())
     for key in single:  # the step-wide token mean over ranks and micro-batches (StepMean on DTensor shards)
         torch.testing.assert_close(sharded[key], single[key], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(accumulated[key], single[key], rtol=1e-5, atol=1e-6)
-    assert report["world_size"] == 2
-    assert report["student_sharded"] == 12  # every student parameter a DTensor shard
-    assert report["teacher_sharded"] == report["teacher_params"] == 12  # the teacher wrapped too, kept sharded
-    for r in (single_report, report):
+    assert single_report["world_size"] == 1
+    for r in (report, accumulated_report):  # the second fit reuses the launch: still two ranks, sharded
+        assert r["world_size"] == 2
+        assert r["student_sharded"] == 12  # every student parameter a DTensor shard
+        assert r["teacher_sharded"] == r["teacher_params"] == 12  # the teacher wrapped too, kept sharded
+    for r in (single_report, report, accumulated_report):
         assert r["teacher_trainable"] == r["teacher_grads"] == r["teacher_in_optimizer"] == 0
         assert r["teacher_optimizer_state"] == 0 and r["student_optimizer_state"] == 12
         assert r["teacher_training"] is False

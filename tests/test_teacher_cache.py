@@ -481,8 +481,8 @@ def test_two_rank_build_is_read_by_one_rank_and_equals_a_one_rank_build(tmp_path
     index = json.loads((two / "train" / "index.json").read_text())
     assert {s["file"].split("-")[2] for s in index["shards"]} == {"r000", "r001"} and index["samples"] == 20
 
-    # One process reads the 2-rank cache (nothing to build) and trains from it.
-    _run_script(tmp_path, two, devices=1)
+    # One process (this one) reads the 2-rank cache (nothing to build) and trains from it.
+    script.main(str(two), 1)
     assert json.loads((tmp_path / "two.rank0.json").read_text())["built"] == 0
 
     # Same targets as a cache built by one process: draws depend on the sample id only.

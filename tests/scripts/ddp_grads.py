@@ -1,16 +1,19 @@
 """Run one optimizer step of DistillationModule and save the gradients it stepped with.
 
-    python ddp_grads.py OUT.safetensors DEVICES BATCH_SIZE ACCUMULATE
+    python ddp_grads.py OUT_DIR DEVICES BATCH_SIZE:ACCUMULATE [BATCH_SIZE:ACCUMULATE ...]
 
-With DEVICES=2 Lightning's DDP launcher re-runs this script once per rank (gloo, CPU). The
-eight sequences have different numbers of valid tokens, so a per-rank or per-micro-batch mean
-would give different gradients from the step-wide mean.
+One fit per ``BATCH_SIZE:ACCUMULATE`` pair, each saving ``OUT_DIR/b<BATCH_SIZE>-a<ACCUMULATE>.safetensors``.
+With DEVICES=2 Lightning's DDP launcher re-runs this script once per rank (gloo, CPU); the later fits
+reuse those ranks and their process group (no second launch). The eight sequences have different
+numbers of valid tokens, so a per-rank or per-micro-batch mean would give different gradients from
+the step-wide mean.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -56,6 +59,7 @@ class RecordingSGD(torch.optim.SGD):
 
 
 def main(out: str, devices: int, batch_size: int, accumulate: int) -> None:
+    """One fit of one optimizer step; rank 0 saves the gradients to ``out``."""
     teacher = model(1, 32)
     with torch.no_grad():
         teacher.lm_head.weight.mul_(20)  # a peaked teacher, so KD has signal
@@ -69,9 +73,18 @@ def main(out: str, devices: int, batch_size: int, accumulate: int) -> None:
     trainer.fit(module, DataLoader(items(), batch_size=batch_size, shuffle=False))
     if trainer.global_rank == 0:
         seen = trainer.optimizers[0].seen
-        save_file({f"g{i}": g.contiguous() for i, g in enumerate(seen)}, out)
+        save_file({f"g{i}": g.contiguous() for i, g in enumerate(seen)}, out,
+                  metadata={"world_size": str(trainer.world_size)})
+
+
+def output(folder: str, batch_size: int, accumulate: int) -> Path:
+    """Where the fit with ``batch_size`` and ``accumulate`` saves its gradients."""
+    return Path(folder) / f"b{batch_size}-a{accumulate}.safetensors"
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
+    for pair in sys.argv[3:]:
+        batch, acc = (int(v) for v in pair.split(":"))
+        main(str(output(sys.argv[1], batch, acc)), int(sys.argv[2]), batch, acc)
     end_process_group()  # exit cleanly (gloo threads otherwise may abort the process)

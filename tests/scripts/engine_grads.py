@@ -1,11 +1,14 @@
 """One optimizer step of DistillationModule under a sharded engine; saves the full gradients it stepped with.
 
     python engine_grads.py OUT_DIR STRATEGY DEVICES BATCH_SIZE [ACCELERATOR] [ACCUMULATE]
+    python engine_grads.py OUT_DIR STRATEGY DEVICES BATCH_SIZE:ACCUMULATE [BATCH_SIZE:ACCUMULATE ...] ACCELERATOR
 
 STRATEGY: ``single`` (one process), ``fsdp2`` (Lightning's ModelParallelStrategy + fully_shard: CPU with
 gloo, or CUDA), ``fsdp`` (Lightning's FSDPStrategy: CUDA only). Rank 0 writes ``grads.safetensors``
 (the gathered student gradients) and ``report.json`` (loss, what the teacher looks like after the step:
 sharded, gradients, optimizer state). The models and the eight uneven sequences are ``ddp_grads.py``'s.
+The second form makes one fit per pair in one launch (the later fits reuse the ranks and their process
+group), each writing into ``OUT_DIR/b<BATCH_SIZE>-a<ACCUMULATE>/``.
 """
 
 from __future__ import annotations
@@ -107,6 +110,11 @@ def main(out: Path, name: str, devices: int, batch_size: int, accelerator: str, 
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
-         sys.argv[5] if len(sys.argv) > 5 else "cpu", int(sys.argv[6]) if len(sys.argv) > 6 else 1)
+    if ":" in sys.argv[4]:
+        for pair in sys.argv[4:-1]:
+            batch, acc = (int(v) for v in pair.split(":"))
+            main(Path(sys.argv[1]) / f"b{batch}-a{acc}", sys.argv[2], int(sys.argv[3]), batch, sys.argv[-1], acc)
+    else:
+        main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
+             sys.argv[5] if len(sys.argv) > 5 else "cpu", int(sys.argv[6]) if len(sys.argv) > 6 else 1)
     end_process_group()
