@@ -116,8 +116,8 @@ class CrossTokenizerBatch:
 
 @dataclass
 class _Heads:
-    """Per side, per group (flattened over the batch): head position, first token, chain log-prob,
-    and the id that spells the whole group (``-1``: none besides the first token; ``None``: none in
+    """Per side, per group (flattened over the batch): head position, first token, chain (as
+    ``log(-log c)``, :func:`_merge`), and the id that spells the whole group (``-1``: none besides the first token; ``None``: none in
     the batch, or the spellings are not known)."""
 
     position: Tensor
@@ -127,7 +127,8 @@ class _Heads:
 
 
 def _side(groups: Tensor, ids: Tensor, logp: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(has_head, head_position, first_token, chain_logprob)``, each ``(B, num_groups)``."""
+    """``(has_head, head_position, first_token, chain)``, each ``(B, num_groups)``; ``chain`` is
+    ``log(-log c)`` of the chained probability ``c`` (:func:`_merge`)."""
     b_size = groups.shape[0]
     prev = F.pad(groups[:, :-1], (1, 0), value=-1)
     real = groups >= 0
@@ -142,12 +143,10 @@ def _side(groups: Tensor, ids: Tensor, logp: Tensor, num_groups: int) -> tuple[T
     position[b, g] = j - 1
     first[b, g] = ids[b, j]
     has[b, g] = True
-    chain = torch.zeros(b_size, num_groups, dtype=logp.dtype, device=logp.device)
     b, j = inner.nonzero(as_tuple=True)
-    if b.numel():
-        values = logp[b, j - 1].gather(-1, ids[b, j].unsqueeze(-1)).squeeze(-1)
-        chain = chain.index_put((b, groups[b, j]), values, accumulate=True)
-    return has, position, first, chain
+    nats = _chain_rows(logp[b, j - 1], ids[b, j])
+    chain = _group_logsumexp(nats, b * num_groups + groups[b, j], b_size * num_groups)
+    return has, position, first, chain.view(b_size, num_groups)
 
 
 def group_heads(cross: CrossTokenizerBatch, student_logp: Tensor, teacher_logp: Tensor,
@@ -229,23 +228,60 @@ def _both_whole(cross: CrossTokenizerBatch, vocab: SharedVocab | None, b: Tensor
     return out[0], out[1]
 
 
-def _log1mexp(x: Tensor) -> Tensor:
-    """``log(1 - exp(x))`` for ``x <= 0``; the floor (log 0) at ``x == 0``, with finite gradients."""
-    zero = x >= 0
-    safe = torch.where(zero, torch.full_like(x, -1.0), x)
-    value = torch.where(safe > -0.6931471805599453, torch.log(-torch.expm1(safe)), torch.log1p(-torch.exp(safe)))
-    return torch.where(zero, torch.full_like(x, _LOG_FLOOR), value)
+_LN2 = 0.6931471805599453
+# Below exp(-60) of the mass, log(-log(1 - q)) is log q (to q / 2) and log(1 - exp(-L)) is log L
+# (to L / 2): no exp that underflows is taken.
+_TINY_LOG = -60.0
+
+
+def _chain_rows(logp: Tensor, ids: Tensor) -> Tensor:
+    """Per chained row (``logp``: ``(R, V)`` log-probabilities, ``ids``: ``(R,)`` the tokens),
+    ``log(-log p(token))``: the log of the row's nats, accurate however close ``p`` is to 1.
+
+    ``p = 1 - q`` with ``q`` the row's other entries' mass, taken from their log-sum-exp (not
+    from ``1 - p``, which rounds to 0 in float32 once ``q`` is below about 6e-8): where ``p > 1/2``,
+    ``-log p = -log1p(-q)`` (and ``q`` itself when ``q < exp(-60)``); elsewhere ``-log p`` directly.
+    A row whose other entries all have probability 0 gives the floor (``p`` is exactly 1).
+    """
+    token = ids.unsqueeze(-1)
+    lp = logp.gather(-1, token).squeeze(-1)
+    lq = logp.scatter(-1, token, _LOG_FLOOR).logsumexp(-1)  # log q, the floor when q is 0
+    near = torch.log(-torch.log1p(-lq.clamp(_TINY_LOG, -_LN2).exp()))
+    far = torch.log(-lp.clamp(max=-_LN2))
+    return torch.where(lq < -_LN2, torch.where(lq < _TINY_LOG, lq, near), far).clamp(max=80.0)
+
+
+def _group_logsumexp(values: Tensor, slot: Tensor, size: int) -> Tensor:
+    """``(size,)``: per slot the log-sum-exp of ``values`` at that slot; the floor for a slot
+    without one (a group without chained tokens: its chain is 1, its nats 0)."""
+    top = torch.full((size,), _LOG_FLOOR, dtype=values.dtype, device=values.device)
+    top = top.scatter_reduce(0, slot, values.detach(), "amax")
+    total = torch.zeros_like(top).index_add(0, slot, (values - top[slot]).exp())
+    has = total > 0
+    return torch.where(has, top + torch.where(has, total, 1.0).log(), _LOG_FLOOR)
+
+
+def _log1m_chain(nats: Tensor) -> Tensor:
+    """``log(1 - c)`` for the chain ``c = exp(-L)`` given ``nats = log L``, accurate for ``c``
+    near 1 (``L`` small: ``log(-expm1(-L))``, ``log L`` below ``exp(-60)``) and for ``c`` near 0
+    (``log1p(-exp(-L))``); the floor (log 0) for no chained token."""
+    size = nats.clamp(min=_TINY_LOG).exp()
+    small = torch.log(-torch.expm1(-size.clamp(max=_LN2)))
+    large = torch.log1p(-torch.exp(-size.clamp(min=_LN2)))
+    return torch.where(nats < _TINY_LOG, nats, torch.where(size < _LN2, small, large))
 
 
 def _merge(head: Tensor, first: Tensor, chain: Tensor, whole: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The head distribution with the group's mass moved out of the first token's entry:
-    ``(entries with p(first) * (1 - chain) at first, log p(group) = log p(first) + chain)``.
+    ``(entries with p(first) * (1 - c) at first, log p(group) = log p(first) + log c)``, the chain
+    ``c`` given as ``chain = log(-log c)`` (:func:`_chain_rows`, summed over the group's rows in
+    log space; the floor for none), so that ``1 - c`` is accurate when ``c`` rounds to 1.
 
     With ``whole`` (per row an id that spells the whole group, ``-1``: none), that id's mass is
     the same event by another path: it is added to the group entry and its entry becomes 0."""
     lp_first = head.gather(-1, first.unsqueeze(-1)).squeeze(-1)
-    tail = lp_first + _log1mexp(chain)
-    merged, group = head.scatter(-1, first.unsqueeze(-1), tail.unsqueeze(-1)), lp_first + chain
+    tail = lp_first + _log1m_chain(chain)
+    merged, group = head.scatter(-1, first.unsqueeze(-1), tail.unsqueeze(-1)), lp_first - chain.exp()
     if whole is None:
         return merged, group
     has = whole >= 0
@@ -401,16 +437,17 @@ def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
 
 
 def _chains(logits: Tensor, inner: tuple[Tensor, Tensor, Tensor], size: int, temperature: float,
-            chunk_size: int | None) -> Tensor:
-    """``(size,)`` per compared group, the chained log-probability of its inner tokens."""
+            chunk_size: int | None) -> tuple[Tensor, Tensor]:
+    """``(chain, nats)``: per compared group ``(size,)`` the chain of its inner tokens as
+    ``log(-log c)`` (:func:`_merge`), and per inner token the row's own (:func:`_chain_rows`)."""
     rows, ids, slot = inner
     values = torch.empty(rows.shape, dtype=torch.float32, device=logits.device)
     step = _chunk_rows(rows.numel(), logits.shape[-1], chunk_size)
     for start in range(0, rows.numel(), step):
         end = start + step
-        lp = _log_probs(logits.index_select(0, rows[start:end]), temperature)
-        values[start:end] = lp.gather(-1, ids[start:end].unsqueeze(-1)).squeeze(-1)
-    return torch.zeros(size, dtype=torch.float32, device=logits.device).index_add_(0, slot, values)
+        values[start:end] = _chain_rows(_log_probs(logits.index_select(0, rows[start:end]), temperature),
+                                        ids[start:end])
+    return _group_logsumexp(values, slot, size), values
 
 
 @dataclass
@@ -436,11 +473,11 @@ class _Job:
         plan, temperature = self.plan, self.temperature
         s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
         n = plan.size
-        zeros = torch.zeros(n, dtype=torch.float32, device=s2.device)
-        s_chain = _chains(s2, plan.s_inner, n, temperature, self.chunk_size) if self.chained else zeros
-        t_chain = _chains(t2, plan.t_inner, n, temperature, self.chunk_size) if self.chained else zeros
+        none = torch.full((n,), _LOG_FLOOR, dtype=torch.float32, device=s2.device), None
+        s_chain, s_nats = _chains(s2, plan.s_inner, n, temperature, self.chunk_size) if self.chained else none
+        t_chain = _chains(t2, plan.t_inner, n, temperature, self.chunk_size)[0] if self.chained else none[0]
         grad = None if weights is None else torch.zeros_like(s2)
-        chain_grad = torch.zeros_like(zeros)
+        chain_grad = torch.zeros_like(s_chain)
         div = torch.zeros((), dtype=torch.float32, device=s2.device)
         rest = torch.zeros_like(div)
         step = _chunk_rows(n, max(s2.shape[-1], t2.shape[-1]), self.chunk_size)
@@ -470,15 +507,16 @@ class _Job:
             rest += r.detach()
         if grad is None:
             return div, rest, None
-        if self.chained:  # d chain / d logits of each chained row: (onehot(token) - softmax) / T
+        if self.chained:  # through each chained row's nats, whose log-sum-exp over the group is the chain
             rows, ids, slot = plan.s_inner
-            weight = chain_grad[slot]
+            weight = chain_grad[slot] * (s_nats - s_chain[slot]).exp()
             step = _chunk_rows(rows.numel(), s2.shape[-1], self.chunk_size)
             for start in range(0, rows.numel(), step):
                 end = start + step
-                w = weight[start:end].unsqueeze(-1) / temperature
-                g = (s2.index_select(0, rows[start:end]).float() / temperature).softmax(-1).mul_(-w)
-                g.scatter_add_(-1, ids[start:end].unsqueeze(-1), w)
+                z = s2.index_select(0, rows[start:end]).float().requires_grad_(True)
+                with torch.enable_grad():
+                    nats = _chain_rows(_log_probs(z, temperature), ids[start:end])
+                    (g,) = torch.autograd.grad(nats, z, weight[start:end])
                 grad.index_add_(0, rows[start:end], g.to(grad.dtype))
         return div, rest, grad.view_as(student)
 
