@@ -107,8 +107,9 @@ def test_the_chain_helpers_in_float32_against_float64():
     logp = z.log_softmax(-1)
     rest = logp.scatter(-1, ids.unsqueeze(-1), -math.inf).logsumexp(-1)  # log(1 - p), float64
     nats = torch.log(-torch.log1p(-rest.exp()))  # log(-log p), from q = 1 - p
-    found = ct._chain_rows(logp.float(), ids)
+    found, found_rest = ct._chain_rows(logp.float(), ids)
     torch.testing.assert_close(found.double(), nats, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(found_rest.double(), rest, rtol=1e-5, atol=1e-5)
     # A group of several rows: log(1 - c) with c = prod p, against float64.
     slot = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3])
     chain = ct._group_logsumexp(found, slot, 5)
@@ -144,3 +145,25 @@ def test_very_confident_models_on_random_tokenizations_stay_finite(divergence, p
         ref = div * temperature**2 + rest
         assert value.item() == pytest.approx(ref.item(), rel=1e-4)
         torch.testing.assert_close(grad, torch.autograd.grad(ref, s)[0], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("split", ["student", "teacher"])
+def test_a_chain_of_exactly_one_keeps_the_floor_without_nan(split):
+    # Every other entry of the chained row at -inf: c is exactly 1 and the first token's entry
+    # holds 0 for real (a log-0 term where the other side has mass there, as for LogitKD with a
+    # probability of 0); no NaN, and the chunked gradient is the direct one's.
+    cross, student, teacher = _case(split, 20.0, 1.0, seed=0)
+    row, b = (student[0, 1], 2) if split == "student" else (teacher[0, 1], 3)
+    row[torch.arange(5) != b] = -math.inf
+    floor_side = "forward_kl" if split == "student" else "reverse_kl"
+    for divergence in ("forward_kl", "reverse_kl", "tvd"):
+        found = []
+        for fn in (ct.cross_tokenizer_kd, ct._reference_cross_tokenizer_kd):
+            s = student.float().requires_grad_(True)
+            div, rest, _ = fn(s, teacher.float(), cross, VOCAB, divergence=divergence)
+            (grad,) = torch.autograd.grad(div + rest, s)
+            assert torch.isfinite(grad).all()
+            found.append((div.item(), grad))
+        assert found[0][0] == pytest.approx(found[1][0], rel=1e-6)
+        torch.testing.assert_close(found[0][1], found[1][1])
+        assert (found[0][0] > 1e30) == (divergence == floor_side)

@@ -19,7 +19,9 @@ Two terms:
   other tokens", of probability ``p(first) * prod p(next token | ...)`` (the chained token
   probabilities along the side's own tokens). That mass moves from the first token's entry to a
   *group* entry both sides share; the first token's entry keeps ``p(first) * (1 - chain)``
-  (it started like the group but went on otherwise). An entry of the side's vocabulary that
+  (it started like the group but went on otherwise; ``1 - chain`` is computed from the rest of
+  each chained row's mass, not from the chain, which rounds to 1 for a confident model:
+  :func:`_chain_rows`). An entry of the side's vocabulary that
   spells the group's whole text by itself ("ab" where the side read "a" + "b", or another id of
   a one-token group's bytes) is the same event by another path: its mass joins the group entry
   and its entry becomes 0, on each side, so that no shared string holds 0 on one side (moved to
@@ -144,7 +146,7 @@ def _side(groups: Tensor, ids: Tensor, logp: Tensor, num_groups: int) -> tuple[T
     first[b, g] = ids[b, j]
     has[b, g] = True
     b, j = inner.nonzero(as_tuple=True)
-    nats = _chain_rows(logp[b, j - 1], ids[b, j])
+    nats = _chain_rows(logp[b, j - 1], ids[b, j])[0]
     chain = _group_logsumexp(nats, b * num_groups + groups[b, j], b_size * num_groups)
     return has, position, first, chain.view(b_size, num_groups)
 
@@ -234,9 +236,10 @@ _LN2 = 0.6931471805599453
 _TINY_LOG = -60.0
 
 
-def _chain_rows(logp: Tensor, ids: Tensor) -> Tensor:
+def _chain_rows(logp: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
     """Per chained row (``logp``: ``(R, V)`` log-probabilities, ``ids``: ``(R,)`` the tokens),
-    ``log(-log p(token))``: the log of the row's nats, accurate however close ``p`` is to 1.
+    ``(log(-log p(token)), log q)``: the log of the row's nats, accurate however close ``p`` is
+    to 1, and the log of the rest of the row's mass.
 
     ``p = 1 - q`` with ``q`` the row's other entries' mass, taken from their log-sum-exp (not
     from ``1 - p``, which rounds to 0 in float32 once ``q`` is below about 6e-8): where ``p > 1/2``,
@@ -248,7 +251,7 @@ def _chain_rows(logp: Tensor, ids: Tensor) -> Tensor:
     lq = logp.scatter(-1, token, _LOG_FLOOR).logsumexp(-1)  # log q, the floor when q is 0
     near = torch.log(-torch.log1p(-lq.clamp(_TINY_LOG, -_LN2).exp()))
     far = torch.log(-lp.clamp(max=-_LN2))
-    return torch.where(lq < -_LN2, torch.where(lq < _TINY_LOG, lq, near), far).clamp(max=80.0)
+    return torch.where(lq < -_LN2, torch.where(lq < _TINY_LOG, lq, near), far).clamp(max=80.0), lq
 
 
 def _group_logsumexp(values: Tensor, slot: Tensor, size: int) -> Tensor:
@@ -437,17 +440,17 @@ def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
 
 
 def _chains(logits: Tensor, inner: tuple[Tensor, Tensor, Tensor], size: int, temperature: float,
-            chunk_size: int | None) -> tuple[Tensor, Tensor]:
-    """``(chain, nats)``: per compared group ``(size,)`` the chain of its inner tokens as
-    ``log(-log c)`` (:func:`_merge`), and per inner token the row's own (:func:`_chain_rows`)."""
+            chunk_size: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(chain, nats, rest)``: per compared group ``(size,)`` the chain of its inner tokens as
+    ``log(-log c)`` (:func:`_merge`), and per inner token the row's own two (:func:`_chain_rows`)."""
     rows, ids, slot = inner
-    values = torch.empty(rows.shape, dtype=torch.float32, device=logits.device)
+    values = torch.empty((2, rows.numel()), dtype=torch.float32, device=logits.device)
     step = _chunk_rows(rows.numel(), logits.shape[-1], chunk_size)
     for start in range(0, rows.numel(), step):
         end = start + step
-        values[start:end] = _chain_rows(_log_probs(logits.index_select(0, rows[start:end]), temperature),
-                                        ids[start:end])
-    return _group_logsumexp(values, slot, size), values
+        nats, rest = _chain_rows(_log_probs(logits.index_select(0, rows[start:end]), temperature), ids[start:end])
+        values[0, start:end], values[1, start:end] = nats, rest
+    return _group_logsumexp(values[0], slot, size), values[0], values[1]
 
 
 @dataclass
@@ -473,8 +476,8 @@ class _Job:
         plan, temperature = self.plan, self.temperature
         s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
         n = plan.size
-        none = torch.full((n,), _LOG_FLOOR, dtype=torch.float32, device=s2.device), None
-        s_chain, s_nats = _chains(s2, plan.s_inner, n, temperature, self.chunk_size) if self.chained else none
+        none = torch.full((n,), _LOG_FLOOR, dtype=torch.float32, device=s2.device), None, None
+        s_chain, s_nats, s_rest = _chains(s2, plan.s_inner, n, temperature, self.chunk_size) if self.chained else none
         t_chain = _chains(t2, plan.t_inner, n, temperature, self.chunk_size)[0] if self.chained else none[0]
         grad = None if weights is None else torch.zeros_like(s2)
         chain_grad = torch.zeros_like(s_chain)
@@ -507,16 +510,21 @@ class _Job:
             rest += r.detach()
         if grad is None:
             return div, rest, None
-        if self.chained:  # through each chained row's nats, whose log-sum-exp over the group is the chain
+        if self.chained:
+            # Through each chained row's nats L = -log p, whose log-sum-exp over the group is the
+            # chain: d log L / d logits = (softmax - onehot(token)) / (L T), the token's p - 1 taken
+            # as -q (exact where p rounds to 1); none for a row of one entry (its chain is exactly 1).
             rows, ids, slot = plan.s_inner
-            weight = chain_grad[slot] * (s_nats - s_chain[slot]).exp()
+            live = (s_rest > _LOG_FLOOR) & (s_nats < 80.0)
+            nats = torch.where(live, s_nats, 0.0)
+            weight = torch.where(live, chain_grad[slot] * (s_nats - s_chain[slot]).exp(), 0.0) / temperature
             step = _chunk_rows(rows.numel(), s2.shape[-1], self.chunk_size)
             for start in range(0, rows.numel(), step):
                 end = start + step
-                z = s2.index_select(0, rows[start:end]).float().requires_grad_(True)
-                with torch.enable_grad():
-                    nats = _chain_rows(_log_probs(z, temperature), ids[start:end])
-                    (g,) = torch.autograd.grad(nats, z, weight[start:end])
+                lp = _log_probs(s2.index_select(0, rows[start:end]), temperature)
+                g = lp.sub_(nats[start:end].unsqueeze(-1)).exp_().mul_(weight[start:end].unsqueeze(-1))
+                token = -(s_rest[start:end] - nats[start:end]).exp() * weight[start:end]
+                g.scatter_(-1, ids[start:end].unsqueeze(-1), token.unsqueeze(-1))
                 grad.index_add_(0, rows[start:end], g.to(grad.dtype))
         return div, rest, grad.view_as(student)
 
