@@ -119,8 +119,8 @@ class CrossTokenizerBatch:
 @dataclass
 class _Heads:
     """Per side, per group (flattened over the batch): head position, first token, chain (as
-    ``log(-log c)``, :func:`_merge`), and the id that spells the whole group (``-1``: none besides the first token; ``None``: none in
-    the batch, or the spellings are not known)."""
+    ``log(-log c)``, :func:`_merge`), and the id that spells the whole group (``-1``: none besides
+    the first token; ``None``: none in the batch, or the spellings are not known)."""
 
     position: Tensor
     first: Tensor
@@ -513,7 +513,8 @@ class _Job:
         if self.chained:
             # Through each chained row's nats L = -log p, whose log-sum-exp over the group is the
             # chain: d log L / d logits = (softmax - onehot(token)) / (L T), the token's p - 1 taken
-            # as -q (exact where p rounds to 1); none for a row of one entry (its chain is exactly 1).
+            # as -q (exact where p rounds to 1); none for a row whose other entries are all at
+            # probability 0 (p is exactly 1; the direct formulation's gradient is 0 there too).
             rows, ids, slot = plan.s_inner
             live = (s_rest > _LOG_FLOOR) & (s_nats < 80.0)
             nats = torch.where(live, s_nats, 0.0)
