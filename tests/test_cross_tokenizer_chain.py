@@ -124,14 +124,31 @@ def test_the_chain_helpers_in_float32_against_float64():
     assert log1m[4].item() == ct._LOG_FLOOR
 
 
+def _confident_chains(logits: torch.Tensor, ids: torch.Tensor, groups: torch.Tensor, gap: float) -> torch.Tensor:
+    """``logits`` with each token inside a multi-token group ``gap`` above the rest of the row
+    that predicts it (a model sure of how a word goes on)."""
+    out = logits.clone()
+    b, j = ((groups[:, 1:] == groups[:, :-1]) & (groups[:, 1:] >= 0)).nonzero(as_tuple=True)
+    out[b, j, ids[b, j + 1]] = out[b, j].max(-1).values + gap
+    return out
+
+
 @pytest.mark.parametrize(("divergence", "params"), DIVERGENCES)
 def test_very_confident_models_on_random_tokenizations_stay_finite(divergence, params):
-    for seed in range(4):
+    # Logits x 50 (rows 100+ nats apart) and every chained token 30 nats above its row at the
+    # temperature (chains of exactly 1 in float32), on both sides or on one side against a plain
+    # one (whose mass at the confident side's first tokens a floor term would weigh).
+    for seed in range(6):
         batch, labels, vocab, student, teacher = random_pair_batch(seed, zero_teacher=False)
-        student, teacher = student * 50, teacher * 50  # rows 100+ nats apart: chains of exactly 1
+        temperature = (1.0, 2.0)[seed % 2]
+        sides = [(True, True), (True, False), (False, True)][seed % 3]
+        if sides[0]:
+            student = _confident_chains(student * 50, batch["input_ids"], batch["student_groups"], 30 * temperature)
+        if sides[1]:
+            teacher = _confident_chains(teacher * 50, batch["teacher_input_ids"], batch["teacher_groups"],
+                                        30 * temperature)
         cross = ct.CrossTokenizerBatch.from_batch(batch)
         plan = ct._plan(cross, labels, -100, vocab)
-        temperature = (1.0, 2.0)[seed % 2]
         s = student.clone().requires_grad_(True)
         term = CrossTokenizerKD(divergence, temperature=temperature, **params)
         term._vocab = vocab
