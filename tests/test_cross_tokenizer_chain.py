@@ -32,7 +32,7 @@ VOCAB = SharedVocab(torch.tensor([0, 1, 2, 4]), torch.tensor([1, 2, 3, 0]), 5, 5
 
 def _case(split: str, gap: float, temperature: float, seed: int):
     """The text "x" then the group "ab": the ``split`` side reads it "a" + "b" with "b" ``gap``
-    nats (at the temperature) above the three other entries, the other side reads "ab"."""
+    nats (at the temperature) above the row's other entries, the other side reads "ab"."""
     g = torch.Generator().manual_seed(seed)
     student = torch.randn(1, 3, 5, generator=g, dtype=torch.float64)
     teacher = torch.randn(1, 3, 5, generator=g, dtype=torch.float64)
@@ -107,7 +107,7 @@ def test_the_chain_helpers_in_float32_against_float64():
     logp = z.log_softmax(-1)
     rest = logp.scatter(-1, ids.unsqueeze(-1), -math.inf).logsumexp(-1)  # log(1 - p), float64
     nats = torch.log(-torch.log1p(-rest.exp()))  # log(-log p), from q = 1 - p
-    found, found_rest = ct._chain_rows(logp.float(), ids)
+    found, found_rest, _ = ct._chain_rows(logp.float(), ids)
     torch.testing.assert_close(found.double(), nats, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(found_rest.double(), rest, rtol=1e-5, atol=1e-5)
     # A group of several rows: log(1 - c) with c = prod p, against float64.

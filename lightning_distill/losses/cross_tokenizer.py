@@ -236,22 +236,25 @@ _LN2 = 0.6931471805599453
 _TINY_LOG = -60.0
 
 
-def _chain_rows(logp: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Per chained row (``logp``: ``(R, V)`` log-probabilities, ``ids``: ``(R,)`` the tokens),
-    ``(log(-log p(token)), log q)``: the log of the row's nats, accurate however close ``p`` is
-    to 1, and the log of the rest of the row's mass.
+def _chain_rows(x: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per chained row (``x``: ``(R, V)`` logits at the temperature, or log-probabilities: any
+    shift of a row; ``ids``: ``(R,)`` the tokens), ``(log(-log p), log q, logsumexp(x))`` for the
+    token's probability ``p`` and the rest of the row's mass ``q = 1 - p``.
 
-    ``p = 1 - q`` with ``q`` the row's other entries' mass, taken from their log-sum-exp (not
-    from ``1 - p``, which rounds to 0 in float32 once ``q`` is below about 6e-8): where ``p > 1/2``,
-    ``-log p = -log1p(-q)`` (and ``q`` itself when ``q < exp(-60)``); elsewhere ``-log p`` directly.
-    A row whose other entries all have probability 0 gives the floor (``p`` is exactly 1).
+    ``q`` comes from the log-sum-exp of the row without the token, not from ``1 - p`` (which is 0
+    in float32 once ``q`` is below about 6e-8), so the row's nats ``-log p`` are accurate however
+    close ``p`` is to 1: ``-log1p(-q)`` where ``p > 1/2`` (``q`` itself when ``q < exp(-60)``),
+    ``-log p`` elsewhere. A row whose other entries are all at probability 0 has ``q`` at the
+    floor and nats at the floor (``p`` is exactly 1).
     """
     token = ids.unsqueeze(-1)
-    lp = logp.gather(-1, token).squeeze(-1)
-    lq = logp.scatter(-1, token, _LOG_FLOOR).logsumexp(-1)  # log q, the floor when q is 0
+    xt = x.gather(-1, token).squeeze(-1)
+    others = x.scatter(-1, token, _LOG_FLOOR).logsumexp(-1)
+    lse = torch.logaddexp(others, xt)
+    lp, lq = xt - lse, (others - lse).clamp(min=_LOG_FLOOR)
     near = torch.log(-torch.log1p(-lq.clamp(_TINY_LOG, -_LN2).exp()))
     far = torch.log(-lp.clamp(max=-_LN2))
-    return torch.where(lq < -_LN2, torch.where(lq < _TINY_LOG, lq, near), far).clamp(max=80.0), lq
+    return torch.where(lq < -_LN2, torch.where(lq < _TINY_LOG, lq, near), far).clamp(max=80.0), lq, lse
 
 
 def _group_logsumexp(values: Tensor, slot: Tensor, size: int) -> Tensor:
@@ -440,17 +443,18 @@ def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
 
 
 def _chains(logits: Tensor, inner: tuple[Tensor, Tensor, Tensor], size: int, temperature: float,
-            chunk_size: int | None) -> tuple[Tensor, Tensor, Tensor]:
-    """``(chain, nats, rest)``: per compared group ``(size,)`` the chain of its inner tokens as
-    ``log(-log c)`` (:func:`_merge`), and per inner token the row's own two (:func:`_chain_rows`)."""
+            chunk_size: int | None) -> tuple[Tensor, Tensor]:
+    """``(chain, rows)``: per compared group ``(size,)`` the chain of its inner tokens as
+    ``log(-log c)`` (:func:`_merge`), and ``(3, R)`` per inner token its row's three numbers
+    (:func:`_chain_rows`: nats, rest, log-sum-exp)."""
     rows, ids, slot = inner
-    values = torch.empty((2, rows.numel()), dtype=torch.float32, device=logits.device)
+    values = torch.empty((3, rows.numel()), dtype=torch.float32, device=logits.device)
     step = _chunk_rows(rows.numel(), logits.shape[-1], chunk_size)
     for start in range(0, rows.numel(), step):
         end = start + step
-        nats, rest = _chain_rows(_log_probs(logits.index_select(0, rows[start:end]), temperature), ids[start:end])
-        values[0, start:end], values[1, start:end] = nats, rest
-    return _group_logsumexp(values[0], slot, size), values[0], values[1]
+        z = logits.index_select(0, rows[start:end]).float() / temperature
+        values[:, start:end] = torch.stack(_chain_rows(z, ids[start:end]))
+    return _group_logsumexp(values[0], slot, size), values
 
 
 @dataclass
@@ -476,8 +480,8 @@ class _Job:
         plan, temperature = self.plan, self.temperature
         s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
         n = plan.size
-        none = torch.full((n,), _LOG_FLOOR, dtype=torch.float32, device=s2.device), None, None
-        s_chain, s_nats, s_rest = _chains(s2, plan.s_inner, n, temperature, self.chunk_size) if self.chained else none
+        none = torch.full((n,), _LOG_FLOOR, dtype=torch.float32, device=s2.device), None
+        s_chain, s_rows = _chains(s2, plan.s_inner, n, temperature, self.chunk_size) if self.chained else none
         t_chain = _chains(t2, plan.t_inner, n, temperature, self.chunk_size)[0] if self.chained else none[0]
         grad = None if weights is None else torch.zeros_like(s2)
         chain_grad = torch.zeros_like(s_chain)
@@ -516,14 +520,16 @@ class _Job:
             # as -q (exact where p rounds to 1); none for a row whose other entries are all at
             # probability 0 (p is exactly 1; the direct formulation's gradient is 0 there too).
             rows, ids, slot = plan.s_inner
+            s_nats, s_rest, s_lse = s_rows
             live = (s_rest > _LOG_FLOOR) & (s_nats < 80.0)
             nats = torch.where(live, s_nats, 0.0)
+            shift = (s_lse + nats).unsqueeze(-1)  # softmax / L = exp(z - logsumexp(z) - log L)
             weight = torch.where(live, chain_grad[slot] * (s_nats - s_chain[slot]).exp(), 0.0) / temperature
             step = _chunk_rows(rows.numel(), s2.shape[-1], self.chunk_size)
             for start in range(0, rows.numel(), step):
                 end = start + step
-                lp = _log_probs(s2.index_select(0, rows[start:end]), temperature)
-                g = lp.sub_(nats[start:end].unsqueeze(-1)).exp_().mul_(weight[start:end].unsqueeze(-1))
+                z = s2.index_select(0, rows[start:end]).float() / temperature
+                g = z.sub_(shift[start:end]).exp_().mul_(weight[start:end].unsqueeze(-1))
                 token = -(s_rest[start:end] - nats[start:end]).exp() * weight[start:end]
                 g.scatter_(-1, ids[start:end].unsqueeze(-1), token.unsqueeze(-1))
                 grad.index_add_(0, rows[start:end], g.to(grad.dtype))
