@@ -616,8 +616,9 @@ def cross_tokenizer_kd(student_logits: Tensor, teacher_logits: Tensor, cross: Cr
                        chunk_size: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The hybrid cross-tokenizer loss (see the module docstring), without the T² factor.
 
-    Walks the compared groups in chunks: the chained probabilities first (a log-softmax per
-    inner-token row, kept as one number per group), then the head rows, forward without a graph
+    Walks the compared groups in chunks: the chained probabilities first (a log-sum-exp without
+    the token per inner-token row, kept as one number per group, so that ``1 - chain`` stays
+    accurate when the chain rounds to 1: :func:`_chain_rows`), then the head rows, forward without a graph
     and backward recomputing each chunk with a local one; the gradient goes into one buffer of the
     student logits' size. No ``(groups, V)`` intermediate outlives its chunk, and the values and
     gradients are those of the direct formulation (tested).
