@@ -50,7 +50,7 @@ def _case(split: str, gap: float, temperature: float, seed: int):
 
 
 def _expected(split: str, student: torch.Tensor, teacher: torch.Tensor, divergence: str, temperature: float):
-    """``(divergence, ULD)`` in float64, differentiable in ``student``; the student's merged
+    """``(divergence, ULD)`` in float64, differentiable in ``student``; each side's merged
     shared entries x, a, b, ab, then the group (its "ab" entry is the group on both sides)."""
 
     def heads(z: torch.Tensor, order: list[int], split_here: bool, b: int):
