@@ -19,7 +19,9 @@ Two terms:
   other tokens", of probability ``p(first) * prod p(next token | ...)`` (the chained token
   probabilities along the side's own tokens). That mass moves from the first token's entry to a
   *group* entry both sides share; the first token's entry keeps ``p(first) * (1 - chain)``
-  (it started like the group but went on otherwise). An entry of the side's vocabulary that
+  (it started like the group but went on otherwise; ``1 - chain`` is computed from the rest of
+  each chained row's mass, not from the chain, which rounds to 1 for a confident model:
+  :func:`_chain_rows`). An entry of the side's vocabulary that
   spells the group's whole text by itself ("ab" where the side read "a" + "b", or another id of
   a one-token group's bytes) is the same event by another path: its mass joins the group entry
   and its entry becomes 0, on each side, so that no shared string holds 0 on one side (moved to
@@ -116,9 +118,9 @@ class CrossTokenizerBatch:
 
 @dataclass
 class _Heads:
-    """Per side, per group (flattened over the batch): head position, first token, chain log-prob,
-    and the id that spells the whole group (``-1``: none besides the first token; ``None``: none in
-    the batch, or the spellings are not known)."""
+    """Per side, per group (flattened over the batch): head position, first token, chain (as
+    ``log(-log c)``, :func:`_merge`), and the id that spells the whole group (``-1``: none besides
+    the first token; ``None``: none in the batch, or the spellings are not known)."""
 
     position: Tensor
     first: Tensor
@@ -127,7 +129,8 @@ class _Heads:
 
 
 def _side(groups: Tensor, ids: Tensor, logp: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(has_head, head_position, first_token, chain_logprob)``, each ``(B, num_groups)``."""
+    """``(has_head, head_position, first_token, chain)``, each ``(B, num_groups)``; ``chain`` is
+    ``log(-log c)`` of the chained probability ``c`` (:func:`_merge`)."""
     b_size = groups.shape[0]
     prev = F.pad(groups[:, :-1], (1, 0), value=-1)
     real = groups >= 0
@@ -142,12 +145,10 @@ def _side(groups: Tensor, ids: Tensor, logp: Tensor, num_groups: int) -> tuple[T
     position[b, g] = j - 1
     first[b, g] = ids[b, j]
     has[b, g] = True
-    chain = torch.zeros(b_size, num_groups, dtype=logp.dtype, device=logp.device)
     b, j = inner.nonzero(as_tuple=True)
-    if b.numel():
-        values = logp[b, j - 1].gather(-1, ids[b, j].unsqueeze(-1)).squeeze(-1)
-        chain = chain.index_put((b, groups[b, j]), values, accumulate=True)
-    return has, position, first, chain
+    nats = _chain_rows(logp[b, j - 1], ids[b, j])[0]
+    chain = _group_logsumexp(nats, b * num_groups + groups[b, j], b_size * num_groups)
+    return has, position, first, chain.view(b_size, num_groups)
 
 
 def group_heads(cross: CrossTokenizerBatch, student_logp: Tensor, teacher_logp: Tensor,
@@ -229,23 +230,64 @@ def _both_whole(cross: CrossTokenizerBatch, vocab: SharedVocab | None, b: Tensor
     return out[0], out[1]
 
 
-def _log1mexp(x: Tensor) -> Tensor:
-    """``log(1 - exp(x))`` for ``x <= 0``; the floor (log 0) at ``x == 0``, with finite gradients."""
-    zero = x >= 0
-    safe = torch.where(zero, torch.full_like(x, -1.0), x)
-    value = torch.where(safe > -0.6931471805599453, torch.log(-torch.expm1(safe)), torch.log1p(-torch.exp(safe)))
-    return torch.where(zero, torch.full_like(x, _LOG_FLOOR), value)
+_LN2 = 0.6931471805599453
+# Below exp(-60) of the mass, log(-log(1 - q)) is log q (to q / 2) and log(1 - exp(-L)) is log L
+# (to L / 2): no exp that underflows is taken.
+_TINY_LOG = -60.0
+
+
+def _chain_rows(x: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per chained row (``x``: ``(R, V)`` logits at the temperature, or log-probabilities: any
+    shift of a row; ``ids``: ``(R,)`` the tokens), ``(log(-log p), log q, logsumexp(x))`` for the
+    token's probability ``p`` and the rest of the row's mass ``q = 1 - p``.
+
+    ``q`` comes from the log-sum-exp of the row without the token, not from ``1 - p`` (which is 0
+    in float32 once ``q`` is below about 6e-8), so the row's nats ``-log p`` are accurate however
+    close ``p`` is to 1: ``-log1p(-q)`` where ``p > 1/2`` (``q`` itself when ``q < exp(-60)``),
+    ``-log p`` elsewhere. A row whose other entries are all at probability 0 has ``q`` at the
+    floor and nats at the floor (``p`` is exactly 1).
+    """
+    token = ids.unsqueeze(-1)
+    xt = x.gather(-1, token).squeeze(-1)
+    others = x.scatter(-1, token, _LOG_FLOOR).logsumexp(-1)
+    lse = torch.logaddexp(others, xt)
+    lp, lq = xt - lse, (others - lse).clamp(min=_LOG_FLOOR)
+    near = torch.log(-torch.log1p(-lq.clamp(_TINY_LOG, -_LN2).exp()))
+    far = torch.log(-lp.clamp(max=-_LN2))
+    return torch.where(lq < -_LN2, torch.where(lq < _TINY_LOG, lq, near), far).clamp(max=80.0), lq, lse
+
+
+def _group_logsumexp(values: Tensor, slot: Tensor, size: int) -> Tensor:
+    """``(size,)``: per slot the log-sum-exp of ``values`` at that slot; the floor for a slot
+    without one (a group without chained tokens: its chain is 1, its nats 0)."""
+    top = torch.full((size,), _LOG_FLOOR, dtype=values.dtype, device=values.device)
+    top = top.scatter_reduce(0, slot, values.detach(), "amax")
+    total = torch.zeros_like(top).index_add(0, slot, (values - top[slot]).exp())
+    has = total > 0
+    return torch.where(has, top + torch.where(has, total, 1.0).log(), _LOG_FLOOR)
+
+
+def _log1m_chain(nats: Tensor) -> Tensor:
+    """``log(1 - c)`` for the chain ``c = exp(-L)`` given ``nats = log L``, accurate for ``c``
+    near 1 (``L`` small: ``log(-expm1(-L))``, ``log L`` below ``exp(-60)``) and for ``c`` near 0
+    (``log1p(-exp(-L))``); the floor (log 0) for no chained token."""
+    size = nats.clamp(min=_TINY_LOG).exp()
+    small = torch.log(-torch.expm1(-size.clamp(max=_LN2)))
+    large = torch.log1p(-torch.exp(-size.clamp(min=_LN2)))
+    return torch.where(nats < _TINY_LOG, nats, torch.where(size < _LN2, small, large))
 
 
 def _merge(head: Tensor, first: Tensor, chain: Tensor, whole: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The head distribution with the group's mass moved out of the first token's entry:
-    ``(entries with p(first) * (1 - chain) at first, log p(group) = log p(first) + chain)``.
+    ``(entries with p(first) * (1 - c) at first, log p(group) = log p(first) + log c)``, the chain
+    ``c`` given as ``chain = log(-log c)`` (:func:`_chain_rows`, summed over the group's rows in
+    log space; the floor for none), so that ``1 - c`` is accurate when ``c`` rounds to 1.
 
     With ``whole`` (per row an id that spells the whole group, ``-1``: none), that id's mass is
     the same event by another path: it is added to the group entry and its entry becomes 0."""
     lp_first = head.gather(-1, first.unsqueeze(-1)).squeeze(-1)
-    tail = lp_first + _log1mexp(chain)
-    merged, group = head.scatter(-1, first.unsqueeze(-1), tail.unsqueeze(-1)), lp_first + chain
+    tail = lp_first + _log1m_chain(chain)
+    merged, group = head.scatter(-1, first.unsqueeze(-1), tail.unsqueeze(-1)), lp_first - chain.exp()
     if whole is None:
         return merged, group
     has = whole >= 0
@@ -401,16 +443,18 @@ def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
 
 
 def _chains(logits: Tensor, inner: tuple[Tensor, Tensor, Tensor], size: int, temperature: float,
-            chunk_size: int | None) -> Tensor:
-    """``(size,)`` per compared group, the chained log-probability of its inner tokens."""
+            chunk_size: int | None) -> tuple[Tensor, Tensor]:
+    """``(chain, rows)``: per compared group ``(size,)`` the chain of its inner tokens as
+    ``log(-log c)`` (:func:`_merge`), and ``(3, R)`` per inner token its row's three numbers
+    (:func:`_chain_rows`: nats, rest, log-sum-exp)."""
     rows, ids, slot = inner
-    values = torch.empty(rows.shape, dtype=torch.float32, device=logits.device)
+    values = torch.empty((3, rows.numel()), dtype=torch.float32, device=logits.device)
     step = _chunk_rows(rows.numel(), logits.shape[-1], chunk_size)
     for start in range(0, rows.numel(), step):
         end = start + step
-        lp = _log_probs(logits.index_select(0, rows[start:end]), temperature)
-        values[start:end] = lp.gather(-1, ids[start:end].unsqueeze(-1)).squeeze(-1)
-    return torch.zeros(size, dtype=torch.float32, device=logits.device).index_add_(0, slot, values)
+        z = logits.index_select(0, rows[start:end]).float() / temperature
+        values[:, start:end] = torch.stack(_chain_rows(z, ids[start:end]))
+    return _group_logsumexp(values[0], slot, size), values
 
 
 @dataclass
@@ -436,11 +480,11 @@ class _Job:
         plan, temperature = self.plan, self.temperature
         s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
         n = plan.size
-        zeros = torch.zeros(n, dtype=torch.float32, device=s2.device)
-        s_chain = _chains(s2, plan.s_inner, n, temperature, self.chunk_size) if self.chained else zeros
-        t_chain = _chains(t2, plan.t_inner, n, temperature, self.chunk_size) if self.chained else zeros
+        none = torch.full((n,), _LOG_FLOOR, dtype=torch.float32, device=s2.device), None
+        s_chain, s_rows = _chains(s2, plan.s_inner, n, temperature, self.chunk_size) if self.chained else none
+        t_chain = _chains(t2, plan.t_inner, n, temperature, self.chunk_size)[0] if self.chained else none[0]
         grad = None if weights is None else torch.zeros_like(s2)
-        chain_grad = torch.zeros_like(zeros)
+        chain_grad = torch.zeros_like(s_chain)
         div = torch.zeros((), dtype=torch.float32, device=s2.device)
         rest = torch.zeros_like(div)
         step = _chunk_rows(n, max(s2.shape[-1], t2.shape[-1]), self.chunk_size)
@@ -470,15 +514,24 @@ class _Job:
             rest += r.detach()
         if grad is None:
             return div, rest, None
-        if self.chained:  # d chain / d logits of each chained row: (onehot(token) - softmax) / T
+        if self.chained:
+            # Through each chained row's nats L = -log p, whose log-sum-exp over the group is the
+            # chain: d log L / d logits = (softmax - onehot(token)) / (L T), the token's p - 1 taken
+            # as -q (exact where p rounds to 1); none for a row whose other entries are all at
+            # probability 0 (p is exactly 1; the direct formulation's gradient is 0 there too).
             rows, ids, slot = plan.s_inner
-            weight = chain_grad[slot]
+            s_nats, s_rest, s_lse = s_rows
+            live = (s_rest > _LOG_FLOOR) & (s_nats < 80.0)
+            nats = torch.where(live, s_nats, 0.0)
+            shift = (s_lse + nats).unsqueeze(-1)  # softmax / L = exp(z - logsumexp(z) - log L)
+            weight = torch.where(live, chain_grad[slot] * (s_nats - s_chain[slot]).exp(), 0.0) / temperature
             step = _chunk_rows(rows.numel(), s2.shape[-1], self.chunk_size)
             for start in range(0, rows.numel(), step):
                 end = start + step
-                w = weight[start:end].unsqueeze(-1) / temperature
-                g = (s2.index_select(0, rows[start:end]).float() / temperature).softmax(-1).mul_(-w)
-                g.scatter_add_(-1, ids[start:end].unsqueeze(-1), w)
+                z = s2.index_select(0, rows[start:end]).float() / temperature
+                g = z.sub_(shift[start:end]).exp_().mul_(weight[start:end].unsqueeze(-1))
+                token = -(s_rest[start:end] - nats[start:end]).exp() * weight[start:end]
+                g.scatter_(-1, ids[start:end].unsqueeze(-1), token.unsqueeze(-1))
                 grad.index_add_(0, rows[start:end], g.to(grad.dtype))
         return div, rest, grad.view_as(student)
 
@@ -563,8 +616,9 @@ def cross_tokenizer_kd(student_logits: Tensor, teacher_logits: Tensor, cross: Cr
                        chunk_size: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The hybrid cross-tokenizer loss (see the module docstring), without the T² factor.
 
-    Walks the compared groups in chunks: the chained probabilities first (a log-softmax per
-    inner-token row, kept as one number per group), then the head rows, forward without a graph
+    Walks the compared groups in chunks: the chained probabilities first (a log-sum-exp without
+    the token per inner-token row, kept as one number per group, so that ``1 - chain`` stays
+    accurate when the chain rounds to 1: :func:`_chain_rows`), then the head rows, forward without a graph
     and backward recomputing each chunk with a local one; the gradient goes into one buffer of the
     student logits' size. No ``(groups, V)`` intermediate outlives its chunk, and the values and
     gradients are those of the direct formulation (tested).
