@@ -413,11 +413,9 @@ def _build_cache_only(cache: Any, module: Any, datamodule: Any, started: float) 
     if cache is None:
         raise ValueError("build_cache_only=true needs a TeacherCache callback; add one, e.g. "
                          "callbacks=teacher_cache_sampled (or experiment=demo_cached).")
-    seq_len = getattr(datamodule, "seq_len", None)
-    if isinstance(seq_len, int):  # the teacher runs here without a Trainer (no DistillationModule.setup)
-        from lightning_distill.models.adapters import check_positions
+    from lightning_distill.models.adapters import check_data_positions
 
-        check_positions({"student": module.student, "teacher": module.teacher}, seq_len, f"data seq_len={seq_len}")
+    check_data_positions(module.student, module.teacher, datamodule)  # the teacher runs here without a Trainer
     splits = cache.build(module, cache.split_loaders(datamodule), tokenizer=getattr(datamodule, "tokenizer", None),
                          data_fingerprint=getattr(datamodule, "data_fingerprint", None),  # one process: no barriers
                          teacher_tokenizer=getattr(datamodule, "teacher_tokenizer", None))

@@ -44,6 +44,7 @@ from lightning_distill.losses.cross_tokenizer import attach_tokenizers, cross_to
 from lightning_distill.losses.terms import LogitKD, LossTerm, TaskLoss, check_terms, fused_pair
 from lightning_distill.models.adapters import (
     call_model,
+    check_data_positions,
     check_positions,
     is_causal_lm,
     logits_from_output,
@@ -610,15 +611,8 @@ class DistillationModule(L.LightningModule):
         if hasattr(strategy, "checkpoint_io") and not isinstance(io, CheckedCheckpointIO):
             strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io)
         attach_tokenizers(self.losses.values(), getattr(self.trainer, "datamodule", None))
-        seq_len = getattr(self.trainer.datamodule, "seq_len", None)  # before a teacher cache runs the teacher
-        t_len = getattr(self.trainer.datamodule, "teacher_seq_len", None)  # two tokenizers: the teacher's own
-        if isinstance(seq_len, int):
-            if isinstance(t_len, int) and t_len != seq_len:
-                check_positions({"student": self.student}, seq_len, f"data seq_len={seq_len}")
-                check_positions({"teacher": self.teacher}, t_len, f"data teacher_seq_len={t_len}",
-                                setting="data.teacher_seq_len")
-            else:
-                check_positions({"student": self.student, "teacher": self.teacher}, seq_len, f"data seq_len={seq_len}")
+        # Before a teacher cache runs the teacher; two tokenizers: the teacher's own teacher_seq_len.
+        check_data_positions(self.student, self.teacher, getattr(self.trainer, "datamodule", None))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})

@@ -468,3 +468,25 @@ def test_cli_distils_between_two_saved_models_with_different_tokenizers(toks, tm
     assert {name: s["built_now"] for name, s in record["teacher_cache"]["splits"].items()} == {
         "train": 0, "val": 0, "test": 0}  # fmt: skip
     assert len(os.listdir(tmp_path / "cache" / "teacher_targets")) == 1
+
+
+def test_each_model_is_checked_against_the_length_it_reads():
+    """check_data_positions (DistillationModule.setup and +build_cache_only): with two tokenizers the
+    teacher is held to teacher_seq_len, the student to seq_len; with one, both to seq_len."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_distill.models.adapters import check_data_positions
+
+    def llama(positions: int):
+        return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, max_position_embeddings=positions))
+
+    student, teacher = llama(64), llama(32)
+    check_data_positions(student, teacher, SimpleNamespace(seq_len=48, teacher_seq_len=24))  # each fits its own
+    with pytest.raises(ValueError, match=r"data teacher_seq_len=40 is longer than the teacher .*data\.teacher_seq_len=32"):
+        check_data_positions(student, teacher, SimpleNamespace(seq_len=16, teacher_seq_len=40))
+    with pytest.raises(ValueError, match=r"data seq_len=48 is longer than the teacher .*data\.seq_len=32"):
+        check_data_positions(student, teacher, SimpleNamespace(seq_len=48, teacher_seq_len=None))
+    check_data_positions(student, teacher, SimpleNamespace(seq_len=None))  # no length: nothing to check

@@ -176,6 +176,26 @@ def max_positions(model: nn.Module) -> int | None:
     return None
 
 
+def check_data_positions(student: nn.Module | None, teacher: nn.Module | None, datamodule: Any) -> None:
+    """Refuse a data module whose sequences are longer than a model takes (``check_positions``), before any
+    forward: ``seq_len`` against both models, or, when the teacher reads its own tokens
+    (``teacher_seq_len``, two tokenizers), ``seq_len`` against the student and ``teacher_seq_len`` against
+    the teacher. Nothing when the data module has no integer ``seq_len``.
+
+    Raises:
+        ValueError: a length past a model's maximum (see :func:`check_positions`).
+    """
+    seq_len = getattr(datamodule, "seq_len", None)
+    t_len = getattr(datamodule, "teacher_seq_len", None)
+    if not isinstance(seq_len, int):
+        return
+    if isinstance(t_len, int) and t_len != seq_len:
+        check_positions({"student": student}, seq_len, f"data seq_len={seq_len}")
+        check_positions({"teacher": teacher}, t_len, f"data teacher_seq_len={t_len}", setting="data.teacher_seq_len")
+    else:
+        check_positions({"student": student, "teacher": teacher}, seq_len, f"data seq_len={seq_len}")
+
+
 def check_positions(models: Mapping[str, nn.Module | None], length: int, what: str,
                     setting: str = "data.seq_len") -> None:
     """Refuse sequences longer than a model takes, before any forward.
