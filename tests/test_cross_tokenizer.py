@@ -112,6 +112,29 @@ def test_shared_vocab_reads_byte_level_and_sentencepiece_spellings(tokenizers):
     assert torch.equal(same.student_ids, torch.arange(300)) and torch.equal(same.teacher_ids, torch.arange(300))
 
 
+def test_an_ordinary_entry_is_shared_before_a_byte_fallback_one(tokenizers):
+    """Llama-2-style SentencePiece: "<0x41>" (a low id) and "A" (a higher id, what the model emits) both
+    spell b"A": the ordinary one is paired; "<0x0A>", the only newline spelling there, still pairs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    entries = ["<unk>", "<0x0A>", "<0x41>", "<0x42>", "\u2581", "A", "\u2581the", "t", "h", "e"]
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(entries)}, merges=[], byte_fallback=True,
+                                   unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    llama_like = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    byte_level = tokenizers[0]
+    vocab = shared_vocab(llama_like, byte_level)
+    pairs = dict(zip(vocab.student_ids.tolist(), vocab.teacher_ids.tolist(), strict=True))
+    theirs = byte_level.get_vocab()
+    assert pairs[entries.index("A")] == theirs["A"] and entries.index("<0x41>") not in pairs
+    assert pairs[entries.index("<0x0A>")] == theirs["Ċ"]  # "\n": only the byte-fallback spells it here
+    assert pairs[entries.index("<0x42>")] == theirs["B"]
+    spelling = vocab.spellings[0]
+    assert spelling.canon[entries.index("<0x41>")] == entries.index("A")  # one id per spelling of b"A"
+
+
 # ---------------------------------------------------------------------- losses
 def _identical_batch(tokenizer, texts: list[str], length: int):
     """A batch of ``texts`` in one tokenizer, as the cross-tokenizer data module lays it out."""

@@ -17,9 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["SharedVocab", "Spelling", "shared_vocab", "token_bytes"]
+__all__ = ["FallbackBytes", "SharedVocab", "Spelling", "shared_vocab", "token_bytes"]
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+class FallbackBytes(bytes):
+    """The bytes of a SentencePiece byte-fallback entry (``<0x41>``): equal to (and hashed as) the same
+    bytes, so it is shared with any spelling of them, but a vocabulary's ordinary entry of the same
+    bytes (``A``) is preferred as the shared id, since that is the one the model emits."""
 
 
 @lru_cache(maxsize=1)
@@ -56,7 +62,7 @@ def token_bytes(token: str, *, byte_level: bool) -> bytes:
         return token.encode("utf-8")
     match = _BYTE_FALLBACK.match(token)
     if match:
-        return bytes([int(match.group(1), 16)])
+        return FallbackBytes([int(match.group(1), 16)])
     return token.replace("\u2581", " ").encode("utf-8")
 
 
@@ -67,8 +73,9 @@ class Spelling:
     Attributes:
         keys: per id, the bytes it stands for, ``("special", content)`` for a special token, or
             ``None`` (an id past the tokenizer's entries).
-        lookup: key -> the lowest id with that key (the id the shared map pairs).
-        canon: ``(V,)`` per id, the lowest id with the same key (the id itself when it has none).
+        lookup: key -> the id the shared map pairs for that key: the lowest ordinary id with it, else
+            the lowest byte-fallback id (:class:`FallbackBytes`).
+        canon: ``(V,)`` per id, that id for its key (the id itself when it has none).
     """
 
     keys: tuple[Any, ...]
@@ -80,9 +87,15 @@ class Spelling:
         """The lookup tables of ``keys`` (one per id)."""
         lookup: dict[Any, int] = {}
         canon = list(range(len(keys)))
+        # Ordinary entries first: Llama-2's "<0x41>" (a low id) only spells "A" when "A" (a higher id,
+        # the one the model emits) is missing.
+        order = sorted(range(len(keys)), key=lambda i: isinstance(keys[i], FallbackBytes))
+        for index in order:
+            if keys[index] is not None:
+                lookup.setdefault(keys[index], index)
         for index, key in enumerate(keys):
             if key is not None:
-                canon[index] = lookup.setdefault(key, index)
+                canon[index] = lookup[key]
         return cls(keys, lookup, torch.tensor(canon, dtype=torch.long))
 
 
@@ -175,7 +188,7 @@ def shared_vocab(student_tokenizer: Any, teacher_tokenizer: Any, *, student_size
     vs = int(student_size if student_size is not None else len(student_tokenizer))
     vt = int(teacher_size if teacher_size is not None else len(teacher_tokenizer))
     s_keys, t_keys = _id_keys(student_tokenizer, vs), _id_keys(teacher_tokenizer, vt)
-    # Two spellings of the same bytes: the lowest id is the shared one.
+    # Two spellings of the same bytes: the lowest ordinary id is the shared one (Spelling.from_keys).
     student, teacher = Spelling.from_keys(s_keys).lookup, Spelling.from_keys(t_keys).lookup
     pairs = sorted((i, teacher[k]) for k, i in student.items() if k in teacher)
     s_ids = torch.tensor([p[0] for p in pairs], dtype=torch.long)
