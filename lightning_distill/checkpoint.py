@@ -169,12 +169,22 @@ class SaveOnInterrupt(Callback):
             return
         checkpoint_cb = trainer.checkpoint_callback
         folder = getattr(checkpoint_cb, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        done = progress.processed
         loader = trainer.train_dataloader
         if hasattr(loader, "rewind_to"):
             loader.rewind_to(done)  # a batch cut short is trained on again after the resume
+        # A step cut short is redone after the resume: it must draw (dropout) from the generators as
+        # they were when it started, which the module kept (DistillationModule.on_train_batch_start).
+        cut = progress.started > progress.processed
+        if hasattr(pl_module, "_rng_for_checkpoint"):
+            pl_module._rng_for_checkpoint = getattr(pl_module, "_rng_at_batch_start", None) if cut else None
         path = Path(folder) / self.filename
-        trainer.save_checkpoint(path)
+        try:
+            trainer.save_checkpoint(path)
+        finally:
+            if hasattr(pl_module, "_rng_for_checkpoint"):
+                pl_module._rng_for_checkpoint = None
         self.saved, self.step = path, trainer.global_step
 
 

@@ -190,6 +190,8 @@ class DistillationModule(L.LightningModule):
         self._losses_given = losses is not None  # else: recorded terms on load, KD + task with a TeacherCache
         self._resumed_rng: dict[str, Any] | None = None  # set before the first step after a resume
         self._rng_after_step: dict[str, Any] | None = None  # the generators after the last training step
+        self._rng_at_batch_start: dict[str, Any] | None = None  # ... when this training step started
+        self._rng_for_checkpoint: dict[str, Any] | None = None  # set by SaveOnInterrupt for a step cut short
         self._in_fit_eval = False
         if losses is None:
             losses = ({"kd": LogitKD(weight=0.5), "task": TaskLoss(weight=0.5)} if teacher is not None
@@ -627,7 +629,8 @@ class DistillationModule(L.LightningModule):
             "teacher": self.teacher_identity,
             "losses": {name: term.config() for name, term in self.losses.items()},
             # a resumed fit draws what the uninterrupted one would have (validation draws nothing)
-            "rng": self._rng_after_step if self._in_fit_eval else rng_states(),
+            "rng": (self._rng_for_checkpoint if self._rng_for_checkpoint is not None
+                    else self._rng_after_step if self._in_fit_eval else rng_states()),
             "step_mean_scale": self._step_mean.scale,  # C, fixed at the first step: kept for a resume
         }
 
@@ -662,6 +665,7 @@ class DistillationModule(L.LightningModule):
         if self._resumed_rng is not None:  # after Lightning's restore, loaders and callbacks' setup
             restore_rng_states(self._resumed_rng)
             self._resumed_rng = None
+        self._rng_at_batch_start = rng_states()  # a Ctrl-C inside this step saves these (SaveOnInterrupt)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         recorded = (checkpoint.get("lightning_distill") or {}).get("losses")

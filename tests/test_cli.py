@@ -126,6 +126,18 @@ class StopAt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             raise KeyboardInterrupt
+
+
+class StopInside(L.Callback):
+    """Raise KeyboardInterrupt in the middle of step ``step``: after its forward drew dropout masks,
+    before its backward (the step is cut short and redone after the resume)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if trainer.global_step == self.step and trainer.ckpt_path is None:  # not again in the resumed run
+            raise KeyboardInterrupt
 '''
 
 
@@ -139,8 +151,10 @@ def test_missing_checkpoint_fails_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_to_the_same_result(tmp_path):
-    """Ctrl-C at step 3 of 8, resume with the printed command: same weights and reports as one run."""
+@pytest.mark.parametrize("where", ["between_steps", "inside_a_dropout_step"])
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, where):
+    """Ctrl-C at step 3 of 8, resume with the printed command: same weights and reports as one run.
+    Inside a step of a student with dropout, the redone step draws the masks the cut one drew."""
     import shlex
 
     from safetensors.torch import load_file
@@ -149,11 +163,14 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     env = _env(tmp_path) | {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     common = [*TINY, "callbacks=default", "~callbacks.lr_monitor", "trainer.max_steps=8", "trainer.val_check_interval=4",
               "callbacks.coverage.min_retention=null", "data.max_train_samples=24"]  # 6 batches: a second epoch
+    if where == "inside_a_dropout_step":
+        common += ["+student.attention_dropout=0.3"]
     whole = tmp_path / "whole"
     _run([sys.executable, "-m", "lightning_distill", *common, f"output_dir={whole}"], tmp_path)
 
     cut = tmp_path / "cut"
-    stop = ["+callbacks.stop._target_=stop_at.StopAt", "+callbacks.stop.step=3"]
+    stop = [f"+callbacks.stop._target_=stop_at.{'StopAt' if where == 'between_steps' else 'StopInside'}",
+            "+callbacks.stop.step=3"]
     first = subprocess.run([str(BIN / "lightning-distill"), *common, *stop, f"output_dir={cut}"], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 130, first.stderr[-3000:]
