@@ -6,7 +6,9 @@ teacher cache (which positions to store) all count positions the same way throug
 * :func:`split_batch`: ``(inputs, labels)`` from a mapping batch or an ``(inputs, target)`` pair;
 * :func:`align_labels`: labels per logit position, shifted for next-token prediction, with
   ``ignore_index`` where nothing is scored;
-* :func:`valid_positions`: how many positions of each sample are scored.
+* :func:`valid_positions`: how many positions of each sample are scored;
+* :func:`has_teacher_tokens` / :func:`teacher_inputs`: what the teacher reads when a batch carries
+  its own tokenization (two tokenizers), for the module's live teacher and the teacher cache alike.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["align_labels", "split_batch", "valid_positions"]
+__all__ = ["align_labels", "has_teacher_tokens", "split_batch", "teacher_inputs", "valid_positions"]
 
 
 def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
@@ -43,6 +45,19 @@ def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
         f"pair, got {type(batch).__name__}"
         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "") + "."
     )
+
+
+def has_teacher_tokens(batch: Any) -> bool:
+    """Whether ``batch`` carries the teacher's own tokenization (``teacher_input_ids``: two tokenizers)."""
+    return isinstance(batch, Mapping) and batch.get("teacher_input_ids") is not None
+
+
+def teacher_inputs(batch: Any, inputs: Any) -> Any:
+    """What the teacher reads: ``teacher_input_ids``/``teacher_attention_mask`` when ``batch`` carries
+    the teacher's own tokens (:func:`has_teacher_tokens`), else the student's ``inputs``."""
+    if has_teacher_tokens(batch):
+        return {"input_ids": batch["teacher_input_ids"], "attention_mask": batch.get("teacher_attention_mask")}
+    return inputs
 
 
 def align_labels(labels: Tensor | None, inputs: Any, logits: Tensor | None = None, *, shift_labels: bool,

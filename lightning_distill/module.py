@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_distill import __version__
-from lightning_distill.alignment import align_labels, split_batch
+from lightning_distill.alignment import align_labels, split_batch, teacher_inputs
 from lightning_distill.checkpoint import (
     CheckedCheckpointIO,
     checkpoint_errors,
@@ -272,9 +272,7 @@ class DistillationModule(L.LightningModule):
             return targets if isinstance(targets, TeacherTargets) else TeacherTargets(logits=targets)
         if self.teacher is None:
             return None
-        if isinstance(batch, Mapping) and batch.get("teacher_input_ids") is not None:
-            # Cross-tokenizer batch: the teacher reads the same text in its own tokens.
-            inputs = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch.get("teacher_attention_mask")}
+        inputs = teacher_inputs(batch, inputs)  # two tokenizers: the same text in the teacher's own tokens
         request = FeatureRequest.of([t for t in self.losses.values() if t.weight > 0], "teacher")
         with torch.no_grad(), capture(self.teacher, request.paths) as hooked:
             output = call_model(self.teacher, inputs, **request.flags(self.teacher))

@@ -11,13 +11,12 @@ count only positions whose label is not ``ignore_index``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_distill.alignment import align_labels
+from lightning_distill.alignment import align_labels, has_teacher_tokens
 from lightning_distill.losses import functional as LF
 from lightning_distill.teacher import match_sparse_vocab, match_vocab
 from lightning_distill.types import LossInputs, SparseTargets, TeacherTargets
@@ -31,11 +30,6 @@ def report_temperature(sparse: SparseTargets) -> float:
     if sparse.kind == "sampled" and sparse.logprobs is None:
         return float(sparse.sample_temperature)
     return 1.0
-
-
-def _cross(batch: Any) -> bool:
-    """A cross-tokenizer batch: the teacher reads its own tokens (``teacher_input_ids``)."""
-    return isinstance(batch, Mapping) and batch.get("teacher_input_ids") is not None
 
 
 @torch.no_grad()
@@ -53,7 +47,7 @@ def agreement_and_kl(loss_inputs: LossInputs, kl: Tensor | None = None) -> tuple
     if teacher is None or not teacher.has_distribution:
         return None
     s, labels = loss_inputs.student_logits.detach(), loss_inputs.labels
-    if _cross(loss_inputs.batch):
+    if has_teacher_tokens(loss_inputs.batch):
         return None  # a teacher with its own tokens (cross-tokenizer): no position-wise agreement
     if teacher.logits is None:
         mask = labels != ignore_index
@@ -106,7 +100,7 @@ def sample_sums(student_logits: Tensor, labels: Tensor | None, teacher: TeacherT
                                         reduction="none").reshape(per_sample).sum(-1),
         "correct": (LF.is_top1(student_logits, labels) & mask).reshape(per_sample).sum(-1),
     }
-    if _cross(batch):
+    if has_teacher_tokens(batch):
         if batch.get("bytes") is not None:
             out["bytes"] = batch["bytes"].reshape(-1)
         if teacher is not None and teacher.logits is not None:

@@ -13,20 +13,24 @@ import contextlib
 import gc
 import logging
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from lightning_distill.alignment import align_labels, split_batch
+from lightning_distill.alignment import (
+    align_labels,
+    has_teacher_tokens,
+    split_batch,
+    teacher_inputs,
+)
 from lightning_distill.cache.fingerprint import (
     CacheMismatchError,
     cache_fingerprint,
     check_fingerprint,
     fingerprint_key,
-    token_hash,
     tokenizer_fingerprint,
 )
 from lightning_distill.cache.format import KINDS, CacheSpec, encode_sample, encode_topk_logprobs
@@ -539,22 +543,14 @@ class CacheBuilder:
         spec = self.spec
         teacher = module.teacher
         device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
-        batch_size = self.build_batch_size or loader.batch_size or 16
-        subset = DataLoader(Subset(loader.dataset, indices), batch_size=batch_size, shuffle=False,
-                            collate_fn=loader.collate_fn, num_workers=0)
-        writer = ShardWriter(self.storage, split, rank=rank, shard_bytes=self.shard_bytes,
-                             compression=spec.compression)
         written = 0
-        bar = None
-        if self.progress and rank == 0 and indices:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(indices), desc=f"Caching teacher targets [{split}, {self.kind}]", unit="sample",
-                       dynamic_ncols=True)
         layout = None
         seq2seq = is_seq2seq(teacher)
         teacher_space = self.space == "teacher"
-        try:
+        # The token hash: of the teacher's own ids in a teacher-space cache, else of input_key's.
+        hash_key = ("teacher_input_ids" if teacher_space else self.input_key) if self.input_key else None
+        with self._pass(split, loader, indices, rank, f"Caching teacher targets [{split}, {self.kind}]") as (
+                subset, writer, advance):
             for batch in subset:
                 if not isinstance(batch, Mapping) or self.sample_id_key not in batch:
                     raise ValueError(
@@ -598,12 +594,8 @@ class CacheBuilder:
                         raise ValueError("hidden_layers were requested but the teacher returned no hidden_states; "
                                          "use a Hugging Face model or drop hidden_layers.")
                     hidden = [states[i].reshape(n, -1, states[i].shape[-1]) for i in spec.hidden_layers]
-                if teacher_space:
-                    hashes = (token_hash(inputs["input_ids"], lengths) if self.input_key
-                              else torch.zeros(n, dtype=torch.int64))
-                else:
-                    hashes = (sample_hashes(batch, self.input_key, layout, lengths)
-                              if self.input_key and self.input_key in batch else torch.zeros(n, dtype=torch.int64))
+                hashes = (sample_hashes(batch, hash_key, layout, lengths)
+                          if hash_key and hash_key in batch else torch.zeros(n, dtype=torch.int64))
                 for b in range(n):
                     length = int(lengths[b])
                     tensors = encode_sample(
@@ -613,13 +605,31 @@ class CacheBuilder:
                     )
                     writer.add(int(sample_ids[b]), int(hashes[b]), tensors)
                 written += n
-                if bar is not None:
-                    bar.update(n)
+                advance(n)
+        return written
+
+    @contextlib.contextmanager
+    def _pass(self, split: str, loader: DataLoader, indices: list[int], rank: int,
+              desc: str) -> Iterator[tuple[DataLoader, ShardWriter, Callable[[int], Any]]]:
+        """One build pass over ``indices`` of the split's dataset: their batches in order, a shard writer
+        (flushed when the pass ends without an error) and ``advance(n)`` for the progress bar (rank 0)."""
+        assert self.storage is not None and self.spec is not None
+        batch_size = self.build_batch_size or loader.batch_size or 16
+        subset = DataLoader(Subset(loader.dataset, indices), batch_size=batch_size, shuffle=False,
+                            collate_fn=loader.collate_fn, num_workers=0)
+        writer = ShardWriter(self.storage, split, rank=rank, shard_bytes=self.shard_bytes,
+                             compression=self.spec.compression)
+        bar = None
+        if self.progress and rank == 0 and indices:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(indices), desc=desc, unit="sample", dynamic_ncols=True)
+        try:
+            yield subset, writer, (bar.update if bar is not None else lambda n: None)
             writer.flush()
         finally:
             if bar is not None:
                 bar.close()
-        return written
 
     # ------------------------------------------------------------------ a served teacher
     def use_served(self, served: Any) -> None:
@@ -656,20 +666,10 @@ class CacheBuilder:
         assert self.storage is not None and self.spec is not None
         spec, served, tokenizer = self.spec, self.served, self._served_tokenizer
         k = min(int(spec.k), spec.vocab_size)
-        batch_size = self.build_batch_size or loader.batch_size or 16
-        subset = DataLoader(Subset(loader.dataset, indices), batch_size=batch_size, shuffle=False,
-                            collate_fn=loader.collate_fn, num_workers=0)
-        writer = ShardWriter(self.storage, split, rank=rank, shard_bytes=self.shard_bytes,
-                             compression=spec.compression)
         written = 0
-        bar = None
-        if self.progress and rank == 0 and indices:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(indices), desc=f"Caching served teacher log-probabilities [{split}, topk]",
-                       unit="sample", dynamic_ncols=True)
         layout = {"layout": "tokens"}
-        try:
+        with self._pass(split, loader, indices, rank, f"Caching served teacher log-probabilities [{split}, topk]") as (
+                subset, writer, advance):
             for batch in subset:
                 if not isinstance(batch, Mapping) or self.sample_id_key not in batch or "input_ids" not in batch:
                     raise ValueError(f"a served teacher needs mapping batches with 'input_ids' and a stable per-sample "
@@ -699,12 +699,7 @@ class CacheBuilder:
                                                    torch.from_numpy(answer.top_logprobs), label_lp)
                     writer.add(int(sample_ids[b]), int(hashes[b]), tensors)
                 written += n
-                if bar is not None:
-                    bar.update(n)
-            writer.flush()
-        finally:
-            if bar is not None:
-                bar.close()
+                advance(n)
         return written
 
     def release(self, module: Any) -> None:
@@ -753,13 +748,11 @@ def _teacher_inputs(batch: Any, space: str) -> tuple[Any, Any]:
     """
     if space != "teacher":
         return split_batch(batch)
-    if not isinstance(batch, Mapping) or not isinstance(batch.get("teacher_input_ids"), Tensor):
+    if not has_teacher_tokens(batch):
         raise ValueError("a cross-tokenizer term's teacher cache stores the teacher's targets over its own tokens, "
-                         "but the batch has no 'teacher_input_ids'; use CrossTokenizerDataModule "
-                         "(data=cross_tokenizer), which tokenizes the text for both models.")
-    mask = batch.get("teacher_attention_mask")
-    inputs = {"input_ids": batch["teacher_input_ids"], "attention_mask": mask}
-    return inputs, batch.get("teacher_labels")
+                         "but the batch has no 'teacher_input_ids'; use data that tokenizes the text for both models "
+                         "(data=cross_tokenizer, or data.teacher_tokenizer=... on your files).")
+    return teacher_inputs(batch, None), batch.get("teacher_labels")
 
 
 def _check_served(served: Any, kind: str, k: int, hidden_layers: tuple[int, ...]) -> None:

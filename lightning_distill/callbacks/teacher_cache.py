@@ -255,8 +255,8 @@ class TeacherCache(CacheBuilder, Callback):
             teacher_ids = batch.get("teacher_input_ids")
             if not isinstance(teacher_ids, Tensor) or teacher_ids.dim() != 2:
                 raise ValueError(f"the teacher cache's {split!r} split holds the teacher's targets over its own "
-                                 "tokens, but this batch has no 'teacher_input_ids'; use the data module it was "
-                                 "built with (CrossTokenizerDataModule).")
+                                 "tokens, but this batch has no 'teacher_input_ids'; use the data it was built with "
+                                 "(data=cross_tokenizer, or data.teacher_tokenizer=... on your files).")
             batch["teacher_targets"] = reader.read(ids, tuple(teacher_ids.shape), pl_module.device,
                                                    input_ids=teacher_ids if self.input_key else None)
             return

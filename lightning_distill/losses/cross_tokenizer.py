@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_distill.alignment import has_teacher_tokens
 from lightning_distill.crosstok.vocab import SharedVocab, Spelling, shared_vocab
 from lightning_distill.losses import registry
 from lightning_distill.losses.terms import LogitKD, LossTerm
@@ -685,18 +686,8 @@ def _hybrid(student_logits: Tensor, teacher_logits: Tensor, cross: CrossTokenize
 
 def _reference_uld(student_logits: Tensor, teacher_logits: Tensor, cross: CrossTokenizerBatch, *, temperature: float = 1.0,
         labels: Tensor | None = None, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
-    """:func:`uld` written directly on full tensors (the formulation it is tested against).
-
-    Args:
-        student_logits: ``(B, Ts, Vs)``.
-        teacher_logits: ``(B, Tt, Vt)`` (no gradient flows into them).
-        cross: the batch's tokenizations and alignment.
-        temperature: both distributions from ``logits / temperature``.
-        labels: the student's aligned labels (groups with ``ignore_index`` at the head are skipped).
-        ignore_index: the mask value.
-
-    Returns:
-        ``(sum over compared groups, number of compared groups)``.
+    """:func:`uld` written directly on full tensors (the formulation it is tested against); the same
+    arguments and returns, without ``chunk_size``.
     """
     ls, lt = _log_probs(student_logits, temperature), _log_probs(teacher_logits.detach(), temperature)
     b, s, t = group_heads(cross, ls, lt, labels, ignore_index)
@@ -709,22 +700,8 @@ def _reference_cross_tokenizer_kd(student_logits: Tensor, teacher_logits: Tensor
                        params: Mapping[str, float] | None = None, uld_weight: float = 1.0,
                        labels: Tensor | None = None, ignore_index: int = -100) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`cross_tokenizer_kd` written directly on full tensors: a log-softmax of every position, the
-    head rows gathered at once (the formulation it is tested and benchmarked against).
-
-    Args:
-        student_logits: ``(B, Ts, Vs)``.
-        teacher_logits: ``(B, Tt, Vt)`` (no gradient flows into them).
-        cross: the batch's tokenizations and alignment.
-        vocab: the shared entries of the two vocabularies.
-        divergence: a registry name (not ``logit_mse``: raw logits of two vocabularies do not compare).
-        temperature: both distributions from ``logits / temperature``.
-        params: the divergence's checked parameter (``{"beta": ...}``), if any.
-        uld_weight: the weight of the ULD part over the unshared entries.
-        labels: the student's aligned labels.
-        ignore_index: the mask value.
-
-    Returns:
-        ``(divergence sum, ULD sum, number of compared groups)``.
+    head rows gathered at once (the formulation it is tested and benchmarked against); the same
+    arguments and returns, without ``chunk_size``.
     """
     if student_logits.shape[-1] != vocab.student_size or teacher_logits.shape[-1] != vocab.teacher_size:
         raise ValueError(
@@ -758,7 +735,7 @@ def cross_tokenizer_batch(batch: Any, terms: Mapping[str, LossTerm]) -> bool:
         ValueError: a cross-tokenizer batch and a term that compares with the teacher position by
             position (``LogitKD``): its logits are in the teacher's tokens, not the student's.
     """
-    if not (isinstance(batch, Mapping) and batch.get("teacher_input_ids") is not None):
+    if not has_teacher_tokens(batch):
         return False
     same = [name for name, t in terms.items() if t.requires_teacher and not getattr(t, "cross_tokenizer", False)]
     if same:
