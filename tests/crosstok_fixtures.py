@@ -7,6 +7,7 @@ its own entries (any entry that matches, not only the longest), and the groups c
 :func:`~lightning_distill.crosstok.align_offsets` on the tokens' character offsets. So groups of
 one token on one side and several on the other are common, and so is a whole group spelled by one
 entry of the side that split it (the case the merge must treat as the group: "ab" vs "a" + "b").
+:func:`slow_tokenizer` gives a tokenizer without character offsets, which the alignment refuses.
 """
 
 from __future__ import annotations
@@ -88,3 +89,32 @@ def random_pair_batch(seed: int, samples: int = 3, chars: tuple[int, int] = (14,
     if zero_teacher:
         teacher_logits[0, :, -3:] = float("-inf")
     return batch, labels, vocab, student_logits, teacher_logits
+
+
+def slow_tokenizer():
+    """A Python (slow) tokenizer of the 128 ASCII characters: it gives no character offsets, which the
+    alignment needs (the refusals of a slow tokenizer are tested with it)."""
+    from transformers import PreTrainedTokenizer
+
+    class CharTokenizer(PreTrainedTokenizer):
+        def __init__(self, **kwargs):
+            self._vocab = {chr(i): i for i in range(128)}
+            super().__init__(**kwargs)
+
+        @property
+        def vocab_size(self):
+            return 128
+
+        def get_vocab(self):
+            return dict(self._vocab)
+
+        def _tokenize(self, text):
+            return list(text)
+
+        def _convert_token_to_id(self, token):
+            return self._vocab.get(token, 0)
+
+        def _convert_id_to_token(self, index):
+            return chr(index)
+
+    return CharTokenizer()

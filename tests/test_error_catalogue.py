@@ -171,31 +171,10 @@ def _two_tokenizer_data(tmp_path: Path, **kwargs) -> None:
 
 
 def _slow_tokenizer() -> object:
-    """A Python (slow) tokenizer of the 128 ASCII characters: no character offsets."""
-    from transformers import PreTrainedTokenizer
+    """A Python (slow) tokenizer: no character offsets."""
+    from crosstok_fixtures import slow_tokenizer
 
-    class CharTokenizer(PreTrainedTokenizer):
-        def __init__(self, **kwargs):
-            self._vocab = {chr(i): i for i in range(128)}
-            super().__init__(**kwargs)
-
-        @property
-        def vocab_size(self):
-            return 128
-
-        def get_vocab(self):
-            return dict(self._vocab)
-
-        def _tokenize(self, text):
-            return list(text)
-
-        def _convert_token_to_id(self, token):
-            return self._vocab.get(token, 0)
-
-        def _convert_id_to_token(self, index):
-            return chr(index)
-
-    return CharTokenizer()
+    return slow_tokenizer()
 
 
 def _unwritable_cache(tmp_path: Path) -> None:

@@ -285,36 +285,14 @@ def test_rows_are_cut_between_groups_within_both_limits(toks, tmp_path):
 
 
 def test_bad_teacher_tokenizers_get_one_clear_error(toks, tmp_path):
-    from transformers import PreTrainedTokenizer
+    from crosstok_fixtures import slow_tokenizer  # a slow (Python) tokenizer: no offsets
 
     files = str(_jsonl(tmp_path / "a.jsonl", 10))
-
-    class CharTokenizer(PreTrainedTokenizer):  # a slow (Python) tokenizer: no offsets
-        def __init__(self, **kwargs):
-            self._vocab = {chr(i): i for i in range(128)}
-            super().__init__(**kwargs)
-
-        @property
-        def vocab_size(self):
-            return 128
-
-        def get_vocab(self):
-            return dict(self._vocab)
-
-        def _tokenize(self, text):
-            return list(text)
-
-        def _convert_token_to_id(self, token):
-            return self._vocab.get(token, 0)
-
-        def _convert_id_to_token(self, index):
-            return chr(index)
-
     with pytest.raises(
         TypeError, match=r"teacher_tokenizer \(CharTokenizer\) gives no character offsets.*use_fast"
     ):
-        _dm(toks, files=files, teacher_tokenizer=CharTokenizer())
-    slow_student = _dm(toks, files=files, tokenizer=CharTokenizer())
+        _dm(toks, files=files, teacher_tokenizer=slow_tokenizer())
+    slow_student = _dm(toks, files=files, tokenizer=slow_tokenizer())
     with pytest.raises(
         TypeError, match=r"student's\) \(CharTokenizer\) gives no character offsets"
     ):
