@@ -43,6 +43,11 @@ import sys
 import time
 from pathlib import Path
 
+from kd_loss_memory import (  # the same peak-memory probes (run as a script from here)
+    _reset_hwm,
+    _status_kib,
+)
+
 MIB = 2**20
 CASES = {
     # name: (batch, student tokens, student vocabulary, teacher vocabulary, shared entries)
@@ -171,23 +176,6 @@ def loss_fn(variant: str, data, labels, vocab, temperature: float):
             s, t, cross, temperature=temperature, labels=labels
         )[0]
     raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _once(fn, s, t, same) -> float:
