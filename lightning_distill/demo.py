@@ -73,19 +73,25 @@ def demo_teacher(model: dict[str, Any], *, datamodule: Any, steps: int = 600, lr
     print(f"Training the demo teacher once ({steps} steps); it will be stored in {target}")
     teacher = _train(model, datamodule, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                      progress=progress)
+    store_teacher(teacher, target, {"model": model, "training": training, "data": data_fingerprint})
+    return teacher.eval()
+
+
+def store_teacher(teacher: nn.Module, target: Path, record: dict[str, Any]) -> None:
+    """Save a trained demo teacher at ``target`` (``save_pretrained`` + ``training.json`` = ``record``),
+    atomically: the folder appears whole or not at all, so a half-written teacher is never loaded. Another
+    job that stored it first wins (its copy is the same teacher)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
         teacher.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "training.json").write_text(json.dumps({"model": model, "training": training,
-                                                       "data": data_fingerprint}, indent=2))
-        os.replace(tmp, target)  # atomic: a half-written teacher is never loaded
+        (tmp / "training.json").write_text(json.dumps(record, indent=2))
+        os.replace(tmp, target)
     except OSError:
         if not (target / "config.json").is_file():
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return teacher.eval()
 
 
 def _train(model_cfg: dict[str, Any], datamodule: Any, *, steps: int, lr: float, batch_size: int,

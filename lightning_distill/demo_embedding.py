@@ -13,13 +13,8 @@ data, as the demo language-model teacher's does); later runs load it in a second
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -139,7 +134,7 @@ def demo_encoder_teacher(
     """
     from transformers import AutoModel
 
-    from lightning_distill.demo import teacher_cache_dir
+    from lightning_distill.demo import store_teacher, teacher_cache_dir
     from lightning_distill.models.pooling import Pooling, encoder_from_config
 
     if steps < 1:
@@ -179,20 +174,5 @@ def demo_encoder_teacher(
             seed=seed,
             temperature=temperature,
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        teacher.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "training.json").write_text(
-            json.dumps(
-                {"model": model, "training": training, "data": datamodule.data_fingerprint},
-                indent=2,
-            )
-        )
-        os.replace(tmp, target)  # atomic: a half-written teacher is never loaded
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    store_teacher(teacher, target, {"model": model, "training": training, "data": datamodule.data_fingerprint})
     return teacher.eval()
