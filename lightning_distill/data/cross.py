@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_distill.validation import check_int
 
-from .aligned import Group, cut_blocks, document_groups, stack_blocks
+from .aligned import Group, check_fast, cut_blocks, document_groups, stack_blocks
 from .base import SPLITS
 from .corpus import Document
 from .datamodule import SlicedTextDataModule
@@ -159,10 +159,7 @@ class CrossTokenizerDataModule(SlicedTextDataModule):
             from transformers import AutoTokenizer
 
             arg = AutoTokenizer.from_pretrained(arg)
-        if not getattr(arg, "is_fast", False):
-            raise TypeError(f"{name} gives no character offsets (not a fast tokenizer); pass a fast Hugging Face "
-                            "tokenizer (use_fast=True).")
-        return arg
+        return check_fast(name, arg)
 
     @property
     def teacher_datamodule(self) -> SlicedTextDataModule:
